@@ -1,0 +1,1 @@
+"""Archive: reading evidence back out of the store (export, and later manifests, verify, search)."""

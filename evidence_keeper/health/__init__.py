@@ -1,0 +1,1 @@
+"""Health: the durable gap ledger (and, later, sink probes)."""

@@ -1,0 +1,120 @@
+"""Prometheus metrics of one agent, in a registry of its own (no process globals).
+
+Names follow ``evidence_keeper_<name>_<unit>[_total]``; labels are bounded sets (reasons,
+operations, sink names from configuration), never pod or file names. A byte counts as lost
+only when it is really gone, never for an operation that will be retried.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.captured_bytes = Counter(
+            "evidence_keeper_captured_bytes",
+            "Bytes of container logs made durable (fsynced) in the local spool.",
+            registry=r,
+        )
+        self.shipped_bytes = Counter(
+            "evidence_keeper_shipped_bytes",
+            "Raw (uncompressed) log bytes the store confirmed.",
+            registry=r,
+        )
+        self.unshipped_bytes = Gauge(
+            "evidence_keeper_unshipped_bytes",
+            "Captured bytes not yet confirmed by the store (spool backlog).",
+            registry=r,
+        )
+        self.oldest_unshipped_age = Gauge(
+            "evidence_keeper_oldest_unshipped_age_seconds",
+            "Age of the oldest captured byte the store has not confirmed; 0 when caught up.",
+            registry=r,
+        )
+        self.lost_bytes = Counter(
+            "evidence_keeper_lost_bytes",
+            "Bytes of container logs known to be lost, by reason (see /gaps for offsets).",
+            ["reason"],
+            registry=r,
+        )
+        self.loss_events = Counter(
+            "evidence_keeper_loss_events",
+            "Loss gaps recorded, by reason, including holes of unknown length.",
+            ["reason"],
+            registry=r,
+        )
+        self.ship_latency = Histogram(
+            "evidence_keeper_ship_latency_seconds",
+            "Time from capture of a segment's first byte to the store confirming it.",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 120, 300, 900, 3600),
+            registry=r,
+        )
+        self.container_restarts = Counter(
+            "evidence_keeper_container_restarts",
+            "Container restarts seen on this node.",
+            registry=r,
+        )
+        self.previous_logs = Counter(
+            "evidence_keeper_previous_logs",
+            "Previous-instance logs after a restart, by capture outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.open_gaps = Gauge(
+            "evidence_keeper_open_gaps",
+            "Gaps currently open in the ledger, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.spool_errors = Counter(
+            "evidence_keeper_spool_errors",
+            "Failed file operations (retried), by operation.",
+            ["op"],
+            registry=r,
+        )
+        self.tailed_files = Gauge(
+            "evidence_keeper_tailed_files",
+            "Container log files currently open for reading.",
+            registry=r,
+        )
+        self.sink_up = Gauge(
+            "evidence_keeper_sink_up",
+            "1 when the latest check of a sink succeeded, 0 when it failed.",
+            ["sink", "check"],
+            registry=r,
+        )
+        self.spool_bytes = Gauge(
+            "evidence_keeper_spool_bytes",
+            "Bytes held in the local spool.",
+            registry=r,
+        )
+        self.spool_max_bytes = Gauge(
+            "evidence_keeper_spool_max_bytes",
+            "The spool budget (spool_max_bytes).",
+            registry=r,
+        )
+        self.ship_errors = Counter(
+            "evidence_keeper_ship_errors",
+            "Failed store operations (retried), by operation.",
+            ["op"],
+            registry=r,
+        )
+        self.segments_shipped = Counter(
+            "evidence_keeper_segments_shipped",
+            "Segments the store confirmed.",
+            registry=r,
+        )
+        self.read_errors = Counter(
+            "evidence_keeper_read_errors",
+            "Failed reads of container log files (retried), by errno name.",
+            ["errno"],
+            registry=r,
+        )
+        self.streams = Gauge(
+            "evidence_keeper_streams",
+            "Container instances (streams) tracked.",
+            registry=r,
+        )

@@ -1,0 +1,1 @@
+"""Shipping: store backends and the shipper that moves sealed spool segments into them."""

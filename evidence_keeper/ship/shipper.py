@@ -1,0 +1,222 @@
+"""The shipper: sealed spool segments into the store, in order, exactly once per key.
+
+Per stream, segments ship strictly in offset order, one at a time, because each object names
+its predecessor's SHA-256 (``ek-prev-sha256``): the chain is only known once the previous
+segment has been hashed. Across streams, uploads run concurrently (``ship_concurrency``);
+streams marked *priority* (a restarted container, a deleted pod) go first, then the oldest
+capture first.
+
+An upload reads the spool file, hashes and compresses it in a worker thread, ``put``s it with
+its metadata and then acknowledges it to the spool, which deletes the file only after a
+checkpoint recording the acknowledgement is durable. A crash between the ``put`` and that
+checkpoint re-uploads the same bytes under the same key with the same metadata: keys and
+bodies are functions of the stream bytes alone.
+
+Failures back off exponentially with full jitter (0.5 s doubling to 30 s) behind a circuit
+breaker: after a failed upload the shipper waits for the back-off before trying again, once,
+and only a success lets the whole queue flow again, so an unreachable store costs one request
+per back-off period, not a retry storm. Errors are logged on state changes, not per attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from evidence_keeper.formats import EDGE_WINDOW, edge_timestamps, rfc3339
+from evidence_keeper.logs import get_logger, stream_fields
+from evidence_keeper.metrics import Metrics
+from evidence_keeper.model import segment_key
+from evidence_keeper.ship.codec import compress, extension
+from evidence_keeper.ship.store import Store, StoreError
+from evidence_keeper.spool.spool import SealedSegment, Spool, SpoolStream
+
+log = get_logger("evidence_keeper.ship")
+
+
+@dataclass(frozen=True, slots=True)
+class ShipConfig:
+    node: str
+    cluster: str
+    compression: str = "zstd"
+    level: int = 3
+    concurrency: int = 4
+    object_lock_days: int = 0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedSegment:
+    key: str
+    body: bytes
+    meta: dict[str, str]
+    sha256: str
+
+
+class Breaker:
+    """Closed while the store works; open (waiting) after a failure, for a jittered back-off."""
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.failures = 0
+        self.open_until = 0.0
+        self._rng = rng or random.Random()
+
+    def failed(self, now: float) -> float:
+        self.failures += 1
+        ceiling = min(self.maximum, self.initial * 2 ** (self.failures - 1))
+        delay: float = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+        self.open_until = now + delay
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+
+    def allows(self, now: float, inflight: int) -> bool:
+        """While failing, only one probe upload at a time, after the back-off."""
+        if self.failures == 0:
+            return True
+        return now >= self.open_until and inflight == 0
+
+
+class Shipper:
+    def __init__(self, spool: Spool, store: Store, config: ShipConfig, *, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.spool = spool
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.breaker = Breaker(config.backoff_initial_s, config.backoff_max_s)
+        self.wakeup = asyncio.Event()
+        self.store_up: bool | None = None
+        self.last_error: str | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    def prepare(self, s: SpoolStream, seg: SealedSegment) -> PreparedSegment:
+        """Read, hash and compress one sealed segment (blocking: runs in a thread)."""
+        with open(seg.path, "rb") as f:
+            data = f.read()
+        if len(data) != seg.length:
+            raise StoreError(
+                f"spool segment {seg.path} has {len(data)} bytes, expected {seg.length}",
+                retryable=False)
+        sha = hashlib.sha256(data).hexdigest()
+        first, last = edge_timestamps(data[:EDGE_WINDOW], data[-EDGE_WINDOW:])
+        ext = extension(self.config.compression)
+        key = segment_key("", self.config.cluster, s.id, seg.start, seg.end, ext)
+        meta = {
+            "ek-node": self.config.node,
+            "ek-namespace": s.id.namespace,
+            "ek-pod": s.id.pod,
+            "ek-pod-uid": s.id.pod_uid,
+            "ek-container": s.id.container,
+            "ek-restart": str(s.id.restart),
+            "ek-offset": str(seg.start),
+            "ek-length": str(seg.length),
+            "ek-sha256": sha,
+            "ek-prev-sha256": self.spool.prev_sha(s, seg),
+            "ek-first-ts": rfc3339(first),
+            "ek-last-ts": rfc3339(last),
+        }
+        body = compress(data, self.config.compression, self.config.level)
+        return PreparedSegment(key=key, body=body, meta=meta, sha256=sha)
+
+    def _upload(self, s: SpoolStream, seg: SealedSegment) -> str:
+        prepared = self.prepare(s, seg)
+        retain = None
+        if self.config.object_lock_days > 0:
+            retain = datetime.now(UTC) + timedelta(days=self.config.object_lock_days)
+        self.store.put(prepared.key, prepared.body, prepared.meta, retain_until=retain)
+        return prepared.sha256
+
+    async def _ship_one(self, s: SpoolStream, seg: SealedSegment) -> None:
+        try:
+            sha = await asyncio.to_thread(self._upload, s, seg)
+        except Exception as exc:  # any failure of one upload is retried, never fatal
+            seg.inflight = False
+            self.metrics.ship_errors.labels(op="put").inc()
+            delay = self.breaker.failed(self.clock())
+            if self.store_up is not False or self.breaker.failures in (1, 10, 100):
+                log.error("store upload failed; backing off", error=str(exc),
+                          backoff_s=round(delay, 2), failures=self.breaker.failures,
+                          store=self.store.describe(), **stream_fields(s.id))
+            self.store_up = False
+            self.last_error = str(exc)
+            return
+        self.spool.acknowledge(s, seg, sha)
+        if self.store_up is False:
+            log.info("store reachable again; draining backlog", store=self.store.describe())
+        self.store_up = True
+        self.last_error = None
+        self.breaker.succeeded()
+
+    def pending(self) -> int:
+        return len(self._inflight)
+
+    async def run(self, *, stop: asyncio.Event | None = None) -> None:
+        """Ship forever (cancel to stop); with ``stop``, return once it is set and idle."""
+        try:
+            while True:
+                self.launch()
+                if stop is not None and stop.is_set() and not self._inflight:
+                    return
+                waiters: list[asyncio.Future[object]] = [
+                    asyncio.ensure_future(self.wakeup.wait())]
+                waiters.extend(self._inflight)  # type: ignore[arg-type]
+                try:
+                    await asyncio.wait(waiters, timeout=self._idle_timeout(),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiters[0].cancel()
+                self.wakeup.clear()
+        finally:
+            for t in self._inflight:
+                t.cancel()
+            if self._inflight:
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    def _idle_timeout(self) -> float:
+        now = self.clock()
+        if self.breaker.failures:
+            return max(0.05, self.breaker.open_until - now)
+        return 0.5
+
+    def launch(self) -> int:
+        """Start uploads for ready segments, up to the concurrency limit."""
+        started = 0
+        now = self.clock()
+        for s, seg in self.spool.ready_segments():
+            if len(self._inflight) >= self.config.concurrency:
+                break
+            if not self.breaker.allows(now, len(self._inflight)):
+                break
+            seg.inflight = True
+            task = asyncio.create_task(self._ship_one(s, seg), name=f"ship:{s.id.key}@{seg.start}")
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+            started += 1
+        return started
+
+    async def drain(self, deadline: float) -> bool:
+        """Ship everything sealed and committed, until done or ``deadline`` (monotonic)."""
+        while True:
+            self.launch()
+            if not self._inflight and not self.spool.ready_segments():
+                return True
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return False
+            if self._inflight:
+                await asyncio.wait(set(self._inflight), timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(min(remaining, max(0.05, self._idle_timeout())))

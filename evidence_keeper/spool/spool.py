@@ -1,0 +1,616 @@
+"""The spool: durable local segments and the one checkpoint that ties them to the sources.
+
+Layout under ``<spool_dir>``::
+
+    checkpoint.json                          # the single source of truth (atomic rewrite)
+    spool/<ns>_<pod>_<uid>/<container>/<restart>/<start:020d>.seg   # raw stream bytes
+
+Each stream has at most one *open* segment (appended to by the tailer) and a list of *sealed*
+segments waiting for the shipper. A segment file holds the raw bytes ``[start, end)`` of its
+stream, exactly the body of the store object it will become.
+
+Durability argument (the first acknowledgement boundary):
+
+1. The tailer appends bytes to the open segment file (``pwrite`` at an explicit length).
+2. ``commit()`` snapshots, under the lock, the complete in-memory state: every stream's next
+   offset, open segment length, sealed segments and the tailer's read cursors, all of which
+   describe only bytes already written to segment files.
+3. It then fsyncs every dirty segment file and directory, and only then atomically replaces
+   ``checkpoint.json`` (temp, fsync, rename, fsync dir). So the checkpoint never runs ahead of
+   fsynced data.
+4. On recovery each open segment is cut back (``ftruncate``) to its checkpointed length: bytes
+   written after the last commit are dropped and re-read from the source at the checkpointed
+   cursor. Nothing is lost, nothing is duplicated. Segment files the checkpoint does not know
+   are leftovers of an uncommitted seal or a finished upload and are removed.
+
+The second boundary: a sealed segment is offered to the shipper only once its seal is in a
+committed checkpoint, and its file is deleted only after a checkpoint recording it as shipped
+is committed. Eviction (budget exceeded) removes the oldest unshipped sealed segments and
+records them as ``evicted`` loss with their exact range *before* the checkpoint forgets them.
+
+All methods are blocking and run in worker threads; one lock guards the state.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from evidence_keeper.fsio import FileSystem
+from evidence_keeper.logs import get_logger, stream_fields
+from evidence_keeper.metrics import Metrics
+from evidence_keeper.model import Loss, StreamId
+
+CHECKPOINT_VERSION = 1
+log = get_logger("evidence_keeper.spool")
+
+
+class Cursor(Protocol):
+    """The tailer's read state of one stream, persisted inside the spool checkpoint."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+LossRecorder = Callable[[Loss], None]
+
+
+@dataclass(slots=True)
+class OpenSegment:
+    start: int
+    path: str
+    fd: int
+    size: int = 0
+    captured_at: float = 0.0  # wall time of the first byte (ship latency, flush deadline)
+    first_mono: float = 0.0  # monotonic time of the first byte (age seal)
+    synced_size: int = 0  # length covered by the last commit's fsync
+
+
+@dataclass(slots=True)
+class SealedSegment:
+    start: int
+    end: int
+    path: str
+    captured_at: float
+    sealed_at: float
+    fd: int | None = None  # held until a commit has fsynced the file
+    committed: bool = False  # the seal is in a committed checkpoint: safe to ship
+    synced: int = 0  # bytes of it already covered by a commit's fsync (captured)
+    sha256: str | None = None  # set when shipped
+    shipped: bool = False
+    inflight: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(slots=True)
+class SpoolStream:
+    id: StreamId
+    dir: str
+    next_offset: int = 0
+    open: OpenSegment | None = None
+    sealed: list[SealedSegment] = field(default_factory=list)
+    chain: str = ""  # sha256 of the last segment the store confirmed (ek-prev-sha256 of the next)
+    cursor: Cursor | dict[str, Any] | None = None
+    priority: bool = False  # restart or deletion: ship before the others
+    finished: bool = False  # the tailer will never append again
+    error_until: float = 0.0  # monotonic: back off after a spool write error
+
+    def unshipped(self) -> Iterator[SealedSegment]:
+        return (s for s in self.sealed if not s.shipped)
+
+    def pending_bytes(self) -> int:
+        n = self.open.size if self.open else 0
+        return n + sum(s.length for s in self.sealed if not s.shipped)
+
+
+class SpoolWriteError(Exception):
+    """Appending to the spool failed; the caller keeps its data and retries later."""
+
+
+class Spool:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        segment_max_bytes: int,
+        flush_interval_s: float,
+        max_bytes: int,
+        record_loss: LossRecorder,
+        metrics: Metrics,
+        fs: FileSystem | None = None,
+        error_backoff_s: float = 1.0,
+    ) -> None:
+        self.root = root
+        self.data_dir = root / "spool"
+        self.checkpoint_path = root / "checkpoint.json"
+        self.segment_max_bytes = segment_max_bytes
+        self.flush_interval_s = flush_interval_s
+        self.max_bytes = max_bytes
+        self.fs = fs or FileSystem()
+        self.metrics = metrics
+        self.error_backoff_s = error_backoff_s
+        self._record_loss = record_loss
+        self.lock = threading.RLock()
+        self.streams: dict[StreamId, SpoolStream] = {}
+        self._dirty_dirs: set[str] = set()
+        self._deletions: list[str] = []  # files to unlink once the next checkpoint is durable
+        self._seal_waiters: list[threading.Event] = []
+        self.commits = 0
+        self.dirty = False  # state changed since the last checkpoint (cursor, offsets, seals)
+        metrics.spool_max_bytes.set(max_bytes)
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self) -> None:
+        """Load the checkpoint, cut open segments back to their durable length, drop leftovers."""
+        self.fs.makedirs(str(self.data_dir))
+        state: dict[str, Any] = {"streams": []}
+        if self.checkpoint_path.exists():
+            state = json.loads(self.checkpoint_path.read_bytes())
+            if state.get("version") != CHECKPOINT_VERSION:
+                raise RuntimeError(
+                    f"{self.checkpoint_path}: checkpoint version {state.get('version')!r} is not"
+                    f" {CHECKPOINT_VERSION}"
+                )
+        known: set[str] = set()
+        for rec in state["streams"]:
+            s = self._load_stream(rec)
+            self.streams[s.id] = s
+            known.update(seg.path for seg in s.sealed)
+            if s.open is not None:
+                known.add(s.open.path)
+        # Leftovers: segments created or sealed after the last commit, or already shipped.
+        for path in self._segment_files():
+            if path not in known:
+                self._unlink_quiet(path)
+        self._update_gauges()
+
+    def _load_stream(self, rec: dict[str, Any]) -> SpoolStream:
+        sid = StreamId(**rec["id"])
+        s = SpoolStream(
+            id=sid,
+            dir=str(self.data_dir / sid.key),
+            next_offset=rec["next_offset"],
+            chain=rec.get("chain", ""),
+            cursor=rec.get("cursor"),
+            priority=rec.get("priority", False),
+            finished=rec.get("finished", False),
+        )
+        for seg in rec.get("sealed", []):
+            sealed = SealedSegment(
+                start=seg["start"], end=seg["end"], path=self._seg_path(s, seg["start"]),
+                captured_at=seg["captured_at"], sealed_at=seg["sealed_at"], committed=True,
+            )
+            if self._file_size(sealed.path) != sealed.length:
+                # Damaged or missing after a crash of the disk, not of the agent: the data is
+                # gone for good, so say so with its exact range and move on.
+                self._lose(s, sealed.start, sealed.length, "spool_corrupt",
+                           f"spool segment {sealed.path} missing or of the wrong size at recovery")
+                continue
+            s.sealed.append(sealed)
+        op = rec.get("open")
+        if op is not None:
+            path = self._seg_path(s, op["start"])
+            try:
+                fd = self.fs.open_append(path)
+                size = self.fs.fstat(fd).st_size
+                if size < op["size"]:
+                    self.fs.close(fd)
+                    raise OSError(errno.EIO, f"open segment shorter than checkpoint ({size})")
+                # Bytes past the checkpoint were never acknowledged to the tailer: drop them;
+                # the tailer re-reads them from the source at its checkpointed cursor.
+                self.fs.ftruncate(fd, op["size"])
+                self.fs.fsync(fd)
+                if op["size"] == 0:
+                    self.fs.close(fd)
+                    self._unlink_quiet(path)
+                else:
+                    s.open = OpenSegment(
+                        start=op["start"], path=path, fd=fd, size=op["size"],
+                        captured_at=op["captured_at"], first_mono=time.monotonic(),
+                        synced_size=op["size"],
+                    )
+            except OSError as exc:
+                self._lose(s, op["start"], op["size"], "spool_corrupt",
+                           f"open spool segment unusable at recovery: {exc}")
+        return s
+
+    # ------------------------------------------------------------------ streams
+    def stream(self, sid: StreamId) -> SpoolStream:
+        s = self.streams.get(sid)
+        if s is None:
+            s = SpoolStream(id=sid, dir=str(self.data_dir / sid.key))
+            self.streams[sid] = s
+        return s
+
+    def forget(self, sid: StreamId) -> None:
+        """Drop a stream whose sources are gone and whose segments are all shipped."""
+        s = self.streams.get(sid)
+        if s is None or s.open is not None or s.sealed:
+            return
+        del self.streams[sid]
+        for d in (s.dir, str(Path(s.dir).parent), str(Path(s.dir).parent.parent)):
+            try:
+                self.fs.rmdir(d)
+            except OSError:
+                break
+
+    # ------------------------------------------------------------------ appending
+    def append(self, s: SpoolStream, data: bytes | memoryview, *, now_mono: float) -> int:
+        """Append stream bytes at ``s.next_offset``; returns how many bytes were accepted.
+
+        A size seal prefers the last newline that fits, so segments end on line boundaries
+        unless a single line is larger than a segment. On a write error the bytes of the
+        failed call are not accepted (the file is cut back) and the error is raised after
+        any earlier part was accepted, so the caller advances exactly by the return value.
+        """
+        view = memoryview(data)
+        accepted = 0
+        while view:
+            seg = s.open
+            if seg is None:
+                try:
+                    seg = self._open_segment(s, now_mono)
+                except OSError as exc:
+                    self._write_error(s, "open", exc, now_mono)
+                    if accepted:
+                        return accepted
+                    raise SpoolWriteError(str(exc)) from exc
+            room = self.segment_max_bytes - seg.size
+            if len(view) <= room:
+                take = len(view)
+            else:
+                cut = bytes(view[:room]).rfind(b"\n") + 1 if room > 0 else 0
+                if cut == 0 and seg.size > 0:
+                    self._seal(s)
+                    continue
+                take = cut or room
+            try:
+                written = self._write_all(seg, view[:take])
+            except OSError as exc:
+                self._write_error(s, "write", exc, now_mono)
+                if accepted:
+                    return accepted
+                raise SpoolWriteError(str(exc)) from exc
+            accepted += written
+            s.next_offset += written
+            self.dirty = True
+            view = view[take:]
+            if seg.size >= self.segment_max_bytes:
+                self._seal(s)
+        return accepted
+
+    def _write_all(self, seg: OpenSegment, data: memoryview) -> int:
+        pos = seg.size
+        try:
+            while data:
+                n = self.fs.pwrite(seg.fd, data, pos)
+                pos += n
+                data = data[n:]
+        except OSError:
+            # A partial write (ENOSPC half-way) must not leave bytes the state does not count.
+            try:
+                self.fs.ftruncate(seg.fd, seg.size)
+            except OSError:
+                pass
+            raise
+        written = pos - seg.size
+        seg.size = pos
+        return written
+
+    def _open_segment(self, s: SpoolStream, now_mono: float) -> OpenSegment:
+        if not os.path.isdir(s.dir):
+            self.fs.makedirs(s.dir)
+            p = Path(s.dir)
+            while p not in (self.data_dir.parent, p.parent):
+                self._dirty_dirs.add(str(p.parent))
+                p = p.parent
+        path = self._seg_path(s, s.next_offset)
+        fd = self.fs.open_append(path)
+        try:
+            self.fs.ftruncate(fd, 0)  # a leftover of an uncommitted seal may share the name
+        except OSError:
+            self.fs.close(fd)
+            raise
+        self._dirty_dirs.add(s.dir)
+        seg = OpenSegment(start=s.next_offset, path=path, fd=fd, captured_at=time.time(),
+                          first_mono=now_mono)
+        s.open = seg
+        return seg
+
+    def _write_error(self, s: SpoolStream, op: str, exc: OSError, now_mono: float) -> None:
+        self.metrics.spool_errors.labels(op=op).inc()
+        s.error_until = now_mono + self.error_backoff_s
+        log.warning("spool write failed; will retry", op=op, error=str(exc),
+                    errno=errno.errorcode.get(exc.errno or 0, "?"), **stream_fields(s.id))
+
+    # ------------------------------------------------------------------ sealing and loss
+    def _seal(self, s: SpoolStream) -> None:
+        seg = s.open
+        if seg is None:
+            return
+        s.open = None
+        if seg.size == 0:
+            self.fs.close(seg.fd)
+            self._unlink_quiet(seg.path)
+            return
+        s.sealed.append(SealedSegment(
+            start=seg.start, end=seg.start + seg.size, path=seg.path,
+            captured_at=seg.captured_at, sealed_at=time.time(), fd=seg.fd,
+            synced=seg.synced_size,
+        ))
+        self.dirty = True
+
+    def seal(self, s: SpoolStream) -> None:
+        with self.lock:
+            self._seal(s)
+
+    def seal_due(self, now_mono: float) -> int:
+        """Seal open segments whose first byte is older than the flush deadline allows.
+
+        The deadline leaves room for the commit that must precede shipping, so a byte is in
+        the store within ``flush_interval_s`` of capture when the store is healthy.
+        """
+        limit = max(self.flush_interval_s * 0.6, self.flush_interval_s - 1.5)
+        n = 0
+        with self.lock:
+            for s in self.streams.values():
+                if s.open is not None and s.open.size and (
+                    s.finished or s.priority or now_mono - s.open.first_mono >= limit
+                ):
+                    self._seal(s)
+                    n += 1
+        return n
+
+    def seal_all(self, streams: Iterable[StreamId] | None = None) -> None:
+        with self.lock:
+            targets = self.streams.values() if streams is None else (
+                self.streams[sid] for sid in streams if sid in self.streams)
+            for s in targets:
+                self._seal(s)
+
+    def record_loss(self, s: SpoolStream, nbytes: int | None, reason: str, detail: str) -> None:
+        """A hole at ``s.next_offset``: recorded durably first, then the offsets are consumed."""
+        self._seal(s)
+        self._lose(s, s.next_offset, nbytes, reason, detail)
+        if nbytes:
+            s.next_offset += nbytes
+        self.dirty = True
+
+    def _lose(self, s: SpoolStream, offset: int, nbytes: int | None, reason: str,
+              detail: str) -> None:
+        loss = Loss(stream=s.id, offset=offset, bytes=nbytes, reason=reason, detail=detail)
+        self._record_loss(loss)  # durable before any checkpoint moves past the hole
+        self.metrics.loss_events.labels(reason=reason).inc()
+        if nbytes:
+            self.metrics.lost_bytes.labels(reason=reason).inc(nbytes)
+        log.warning("loss recorded", offset=offset, bytes=nbytes, reason=reason, detail=detail,
+                    **stream_fields(s.id))
+
+    # ------------------------------------------------------------------ commit
+    def commit(self) -> bool:
+        """Make everything appended so far durable and checkpoint it. Returns False if idle."""
+        with self.lock:
+            self._evict_over_budget()
+            fds: list[int] = []
+            opens: list[tuple[OpenSegment, int]] = []
+            sealed_now: list[SealedSegment] = []
+            for s in self.streams.values():
+                if s.open is not None and s.open.size > s.open.synced_size:
+                    fds.append(s.open.fd)
+                    opens.append((s.open, s.open.size))
+                for seg in s.sealed:
+                    if not seg.committed:
+                        sealed_now.append(seg)
+                        if seg.fd is not None:
+                            fds.append(seg.fd)
+            dirs = sorted(self._dirty_dirs, key=len, reverse=True)
+            self._dirty_dirs.clear()
+            deletions, self._deletions = self._deletions, []
+            snapshot = self._snapshot()
+            dirty, self.dirty = self.dirty, False
+        if not (fds or dirs or deletions or sealed_now or dirty):
+            return False
+        try:
+            for fd in fds:
+                self.fs.fdatasync(fd)
+            for d in dirs:
+                self.fs.fsync_dir(d)
+            self.fs.write_atomic(str(self.checkpoint_path), snapshot)
+        except OSError as exc:
+            self.metrics.spool_errors.labels(op="commit").inc()
+            log.error("spool commit failed; will retry", error=str(exc))
+            with self.lock:
+                self._dirty_dirs.update(dirs)
+                self._deletions = deletions + self._deletions
+                self.dirty = True
+            return False
+        captured = 0
+        with self.lock:
+            for oseg, size in opens:
+                captured += size - oseg.synced_size
+                oseg.synced_size = size
+            for sseg in sealed_now:
+                captured += sseg.length - sseg.synced
+                sseg.synced = sseg.length
+                sseg.committed = True
+                if sseg.fd is not None:
+                    self.fs.close(sseg.fd)
+                    sseg.fd = None
+            waiters, self._seal_waiters = self._seal_waiters, []
+            self.commits += 1
+        self.metrics.captured_bytes.inc(captured)
+        for path in deletions:
+            self._unlink_quiet(path)
+        for w in waiters:
+            w.set()
+        self._update_gauges()
+        return True
+
+    def _snapshot(self) -> bytes:
+        streams = []
+        for s in self.streams.values():
+            cursor = s.cursor.to_json() if hasattr(s.cursor, "to_json") else s.cursor  # type: ignore[union-attr]
+            streams.append({
+                "id": {"namespace": s.id.namespace, "pod": s.id.pod, "pod_uid": s.id.pod_uid,
+                       "container": s.id.container, "restart": s.id.restart},
+                "next_offset": s.next_offset,
+                "chain": s.chain,
+                "priority": s.priority,
+                "finished": s.finished,
+                "open": None if s.open is None or s.open.size == 0 else {
+                    "start": s.open.start, "size": s.open.size,
+                    "captured_at": s.open.captured_at},
+                "sealed": [
+                    {"start": g.start, "end": g.end, "captured_at": g.captured_at,
+                     "sealed_at": g.sealed_at}
+                    for g in s.sealed if not g.shipped
+                ],
+                "cursor": cursor,
+            })
+        doc = {"version": CHECKPOINT_VERSION, "streams": streams}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    # ------------------------------------------------------------------ shipping side
+    def ready_segments(self) -> list[tuple[SpoolStream, SealedSegment]]:
+        """The next shippable segment of each stream: committed, not in flight, oldest first.
+
+        One segment per stream at a time keeps the hash chain in order. Priority streams
+        (restarted or deleted containers) come first, then by capture time.
+        """
+        out: list[tuple[SpoolStream, SealedSegment]] = []
+        with self.lock:
+            for s in self.streams.values():
+                for seg in s.sealed:
+                    if seg.shipped:
+                        continue
+                    if seg.committed and not seg.inflight:
+                        out.append((s, seg))
+                    break
+        out.sort(key=lambda p: (not p[0].priority, p[1].captured_at))
+        return out
+
+    def acknowledge(self, s: SpoolStream, seg: SealedSegment, sha256: str) -> None:
+        """The store confirmed ``seg``; its file goes after the next durable checkpoint."""
+        with self.lock:
+            seg.inflight = False
+            seg.shipped = True
+            seg.sha256 = sha256
+            s.chain = sha256
+            # Drop acknowledged segments from the head of the list (they are in order).
+            while s.sealed and s.sealed[0].shipped:
+                done = s.sealed.pop(0)
+                self._deletions.append(done.path)
+            self.dirty = True
+            if not s.sealed and s.open is None and s.finished:
+                s.priority = False
+        self.metrics.shipped_bytes.inc(seg.length)
+        self.metrics.segments_shipped.inc()
+        self.metrics.ship_latency.observe(max(0.0, time.time() - seg.captured_at))
+
+    def prev_sha(self, s: SpoolStream, seg: SealedSegment) -> str:
+        """ek-prev-sha256 of ``seg``: the stream's chain tail (segments ship in order)."""
+        with self.lock:
+            return s.chain
+
+    # ------------------------------------------------------------------ budget
+    def total_bytes(self) -> int:
+        return sum(s.pending_bytes() for s in self.streams.values())
+
+    def _evict_over_budget(self) -> None:
+        total = self.total_bytes()
+        if total <= self.max_bytes:
+            return
+        candidates = sorted(
+            ((s, seg) for s in self.streams.values() for seg in s.sealed
+             if not seg.shipped and not seg.inflight),
+            key=lambda p: p[1].captured_at,
+        )
+        for s, seg in candidates:
+            if total <= self.max_bytes:
+                break
+            self._lose(s, seg.start, seg.length, "evicted",
+                       f"spool over its budget of {self.max_bytes} bytes; oldest unshipped"
+                       " segment evicted")
+            s.sealed.remove(seg)
+            if seg.fd is not None:
+                self.fs.close(seg.fd)
+            self._deletions.append(seg.path)
+            total -= seg.length
+
+    # ------------------------------------------------------------------ helpers
+    def oldest_unshipped_age(self, now: float | None = None) -> float:
+        now = time.time() if now is None else now
+        oldest = None
+        with self.lock:
+            for s in self.streams.values():
+                for seg in s.sealed:
+                    if not seg.shipped:
+                        oldest = seg.captured_at if oldest is None else min(oldest, seg.captured_at)
+                        break
+                if s.open is not None and s.open.size:
+                    c = s.open.captured_at
+                    oldest = c if oldest is None else min(oldest, c)
+        return 0.0 if oldest is None else max(0.0, now - oldest)
+
+    def _update_gauges(self) -> None:
+        with self.lock:
+            total = self.total_bytes()
+        self.metrics.unshipped_bytes.set(total)
+        self.metrics.spool_bytes.set(total)
+        self.metrics.oldest_unshipped_age.set(self.oldest_unshipped_age())
+        self.metrics.streams.set(len(self.streams))
+
+    def wait_committed(self) -> threading.Event:
+        ev = threading.Event()
+        with self.lock:
+            self._seal_waiters.append(ev)
+        return ev
+
+    def close(self) -> None:
+        with self.lock:
+            for s in self.streams.values():
+                if s.open is not None:
+                    self.fs.close(s.open.fd)
+                    s.open.fd = -1
+                for seg in s.sealed:
+                    if seg.fd is not None:
+                        self.fs.close(seg.fd)
+                        seg.fd = None
+
+    def _seg_path(self, s: SpoolStream, start: int) -> str:
+        return os.path.join(s.dir, f"{start:020d}.seg")
+
+    def _segment_files(self) -> Iterator[str]:
+        for dirpath, _dirs, files in os.walk(self.data_dir):
+            for f in files:
+                if f.endswith(".seg"):
+                    yield os.path.join(dirpath, f)
+
+    def _file_size(self, path: str) -> int:
+        try:
+            return self.fs.stat(path).st_size
+        except OSError:
+            return -1
+
+    def _unlink_quiet(self, path: str) -> None:
+        try:
+            self.fs.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.metrics.spool_errors.labels(op="unlink").inc()
+            log.warning("could not remove spool file", path=path, error=str(exc))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

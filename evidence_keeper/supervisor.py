@@ -1,0 +1,228 @@
+"""The supervisor: builds the pipeline, runs it as named tasks, shuts it down in order.
+
+Task tree (one root ``asyncio.TaskGroup``)::
+
+    agent
+    ├── discover   scan the log tree, hand new files and finality to the tailer
+    ├── tail       read every stream's files into the spool
+    ├── commit     seal by age, fsync, checkpoint, evict (every commit_interval_s < 1 s)
+    └── ship       sealed segments → store, backoff and circuit breaker
+
+Each loop is *guarded*: an exception is logged with its task name and the loop restarts after
+a back-off (1 s doubling to 30 s), so one bad file or a full disk never stops capture. Loops
+stop at their next iteration once ``intake_closed`` is set (blocking work runs in threads,
+and a cancelled ``to_thread`` would leave its thread running against the state).
+
+Shutdown (SIGTERM), bounded by ``shutdown_timeout_s``:
+
+1. stop intake: discover and tail finish their current pass and return;
+2. seal every open segment, fsync and checkpoint (nothing captured is at risk from here on);
+3. drain the shipper until everything committed is stored or the deadline passes;
+4. a last checkpoint records the acknowledgements; what did not ship stays in the spool and
+   ships on the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from evidence_keeper.discover.logtree import LogTree
+from evidence_keeper.fsio import FileSystem
+from evidence_keeper.health.ledger import Ledger
+from evidence_keeper.logs import get_logger
+from evidence_keeper.metrics import Metrics
+from evidence_keeper.model import Loss
+from evidence_keeper.settings import Settings
+from evidence_keeper.ship.shipper import ShipConfig, Shipper
+from evidence_keeper.ship.store import Store, StoreError, open_store
+from evidence_keeper.spool.spool import Spool
+from evidence_keeper.tail.tailer import Tailer
+
+log = get_logger("evidence_keeper.supervisor")
+
+
+class StartupError(Exception):
+    """The agent cannot start (one clear line for the operator)."""
+
+
+@dataclass
+class Status:
+    recovered: bool = False
+    tailing: bool = False
+    started_at: float = field(default_factory=time.time)
+    log_root_ok: bool = True
+    log_root_error: str | None = None
+
+
+class Agent:
+    def __init__(self, settings: Settings, *, fs: FileSystem | None = None,
+                 store: Store | None = None, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.fs = fs or FileSystem()
+        self.metrics = metrics or Metrics()
+        spool_dir = Path(settings.spool_dir)
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(spool_dir / "ledger.sqlite")
+        self.spool = Spool(
+            spool_dir,
+            segment_max_bytes=settings.segment_max_bytes,
+            flush_interval_s=settings.flush_interval_s,
+            max_bytes=settings.spool_max_bytes,
+            record_loss=self._record_loss,
+            metrics=self.metrics,
+            fs=self.fs,
+        )
+        self.tree = LogTree(str(settings.log_root), fs=self.fs)
+        self.tailer = Tailer(self.spool, metrics=self.metrics, fs=self.fs)
+        self.store = store or open_store(
+            settings.store_url,
+            endpoint_url=settings.s3_endpoint_url,
+            sse=settings.sse,
+            sse_kms_key_id=settings.sse_kms_key_id,
+            object_lock_days=settings.object_lock_days,
+        )
+        self.shipper = Shipper(
+            self.spool, self.store,
+            ShipConfig(
+                node=settings.node_name, cluster=settings.cluster,
+                compression=settings.compression, level=settings.compression_level,
+                concurrency=settings.ship_concurrency,
+                object_lock_days=settings.object_lock_days,
+            ),
+            metrics=self.metrics,
+        )
+        self.status = Status()
+        self.intake_closed = asyncio.Event()
+        self._commit_now = asyncio.Event()
+
+    def _record_loss(self, loss: Loss) -> None:
+        self.ledger.record_loss(loss, at=datetime.now(UTC))
+
+    # ------------------------------------------------------------------ loops
+    async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run ``loop`` until intake closes; restart it with back-off if it raises."""
+        delay = 1.0
+        while not self.intake_closed.is_set():
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("task failed; restarting", task=name, retry_in_s=delay)
+                try:
+                    await asyncio.wait_for(self.intake_closed.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, 30.0)
+
+    async def _sleep_or_close(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.intake_closed.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    async def _discover_loop(self) -> None:
+        warned = False
+        while not self.intake_closed.is_set():
+            scan = await asyncio.to_thread(self.tree.scan)
+            if not scan.root_ok:
+                if not warned:
+                    log.error("log root unavailable; retrying", error=scan.error)
+                    warned = True
+                self.status.log_root_ok, self.status.log_root_error = False, scan.error
+            else:
+                if warned:
+                    log.info("log root available again")
+                    warned = False
+                self.status.log_root_ok, self.status.log_root_error = True, None
+                await asyncio.to_thread(self.tailer.sync, scan)
+                self.status.tailing = True
+            await self._sleep_or_close(self.settings.discover_interval_s)
+
+    async def _tail_loop(self) -> None:
+        while not self.intake_closed.is_set():
+            more = await asyncio.to_thread(self.tailer.pump)
+            if not more:
+                await self._sleep_or_close(self.settings.tail_interval_s)
+
+    async def commit_once(self) -> None:
+        await asyncio.to_thread(self.spool.seal_due, time.monotonic())
+        committed = await asyncio.to_thread(self.spool.commit)
+        if committed:
+            self.shipper.wakeup.set()
+
+    async def _commit_loop(self) -> None:
+        while not self.intake_closed.is_set():
+            await self.commit_once()
+            await self._sleep_or_close(self.settings.commit_interval_s)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Recover the spool and check the store; raises StartupError on a fatal problem."""
+        try:
+            await asyncio.to_thread(self.spool.recover)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise StartupError(f"cannot recover spool in {self.settings.spool_dir}: {exc}") from exc
+        try:
+            await asyncio.to_thread(self.store.check)
+            self.metrics.sink_up.labels(sink="store", check=self.store.check_name).set(1)
+        except StoreError as exc:
+            if not exc.retryable:
+                raise StartupError(str(exc)) from exc
+            self.metrics.sink_up.labels(sink="store", check=self.store.check_name).set(0)
+            log.error("store unreachable at start-up; capturing to the spool meanwhile",
+                      error=str(exc))
+        self.status.recovered = True
+        log.info("agent started", node=self.settings.node_name, log_root=str(
+            self.settings.log_root), store=self.store.describe(),
+            streams=len(self.spool.streams))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then shut down in order."""
+        await self.start()
+        ship_stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            intake = [
+                tg.create_task(self._guard("discover", self._discover_loop), name="discover"),
+                tg.create_task(self._guard("tail", self._tail_loop), name="tail"),
+                tg.create_task(self._guard("commit", self._commit_loop), name="commit"),
+            ]
+            ship = tg.create_task(self.shipper.run(stop=ship_stop), name="ship")
+            await stop.wait()
+            await self.shutdown(intake, ship, ship_stop)
+
+    async def shutdown(self, intake: list[asyncio.Task[None]], ship: asyncio.Task[None],
+                       ship_stop: asyncio.Event) -> None:
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        log.info("shutting down: closing intake")
+        self.intake_closed.set()
+        _, pending = await asyncio.wait(intake, timeout=max(0.1, deadline - time.monotonic()))
+        for t in pending:
+            log.error("task did not stop in time; cancelling", task=t.get_name())
+            t.cancel()
+        await asyncio.to_thread(self.spool.seal_all)
+        await asyncio.to_thread(self.spool.commit)
+        self.shipper.wakeup.set()
+        drained = await self.shipper.drain(deadline)
+        ship_stop.set()
+        self.shipper.wakeup.set()
+        try:
+            left_s = max(0.1, deadline - time.monotonic())
+            await asyncio.wait_for(asyncio.shield(ship), timeout=left_s)
+        except TimeoutError:
+            log.error("uploads still running at the deadline; cancelling", task="ship")
+            ship.cancel()
+        await asyncio.to_thread(self.spool.commit)
+        left = self.spool.total_bytes()
+        log.info("shutdown complete", drained=drained, unshipped_bytes=left)
+
+    def close(self) -> None:
+        self.tailer.close()
+        self.spool.close()
+        self.ledger.close()

@@ -1,0 +1,597 @@
+"""Tailing: turn the files of each stream into one ordered byte stream in the spool.
+
+A stream's bytes are the concatenation of its files in rotation order: rotated files by their
+timestamp name (plain or ``.gz``), then the live ``<restart>.log``. Each stream keeps a
+*queue* of the files it still has to read, head first. Files are opened as soon as they are
+seen, so kubelet deleting them (rotation beyond ``max_files``, a restart, a pod deletion) does
+not take their bytes away: an open descriptor reads a deleted file to its end.
+
+Identity. A plain file is identified by ``(dev, inode)``, which survives kubelet's rename; a
+``.gz`` file (a new inode written by kubelet's compressor) by its rotation timestamp, or, when
+the plain file it came from was never seen under that name, by a *fingerprint*: the SHA-256 of
+its first up to 4 KiB, compared with the fingerprints of files already queued or consumed.
+
+Finality. A plain file may still grow until the runtime reopens the live path: kubelet
+renames ``N.log`` first, the runtime may append the first half of a line to the renamed file,
+then creates the new ``N.log``. So a file is *final* only once a newer live file exists (or a
+later restart, or the pod directory is gone) *at the time of a listing*; a read to EOF that
+starts after that listing has everything. Only then does the reader move to the next file.
+
+Truncation (copytruncate) is seen as a size below the read position, or a changed head
+fingerprint when the file changed size; the stream continues at its current offset from the
+file's start and a ``truncated`` loss of unknown length is recorded.
+
+Holes. A queued file that vanishes before it could be opened, or a checkpointed file that is
+gone at recovery, becomes a ``loss``: its exact length when the agent had seen its final size,
+otherwise a hole of unknown length (``bytes`` null) that consumes no offsets.
+
+Everything here runs in a worker thread under the spool lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import os
+import time
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import IO, Any, Final
+
+from evidence_keeper.discover.logtree import Listed, Scan, StreamListing
+from evidence_keeper.fsio import FileSystem
+from evidence_keeper.logs import get_logger, stream_fields
+from evidence_keeper.metrics import Metrics
+from evidence_keeper.model import StreamId
+from evidence_keeper.spool.spool import Spool, SpoolStream, SpoolWriteError
+
+log = get_logger("evidence_keeper.tail")
+
+FP_MAX: Final = 4096
+CHUNK: Final = 1 << 20
+CONSUMED_KEEP: Final = 16
+
+
+def fingerprint(head: bytes) -> str:
+    return hashlib.sha256(head).hexdigest()
+
+
+@dataclass(slots=True)
+class TailFile:
+    """One physical file of a stream."""
+
+    name: str
+    ts: str | None
+    gz: bool
+    dev: int = 0
+    ino: int = 0
+    pos: int = 0  # bytes of this file (uncompressed) already in the stream
+    size: int = -1  # last observed size of a plain file, -1 unknown
+    final: bool = False
+    fp_len: int = 0
+    fp: str = ""
+    fd: int | None = None
+    gzf: gzip.GzipFile | None = None
+    raw: IO[bytes] | None = None  # the .gz file itself (GzipFile does not close it)
+    retry_at: float = 0.0  # monotonic: next open attempt after an error
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "ts": self.ts, "gz": self.gz, "dev": self.dev, "ino": self.ino,
+            "pos": self.pos, "size": self.size, "final": self.final, "fp_len": self.fp_len,
+            "fp": self.fp,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TailFile:
+        return cls(
+            name=d["name"], ts=d["ts"], gz=d["gz"], dev=d["dev"], ino=d["ino"], pos=d["pos"],
+            size=d["size"], final=d["final"], fp_len=d["fp_len"], fp=d["fp"],
+        )
+
+    @property
+    def is_open(self) -> bool:
+        return self.fd is not None or self.gzf is not None
+
+
+@dataclass(slots=True)
+class StreamTail:
+    """Read state of one stream; persisted through the spool checkpoint as its cursor."""
+
+    id: StreamId
+    dir: str
+    queue: list[TailFile] = field(default_factory=list)
+    consumed_ts: str = ""  # newest rotation timestamp fully consumed
+    consumed: list[tuple[int, int, int, str]] = field(default_factory=list)  # dev, ino, fp
+    listing: StreamListing | None = None
+    gone: bool = False  # the stream's files vanished from the tree
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dir": self.dir,
+            "queue": [f.to_json() for f in self.queue],
+            "consumed_ts": self.consumed_ts,
+            "consumed": [list(c) for c in self.consumed],
+        }
+
+
+class Tailer:
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        metrics: Metrics,
+        fs: FileSystem | None = None,
+        retry_s: float = 1.0,
+        per_stream_budget: int = 8 << 20,
+    ) -> None:
+        self.spool = spool
+        self.fs = fs or FileSystem()
+        self.metrics = metrics
+        self.retry_s = retry_s
+        self.per_stream_budget = per_stream_budget
+        self.tails: dict[StreamId, StreamTail] = {}
+        self.first_scan_done = False
+
+    # ------------------------------------------------------------------ discovery input
+    def sync(self, scan: Scan) -> None:
+        """Apply a scan: new streams, new files, finality; streams whose files vanished."""
+        with self.spool.lock:
+            if not scan.root_ok:
+                return
+            for sid, listing in scan.streams.items():
+                t = self.tails.get(sid)
+                if t is None:
+                    t = self._attach(sid, listing)
+                if t.listing != listing:
+                    self._refresh(t, listing)
+            if not self.first_scan_done:
+                self._recover_vanished(scan)
+            for sid, t in self.tails.items():
+                if sid not in scan.streams and not t.gone:
+                    # Pod directory removed, or kubelet deleted this instance's logs: nothing
+                    # will be written again; open descriptors still read to the end.
+                    t.gone = True
+                    t.listing = None
+                    for f in t.queue:
+                        f.final = True
+                    self.spool.dirty = True
+            self._forget_finished()
+            self.first_scan_done = True
+            self.metrics.tailed_files.set(sum(
+                1 for t in self.tails.values() for f in t.queue if f.is_open))
+
+    def _attach(self, sid: StreamId, listing: StreamListing) -> StreamTail:
+        s = self.spool.stream(sid)
+        t = StreamTail(id=sid, dir=listing.dir)
+        if isinstance(s.cursor, dict):
+            self._recover(t, s, s.cursor, listing)
+        s.cursor = t
+        self.tails[sid] = t
+        return t
+
+    def _recover(self, t: StreamTail, s: SpoolStream, saved: dict[str, Any],
+                 listing: StreamListing) -> None:
+        """Find the checkpointed files again after a restart of the agent."""
+        t.consumed_ts = saved.get("consumed_ts", "")
+        t.consumed = [(c[0], c[1], c[2], c[3]) for c in saved.get("consumed", [])]
+        for d in saved.get("queue", []):
+            f = TailFile.from_json(d)
+            if self._reopen(t, f, listing):
+                t.queue.append(f)
+                continue
+            # Gone while the agent was not running.
+            known = f.size - f.pos if f.size >= 0 and not f.gz else 0
+            if known > 0:
+                self.spool.record_loss(
+                    s, known, "rotated_away",
+                    f"{f.name} was removed while the agent was not running; {known} bytes it"
+                    f" had seen were not read")
+            if not f.final or f.gz or f.size < 0:
+                self.spool.record_loss(
+                    s, None, "rotated_away",
+                    f"{f.name} was rotated and removed while the agent was not running; bytes"
+                    " written after it was last seen, and any rotated file removed with it,"
+                    " are unknown")
+            if f.ts:
+                t.consumed_ts = max(t.consumed_ts, f.ts)
+
+    def _recover_vanished(self, scan: Scan) -> None:
+        """Checkpointed streams whose files all vanished while the agent was not running."""
+        for sid, s in list(self.spool.streams.items()):
+            if sid in scan.streams or sid in self.tails or not isinstance(s.cursor, dict):
+                continue
+            t = StreamTail(id=sid, dir=s.cursor.get("dir", ""), gone=True)
+            empty = StreamListing(stream=sid, dir=t.dir, rotated=(), live=False,
+                                  superseded=True)
+            self._recover(t, s, s.cursor, empty)
+            s.cursor = t
+            self.tails[sid] = t
+
+    def _reopen(self, t: StreamTail, f: TailFile, listing: StreamListing) -> bool:
+        names = [listing.path(r) for r in listing.rotated if not r.gz]
+        if listing.live:
+            names.append(listing.live_path)
+        if not f.gz:
+            for path in names:
+                try:
+                    st = self.fs.stat(path)
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) == (f.dev, f.ino) and self._open_plain(t, f, path):
+                    if f.fp_len and self._head_fp(f, f.fp_len) != f.fp:
+                        self._close(f)
+                        continue  # inode reused by another file
+                    return True
+        # The file may have been compressed since: find its .gz by name or fingerprint.
+        for r in listing.rotated:
+            if not r.gz:
+                continue
+            if f.ts is not None and r.ts != f.ts:
+                continue
+            if f.ts is None and r.ts is not None and r.ts <= t.consumed_ts:
+                continue
+            if self._open_gz(t, f, listing.path(r), r) and (
+                not f.fp_len or self._gz_matches(f)
+            ):
+                self._skip_gz(f, f.pos)
+                return True
+            self._close(f)
+        return False
+
+    def _refresh(self, t: StreamTail, listing: StreamListing) -> None:
+        t.listing = listing
+        t.dir = listing.dir
+        s = self.spool.stream(t.id)
+        queued_ids = {(f.dev, f.ino) for f in t.queue if not f.gz}
+        queued_ts = {f.ts for f in t.queue if f.ts}
+        consumed_ids = {(c[0], c[1]) for c in t.consumed}
+        live_id: tuple[int, int] | None = None
+        if listing.live:
+            try:
+                st = self.fs.stat(listing.live_path)
+                live_id = (st.st_dev, st.st_ino)
+            except OSError:
+                live_id = None
+        for r in listing.rotated:
+            path = listing.path(r)
+            if not r.gz:
+                try:
+                    st = self.fs.stat(path)
+                except OSError:
+                    continue
+                rid = (st.st_dev, st.st_ino)
+                match = next((f for f in t.queue if not f.gz and (f.dev, f.ino) == rid), None)
+                if match is not None:
+                    match.ts, match.name = r.ts, r.name
+                    queued_ts.add(r.ts or "")
+                    continue
+                if r.ts is not None and r.ts <= t.consumed_ts:
+                    continue
+                f = TailFile(name=r.name, ts=r.ts, gz=False, final=False)
+                if self._open_plain(t, f, path, st=st):
+                    if rid in consumed_ids and self._was_consumed(t, f):
+                        self._close(f)
+                        continue
+                    t.queue.append(f)
+                    queued_ts.add(r.ts or "")
+                    queued_ids.add(rid)
+                else:
+                    self._queue_unopened(t, f, st)
+            else:
+                if r.ts in queued_ts or (r.ts is not None and r.ts <= t.consumed_ts):
+                    continue
+                f = TailFile(name=r.name, ts=r.ts, gz=True, final=True)
+                if not self._open_gz(t, f, path, r):
+                    self._queue_unopened(t, f, None)
+                    continue
+                twin = self._gz_twin(t, f)
+                if twin == "consumed":
+                    t.consumed_ts = max(t.consumed_ts, r.ts or "")
+                    self._close(f)
+                    continue
+                if isinstance(twin, TailFile):
+                    twin.ts = r.ts
+                    queued_ts.add(r.ts or "")
+                    self._close(f)
+                    continue
+                t.queue.append(f)
+                queued_ts.add(r.ts or "")
+        if listing.live and live_id is not None and live_id not in queued_ids:
+            f = TailFile(name=f"{t.id.restart}.log", ts=None, gz=False)
+            if self._open_plain(t, f, listing.live_path):
+                if (f.dev, f.ino) != live_id or self._was_consumed(t, f):
+                    self._close(f)  # rotated between stat and open, or read already
+                else:
+                    t.queue.append(f)
+        # Finality: every file but the live one is complete once a newer live file exists;
+        # all are complete once a later restart exists (the container exited).
+        for f in t.queue:
+            if f.gz or listing.superseded or (
+                live_id is not None and (f.dev, f.ino) != live_id
+            ):
+                f.final = True
+        self.spool.dirty = True
+        del s  # the spool stream exists from here on
+
+    def _was_consumed(self, t: StreamTail, f: TailFile) -> bool:
+        """Same inode and same head as a file read to its end before (inodes get reused)."""
+        for dev, ino, fp_len, fp in t.consumed:
+            if (dev, ino) == (f.dev, f.ino) and fp_len <= f.size and f.fd is not None and (
+                self._head_fp(f, fp_len) == fp
+            ):
+                return True
+        return False
+
+    def _queue_unopened(self, t: StreamTail, f: TailFile, st: os.stat_result | None) -> None:
+        if st is not None:
+            f.dev, f.ino, f.size = st.st_dev, st.st_ino, st.st_size
+        f.retry_at = time.monotonic() + self.retry_s
+        t.queue.append(f)
+
+    def _gz_twin(self, t: StreamTail, f: TailFile) -> TailFile | str | None:
+        """Is this .gz a compressed copy of a file already queued (no ts yet) or consumed?"""
+        head = self._gz_head(f)
+        if head is None:
+            return None
+        for q in t.queue:
+            if q.gz or q.ts is not None or not q.fp_len:
+                continue
+            if len(head) >= q.fp_len and fingerprint(head[: q.fp_len]) == q.fp:
+                return q
+        for _dev, _ino, fp_len, fp in t.consumed:
+            if fp_len and len(head) >= fp_len and fingerprint(head[:fp_len]) == fp:
+                return "consumed"
+        return None
+
+    # ------------------------------------------------------------------ opening
+    def _open_plain(self, t: StreamTail, f: TailFile, path: str,
+                    st: os.stat_result | None = None) -> bool:
+        try:
+            fd = self.fs.open_read(path)
+        except OSError as exc:
+            self._read_error(t, f, exc)
+            return False
+        fst = self.fs.fstat(fd)
+        f.fd, f.dev, f.ino, f.size = fd, fst.st_dev, fst.st_ino, fst.st_size
+        if not f.fp_len:
+            self._update_fp(f)
+        return True
+
+    def _open_gz(self, t: StreamTail, f: TailFile, path: str, r: Listed) -> bool:
+        try:
+            fd = self.fs.open_read(path)
+        except OSError as exc:
+            self._read_error(t, f, exc)
+            return False
+        fst = self.fs.fstat(fd)
+        f.dev, f.ino = fst.st_dev, fst.st_ino
+        f.raw = os.fdopen(fd, "rb")
+        f.gzf = gzip.GzipFile(fileobj=f.raw, mode="rb")
+        f.gz, f.final, f.name, f.ts = True, True, r.name, r.ts
+        return True
+
+    def _gz_head(self, f: TailFile) -> bytes | None:
+        assert f.gzf is not None
+        try:
+            f.gzf.seek(0)
+            head = f.gzf.read(FP_MAX)
+            f.gzf.seek(0)
+        except (OSError, EOFError, zlib.error):
+            return None
+        if not f.fp_len:
+            f.fp_len, f.fp = len(head), fingerprint(head)
+        return head
+
+    def _gz_matches(self, f: TailFile) -> bool:
+        want_len, want = f.fp_len, f.fp
+        assert f.gzf is not None
+        try:
+            f.gzf.seek(0)
+            head = f.gzf.read(want_len)
+            f.gzf.seek(0)
+        except (OSError, EOFError, zlib.error):
+            return False
+        return len(head) == want_len and fingerprint(head) == want
+
+    def _skip_gz(self, f: TailFile, n: int) -> None:
+        assert f.gzf is not None
+        f.gzf.seek(n)
+
+    def _update_fp(self, f: TailFile) -> None:
+        if f.fd is None or f.fp_len >= FP_MAX:
+            return
+        try:
+            head = self.fs.pread(f.fd, FP_MAX, 0)
+        except OSError:
+            return
+        if len(head) > f.fp_len:
+            f.fp_len, f.fp = len(head), fingerprint(head)
+
+    def _head_fp(self, f: TailFile, n: int) -> str:
+        assert f.fd is not None
+        return fingerprint(self.fs.pread(f.fd, n, 0))
+
+    def _close(self, f: TailFile) -> None:
+        try:
+            if f.gzf is not None:
+                f.gzf.close()
+            if f.raw is not None:
+                f.raw.close()
+            if f.fd is not None:
+                self.fs.close(f.fd)
+        except OSError:
+            pass
+        f.fd = None
+        f.gzf = None
+        f.raw = None
+
+    def _read_error(self, t: StreamTail, f: TailFile, exc: OSError) -> None:
+        name = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")
+        self.metrics.read_errors.labels(errno=name).inc()
+        f.retry_at = time.monotonic() + self.retry_s
+        log.warning("cannot read container log file; will retry", file=f.name, errno=name,
+                    error=str(exc), **stream_fields(t.id))
+
+    # ------------------------------------------------------------------ reading
+    def pump(self) -> bool:
+        """One read pass over all streams. Returns True when some stream had more to read."""
+        more = False
+        now = time.monotonic()
+        for t in list(self.tails.values()):
+            if not t.queue:
+                continue
+            # The lock is taken per stream so a commit never waits for a whole pass.
+            with self.spool.lock:
+                s = self.spool.stream(t.id)
+                if s.error_until > now:
+                    continue
+                if self._pump_stream(t, s, now):
+                    more = True
+        return more
+
+    def _pump_stream(self, t: StreamTail, s: SpoolStream, now: float) -> bool:
+        budget = self.per_stream_budget
+        while t.queue and budget > 0:
+            f = t.queue[0]
+            if not f.is_open:
+                if f.retry_at > now:
+                    return False
+                if not self._retry_open(t, s, f):
+                    if f in t.queue:
+                        return False  # still failing: retry after the back-off
+                    continue  # vanished and recorded as loss: go on with the next file
+            try:
+                data = self._read(t, s, f, min(CHUNK, budget))
+            except OSError as exc:
+                self._read_error(t, f, exc)
+                self._close(f)
+                return False
+            if data is None:
+                continue  # truncation handled; read again from the file's start
+            if data:
+                try:
+                    n = self.spool.append(s, data, now_mono=now)
+                except SpoolWriteError:
+                    return False
+                f.pos += n
+                budget -= n
+                if n < len(data):
+                    return False
+                if f.fp_len < FP_MAX and not f.gz:
+                    self._update_fp(f)
+                continue
+            # EOF
+            if f.final:
+                self._done(t, f)
+                continue
+            return False
+        return budget <= 0
+
+    def _read(self, t: StreamTail, s: SpoolStream, f: TailFile, n: int) -> bytes | None:
+        if f.gzf is not None:
+            try:
+                return f.gzf.read(n)
+            except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                # A damaged .gz: the rest of this file cannot be recovered.
+                self.spool.record_loss(s, None, "unreadable",
+                                       f"{f.name}: corrupt gzip after {f.pos} bytes: {exc}")
+                f.final = True
+                self._close(f)
+                t.queue.remove(f)
+                return b""
+        assert f.fd is not None
+        data = self.fs.pread(f.fd, n, f.pos)
+        if len(data) < n:
+            st = self.fs.fstat(f.fd)
+            truncated = st.st_size < f.pos
+            if not truncated and st.st_size != f.size and f.fp_len:
+                truncated = self._head_fp(f, f.fp_len) != f.fp
+            f.size = st.st_size
+            if truncated:
+                self.spool.record_loss(
+                    s, None, "truncated",
+                    f"{f.name} was truncated in place at file position {f.pos}; the stream"
+                    " continues with the file's new content")
+                f.pos, f.fp_len, f.fp = 0, 0, ""
+                self._update_fp(f)
+                return None
+        elif f.size < f.pos + len(data):
+            f.size = f.pos + len(data)
+        return data
+
+    def _retry_open(self, t: StreamTail, s: SpoolStream, f: TailFile) -> bool:
+        listing = t.listing
+        path = None
+        if listing is not None:
+            if f.ts is None:
+                path = listing.live_path
+            else:
+                path = next((listing.path(r) for r in listing.rotated if r.ts == f.ts), None)
+        if path is not None:
+            try:
+                st = self.fs.stat(path)
+                if f.gz or (st.st_dev, st.st_ino) == (f.dev, f.ino) or not f.ino:
+                    ok = (self._open_gz(t, f, path, Listed(f.name, f.ts, True)) if f.gz
+                          else self._open_plain(t, f, path))
+                    if ok:
+                        if f.gz and f.pos:
+                            self._skip_gz(f, f.pos)
+                        return True
+                    return False
+            except OSError:
+                pass
+        # Vanished before it could ever be read.
+        known = f.size - f.pos if (f.final and f.size >= 0 and not f.gz) else None
+        self.spool.record_loss(
+            s, known, "unreadable",
+            f"{f.name} could not be read and then disappeared"
+            + ("" if known is not None else "; its final length is unknown"))
+        t.queue.remove(f)
+        if f.ts:
+            t.consumed_ts = max(t.consumed_ts, f.ts)
+        return False
+
+    def _done(self, t: StreamTail, f: TailFile) -> None:
+        self._close(f)
+        t.queue.pop(0)
+        if f.ts:
+            t.consumed_ts = max(t.consumed_ts, f.ts)
+        t.consumed.append((f.dev, f.ino, f.fp_len, f.fp))
+        del t.consumed[:-CONSUMED_KEEP]
+        self.spool.dirty = True
+
+    # ------------------------------------------------------------------ lifecycle
+    def _forget_finished(self) -> None:
+        for sid in [sid for sid, t in self.tails.items() if t.gone and not t.queue]:
+            s = self.spool.streams.get(sid)
+            if s is not None:
+                s.finished = True
+                if s.open is None and not s.sealed:
+                    self.spool.forget(sid)
+                    del self.tails[sid]
+                    continue
+            if s is None:
+                del self.tails[sid]
+        for sid, t in self.tails.items():
+            listing = t.listing
+            if listing is not None and listing.superseded and not t.queue:
+                s = self.spool.streams.get(sid)
+                if s is not None and not s.finished:
+                    s.finished = True
+                    s.priority = True
+                    self.spool.dirty = True
+
+    def prime_priority(self, streams: Iterable[StreamId]) -> None:
+        with self.spool.lock:
+            for sid in streams:
+                if sid in self.spool.streams:
+                    self.spool.streams[sid].priority = True
+
+    def close(self) -> None:
+        with self.spool.lock:
+            for t in self.tails.values():
+                for f in t.queue:
+                    self._close(f)
