@@ -28,7 +28,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from evidence_keeper.discover.logtree import LogTree
@@ -151,6 +151,35 @@ class Agent:
             if not more:
                 await self._sleep_or_close(self.settings.tail_interval_s)
 
+    async def _monitor_loop(self) -> None:
+        """Backlog gap and spool gauges, once a second."""
+        open_ = self.ledger.gaps(kind="backlog", open_=True)
+        gap_id = open_[-1].id if open_ else None
+        threshold = self.settings.backlog_threshold_s
+        while not self.intake_closed.is_set():
+            age = await asyncio.to_thread(self.spool.oldest_unshipped_age)
+            self.metrics.oldest_unshipped_age.set(age)
+            self.metrics.unshipped_bytes.set(self.spool.total_bytes())
+            if self.shipper.store_up is not None:
+                self.metrics.sink_up.labels(sink="store", check=self.store.check_name).set(
+                    1 if self.shipper.store_up else 0)
+            now = datetime.now(UTC)
+            if age > threshold and gap_id is None:
+                gap_id = await asyncio.to_thread(
+                    self.ledger.open_gap, "backlog", dedup="backlog:store",
+                    at=now - timedelta(seconds=age), sink="store", check=self.store.check_name,
+                    detail=f"oldest unshipped byte older than {threshold:g}s"
+                           + (f"; last store error: {self.shipper.last_error}"
+                              if self.shipper.last_error else ""))
+                log.warning("shipping backlog", oldest_unshipped_age_s=round(age, 1),
+                            unshipped_bytes=self.spool.total_bytes())
+            elif age <= threshold and gap_id is not None:
+                await asyncio.to_thread(self.ledger.close_gap, gap_id, at=now)
+                log.info("shipping caught up", gap_id=gap_id)
+                gap_id = None
+            self.metrics.open_gaps.labels(kind="backlog").set(0 if gap_id is None else 1)
+            await self._sleep_or_close(1.0)
+
     async def commit_once(self) -> None:
         await asyncio.to_thread(self.spool.seal_due, time.monotonic())
         committed = await asyncio.to_thread(self.spool.commit)
@@ -192,6 +221,7 @@ class Agent:
                 tg.create_task(self._guard("discover", self._discover_loop), name="discover"),
                 tg.create_task(self._guard("tail", self._tail_loop), name="tail"),
                 tg.create_task(self._guard("commit", self._commit_loop), name="commit"),
+                tg.create_task(self._guard("monitor", self._monitor_loop), name="monitor"),
             ]
             ship = tg.create_task(self.shipper.run(stop=ship_stop), name="ship")
             await stop.wait()

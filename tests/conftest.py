@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
+import io
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from evidence_keeper.archive.export import export_stream, find_streams
+from evidence_keeper.health.ledger import GapRow, Ledger
+from evidence_keeper.model import SegmentKey, StreamId, parse_segment_key
 from evidence_keeper.settings import Settings, load_settings
+from evidence_keeper.ship.codec import decompress
+from evidence_keeper.ship.store import Store
 from evidence_keeper.supervisor import Agent
 
 
@@ -70,3 +79,102 @@ async def running_agent(settings: Settings, **kwargs: Any) -> AsyncIterator[Agen
             await asyncio.wait_for(task, timeout=60)
         finally:
             agent.close()
+
+
+# -------------------------------------------------------------------------------------------
+# Helpers for the crash, fault and tailing-edge tests: read a stream back from the store and
+# check it against the simulator's record, wait for the agent without fixed sleeps.
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredSegment:
+    key: str
+    sk: SegmentKey
+    body: bytes  # decompressed
+    meta: dict[str, str]
+
+
+def stored_segments(store: Store, sid: StreamId, *,
+                    cluster: str = "default") -> list[StoredSegment]:
+    """Every segment object of one stream, by offset, with its decompressed body and metadata."""
+    prefix = f"{sid.store_dir(cluster)}/"
+    out = []
+    for key in store.list(prefix):
+        sk = parse_segment_key(key)
+        assert sk is not None, f"not a segment key: {key}"
+        if sk.stream != sid:
+            continue
+        body = decompress(store.get(key), sk.ext)
+        out.append(StoredSegment(key, sk, body, store.head(key) or {}))
+    out.sort(key=lambda s: s.sk.offset)
+    return out
+
+
+def check_segments(segments: list[StoredSegment]) -> None:
+    """Segments never overlap, bodies match key, ek-length and ek-sha256, the hash chain holds."""
+    prev_end, prev_sha = -1, ""
+    for seg in segments:
+        assert seg.sk.offset >= prev_end, f"{seg.key} overlaps the previous segment"
+        assert seg.sk.end > seg.sk.offset, f"{seg.key} is empty"
+        assert len(seg.body) == seg.sk.end - seg.sk.offset, f"{seg.key}: body length"
+        assert seg.meta.get("ek-offset") == str(seg.sk.offset), seg.key
+        assert seg.meta.get("ek-length") == str(len(seg.body)), seg.key
+        assert seg.meta.get("ek-sha256") == hashlib.sha256(seg.body).hexdigest(), (
+            f"{seg.key}: ek-sha256 does not match the body")
+        assert seg.meta.get("ek-prev-sha256") == prev_sha, f"{seg.key}: hash chain broken"
+        prev_end, prev_sha = seg.sk.end, seg.meta["ek-sha256"]
+
+
+def export_bytes(store: Store, sid: StreamId, *,
+                 cluster: str = "default") -> tuple[bytes, list[tuple[int, int]]]:
+    """The stream as ``evidence-keeper export`` writes it, and the holes it reports."""
+    streams = find_streams(store, cluster=cluster, namespace=sid.namespace, pod=sid.pod,
+                           container=sid.container, restart=sid.restart, pod_uid=sid.pod_uid)
+    if not streams:
+        return b"", []
+    buf = io.BytesIO()
+    report = export_stream(store, streams[0], buf)
+    return buf.getvalue(), report.holes
+
+
+def assert_bytes_equal(actual: bytes, expected: bytes, what: str = "stream") -> None:
+    """Byte equality with a short message (pytest's diff of megabytes is slow and unreadable)."""
+    if actual == expected:
+        return
+    at = next((i for i, (a, b) in enumerate(zip(actual, expected, strict=False)) if a != b),
+              min(len(actual), len(expected)))
+    raise AssertionError(
+        f"{what}: {len(actual)} bytes, expected {len(expected)}; first difference at {at}:"
+        f" got {actual[max(0, at - 40):at + 40]!r}, expected {expected[max(0, at - 40):at + 40]!r}")
+
+
+async def wait_until(cond: Callable[[], bool], *, within: float, what: str,
+                     interval: float = 0.05) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def wait_exported(store: Store, sid: StreamId, expected: bytes, *,
+                        within: float = 15.0) -> None:
+    """Wait until the store holds exactly ``expected`` for ``sid`` (then check it strictly)."""
+    def done() -> bool:
+        data, _ = export_bytes(store, sid)
+        return len(data) >= len(expected)
+
+    await wait_until(done, within=within, what=f"{len(expected)} bytes of {sid.key} stored")
+    data, holes = export_bytes(store, sid)
+    assert holes == [], f"{sid.key}: holes {holes}"
+    assert_bytes_equal(data, expected, sid.key)
+
+
+def loss_gaps(ledger: Ledger, sid: StreamId | None = None) -> list[GapRow]:
+    """``loss`` gaps of one stream (or all), oldest first."""
+    rows = ledger.gaps(kind="loss")
+    if sid is None:
+        return rows
+    return [g for g in rows if (g.fields["namespace"], g.fields["pod"], g.fields["pod_uid"],
+                                g.fields["container"], g.fields["restart"]) == (
+        sid.namespace, sid.pod, sid.pod_uid, sid.container, sid.restart)]

@@ -145,5 +145,5 @@ def open_store(store_url: str, *, fs: FileSystem | None = None, **s3_options: ob
     if store_url.startswith("s3://"):
         from evidence_keeper.ship.s3 import S3Store
 
-        return S3Store.from_url(store_url, **s3_options)  # type: ignore[arg-type]
+        return S3Store.from_url(store_url, **s3_options)
     raise StoreError(f"unsupported store_url {store_url!r}", retryable=False)

@@ -568,7 +568,10 @@ class Tailer:
         for sid in [sid for sid, t in self.tails.items() if t.gone and not t.queue]:
             s = self.spool.streams.get(sid)
             if s is not None:
-                s.finished = True
+                if not s.finished:
+                    # The pod is gone: what is left of it ships before everything else.
+                    s.finished = s.priority = True
+                    self.spool.dirty = True
                 if s.open is None and not s.sealed:
                     self.spool.forget(sid)
                     del self.tails[sid]
