@@ -322,7 +322,8 @@ async def test_object_lock_through_the_agent(
 
 
 def _run_cli(cfg: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_agent_cmd(cfg), env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(_agent_cmd(cfg), env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
 
 
 def test_missing_bucket_is_one_clear_error(tmp_path: Path, moto_url: str) -> None:
