@@ -6,7 +6,10 @@ Task tree (one root ``asyncio.TaskGroup``)::
     ├── discover   scan the log tree, hand new files and finality to the tailer
     ├── tail       read every stream's files into the spool
     ├── commit     seal by age, fsync, checkpoint, evict (every commit_interval_s < 1 s)
+    ├── monitor    backlog gap, spool gauges, heartbeat, ledger retention (every second)
+    ├── sinks      probe the log sinks and the store, sink_outage gaps with coverage
     └── ship       sealed segments → store, backoff and circuit breaker
+    (+ the HTTP API, started first and stopped last so /metrics answers during the drain)
 
 Each loop is *guarded*: an exception is logged with its task name and the loop restarts after
 a back-off (1 s doubling to 30 s), so one bad file or a full disk never stops capture. Loops
@@ -30,10 +33,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+
+from aiohttp import web
 
 from evidence_keeper.discover.logtree import LogTree
 from evidence_keeper.fsio import FileSystem
-from evidence_keeper.health.ledger import Ledger
+from evidence_keeper.health.ledger import Ledger, rfc3339
+from evidence_keeper.health.probes import Prober, Resolver, ResolverPool
+from evidence_keeper.health.sinks import SinkMonitor
 from evidence_keeper.logs import get_logger
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss
@@ -44,6 +52,7 @@ from evidence_keeper.spool.spool import Spool
 from evidence_keeper.tail.tailer import Tailer
 
 log = get_logger("evidence_keeper.supervisor")
+HEARTBEAT_S = 5.0
 
 
 class StartupError(Exception):
@@ -61,7 +70,8 @@ class Status:
 
 class Agent:
     def __init__(self, settings: Settings, *, fs: FileSystem | None = None,
-                 store: Store | None = None, metrics: Metrics | None = None) -> None:
+                 store: Store | None = None, metrics: Metrics | None = None,
+                 resolver: Resolver | None = None) -> None:
         self.settings = settings
         self.fs = fs or FileSystem()
         self.metrics = metrics or Metrics()
@@ -96,9 +106,19 @@ class Agent:
             ),
             metrics=self.metrics,
         )
+        self.resolvers = ResolverPool(resolver)
+        self.sinks = SinkMonitor(
+            settings.sink_probes, store=self.store, ledger=self.ledger, spool=self.spool,
+            metrics=self.metrics, prober=Prober(self.resolvers, settings.probe_timeout_s),
+            interval_s=settings.probe_interval_s,
+            failures_before_down=settings.probe_failures_before_down,
+            successes_before_up=settings.probe_successes_before_up,
+        )
         self.status = Status()
         self.intake_closed = asyncio.Event()
-        self._commit_now = asyncio.Event()
+        self.api_extensions: list[Callable[[web.Application], None]] = []
+        self.api_address: tuple[str, int] | None = None
+        self._backlog_gap: int | None = None
 
     def _record_loss(self, loss: Loss) -> None:
         self.ledger.record_loss(loss, at=datetime.now(UTC))
@@ -152,33 +172,110 @@ class Agent:
                 await self._sleep_or_close(self.settings.tail_interval_s)
 
     async def _monitor_loop(self) -> None:
-        """Backlog gap and spool gauges, once a second."""
+        """Backlog gap, spool gauges, heartbeat and ledger retention, once a second."""
         open_ = self.ledger.gaps(kind="backlog", open_=True)
-        gap_id = open_[-1].id if open_ else None
-        threshold = self.settings.backlog_threshold_s
+        self._backlog_gap = open_[-1].id if open_ else None
+        last_beat = last_prune = 0.0
         while not self.intake_closed.is_set():
-            age = await asyncio.to_thread(self.spool.oldest_unshipped_age)
-            self.metrics.oldest_unshipped_age.set(age)
-            self.metrics.unshipped_bytes.set(self.spool.total_bytes())
-            if self.shipper.store_up is not None:
-                self.metrics.sink_up.labels(sink="store", check=self.store.check_name).set(
-                    1 if self.shipper.store_up else 0)
-            now = datetime.now(UTC)
-            if age > threshold and gap_id is None:
-                gap_id = await asyncio.to_thread(
-                    self.ledger.open_gap, "backlog", dedup="backlog:store",
-                    at=now - timedelta(seconds=age), sink="store", check=self.store.check_name,
-                    detail=f"oldest unshipped byte older than {threshold:g}s"
-                           + (f"; last store error: {self.shipper.last_error}"
-                              if self.shipper.last_error else ""))
-                log.warning("shipping backlog", oldest_unshipped_age_s=round(age, 1),
-                            unshipped_bytes=self.spool.total_bytes())
-            elif age <= threshold and gap_id is not None:
-                await asyncio.to_thread(self.ledger.close_gap, gap_id, at=now)
-                log.info("shipping caught up", gap_id=gap_id)
-                gap_id = None
-            self.metrics.open_gaps.labels(kind="backlog").set(0 if gap_id is None else 1)
+            await asyncio.to_thread(self._backlog_tick)
+            now = time.monotonic()
+            if now - last_beat >= HEARTBEAT_S:
+                last_beat = now
+                await asyncio.to_thread(self._heartbeat)
+            if now - last_prune >= 3600:
+                last_prune = now
+                await asyncio.to_thread(
+                    self.ledger.prune, older_than=timedelta(days=self.settings.gap_retention_days),
+                    now=datetime.now(UTC))
             await self._sleep_or_close(1.0)
+
+    def _backlog_tick(self) -> None:
+        age = self.spool.oldest_unshipped_age()
+        self.metrics.oldest_unshipped_age.set(age)
+        self.metrics.unshipped_bytes.set(self.spool.total_bytes())
+        threshold = self.settings.backlog_threshold_s
+        now = datetime.now(UTC)
+        if age > threshold and self._backlog_gap is None:
+            err = self.shipper.last_error
+            self._backlog_gap = self.ledger.open_gap(
+                "backlog", dedup="backlog:store", at=now - timedelta(seconds=age),
+                sink="store", check=self.store.check_name, reason="shipping_behind",
+                detail=f"oldest unshipped byte older than {threshold:g}s"
+                       + (f"; last store error: {err}" if err else ""))
+            log.warning("shipping backlog", oldest_unshipped_age_s=round(age, 1),
+                        unshipped_bytes=self.spool.total_bytes())
+        elif age <= threshold and self._backlog_gap is not None:
+            self.ledger.close_gap(self._backlog_gap, at=now)
+            log.info("shipping caught up", gap_id=self._backlog_gap)
+            self._backlog_gap = None
+        for kind, n in self.ledger.open_counts().items():
+            self.metrics.open_gaps.labels(kind=kind).set(n)
+
+    def _heartbeat(self) -> None:
+        self.ledger.set_meta("heartbeat", rfc3339(datetime.now(UTC)))
+
+    def _record_downtime(self) -> None:
+        """An ``agent_down`` gap from the last heartbeat of the previous run to now."""
+        last = self.ledger.get_meta("heartbeat")
+        if last is None:
+            return
+        stopped = self.ledger.get_meta("stopped_at")
+        start = datetime.fromisoformat(last.replace("Z", "+00:00"))
+        clean = stopped is not None and stopped >= last
+        if clean and stopped is not None:
+            start = datetime.fromisoformat(stopped.replace("Z", "+00:00"))
+        now = datetime.now(UTC)
+        gap_id = self.ledger.open_gap(
+            "agent_down", dedup=f"agent_down:{rfc3339(start)}", at=start,
+            reason="stopped" if clean else "crashed",
+            detail=("the agent was stopped" if clean else
+                    "the agent stopped without a clean shutdown (killed, OOM or node failure);"
+                    " start is its last heartbeat")
+                   + f"; nothing was captured on node {self.settings.node_name} meanwhile,"
+                     " files still on disk were read on restart")
+        self.ledger.close_gap(gap_id, at=now)
+        log.warning("agent was down", since=rfc3339(start), clean=clean)
+
+    async def _sinks_loop(self) -> None:
+        next_probe = 0.0
+        while not self.intake_closed.is_set():
+            if time.monotonic() >= next_probe:
+                next_probe = time.monotonic() + self.settings.probe_interval_s
+                await self.sinks.probe_round()
+            await asyncio.to_thread(self.sinks.account)
+            await self._sleep_or_close(min(1.0, max(0.05, next_probe - time.monotonic())))
+
+    # ------------------------------------------------------------------ API views
+    def readiness(self) -> dict[str, Any]:
+        st = self.status
+        ready = st.recovered and st.tailing and st.log_root_ok
+        return {
+            "ready": ready,
+            "node": self.settings.node_name,
+            "spool": {"recovered": st.recovered, "unshipped_bytes": self.spool.total_bytes(),
+                      "budget_bytes": self.spool.max_bytes,
+                      "oldest_unshipped_age_s": round(self.spool.oldest_unshipped_age(), 3),
+                      "streams": len(self.spool.streams)},
+            "tail": {"tailing": st.tailing, "log_root": str(self.settings.log_root),
+                     "log_root_ok": st.log_root_ok, "error": st.log_root_error,
+                     "files": sum(1 for t in self.tailer.tails.values() for f in t.queue
+                                  if f.is_open)},
+            "store": {"url": self.store.describe(), "shipping_up": self.shipper.store_up,
+                      "last_error": self.shipper.last_error,
+                      "backlog_open": self._backlog_gap is not None},
+            "sinks": [s.to_json() for s in self.sinks.states.values()],
+        }
+
+    async def gap_rows(self, **filters: Any) -> list[dict[str, Any]]:
+        rows = await asyncio.to_thread(self.ledger.gaps, **filters)
+        live = {s.gap_id: s.coverage for s in self.sinks.states.values() if s.gap_id}
+        out = []
+        for r in rows:
+            j = r.to_json()
+            if r.id in live:
+                j["coverage"] = live[r.id].to_json()
+            out.append(j)
+        return out
 
     async def commit_once(self) -> None:
         await asyncio.to_thread(self.spool.seal_due, time.monotonic())
@@ -207,6 +304,9 @@ class Agent:
             self.metrics.sink_up.labels(sink="store", check=self.store.check_name).set(0)
             log.error("store unreachable at start-up; capturing to the spool meanwhile",
                       error=str(exc))
+        await asyncio.to_thread(self._record_downtime)
+        await asyncio.to_thread(self._heartbeat)
+        await asyncio.to_thread(self.sinks.restore)
         self.status.recovered = True
         log.info("agent started", node=self.settings.node_name, log_root=str(
             self.settings.log_root), store=self.store.describe(),
@@ -215,17 +315,28 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down in order."""
         await self.start()
+        from evidence_keeper.api.app import serve
+
+        try:
+            runner = await serve(self, self.settings.listen_host, self.settings.listen_port)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {self.settings.listen}: {exc}") from exc
         ship_stop = asyncio.Event()
-        async with asyncio.TaskGroup() as tg:
-            intake = [
-                tg.create_task(self._guard("discover", self._discover_loop), name="discover"),
-                tg.create_task(self._guard("tail", self._tail_loop), name="tail"),
-                tg.create_task(self._guard("commit", self._commit_loop), name="commit"),
-                tg.create_task(self._guard("monitor", self._monitor_loop), name="monitor"),
-            ]
-            ship = tg.create_task(self.shipper.run(stop=ship_stop), name="ship")
-            await stop.wait()
-            await self.shutdown(intake, ship, ship_stop)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                intake = [
+                    tg.create_task(self._guard("discover", self._discover_loop),
+                                   name="discover"),
+                    tg.create_task(self._guard("tail", self._tail_loop), name="tail"),
+                    tg.create_task(self._guard("commit", self._commit_loop), name="commit"),
+                    tg.create_task(self._guard("monitor", self._monitor_loop), name="monitor"),
+                    tg.create_task(self._guard("sinks", self._sinks_loop), name="sinks"),
+                ]
+                ship = tg.create_task(self.shipper.run(stop=ship_stop), name="ship")
+                await stop.wait()
+                await self.shutdown(intake, ship, ship_stop)
+        finally:
+            await runner.cleanup()
 
     async def shutdown(self, intake: list[asyncio.Task[None]], ship: asyncio.Task[None],
                        ship_stop: asyncio.Event) -> None:
@@ -249,10 +360,13 @@ class Agent:
             log.error("uploads still running at the deadline; cancelling", task="ship")
             ship.cancel()
         await asyncio.to_thread(self.spool.commit)
+        await asyncio.to_thread(self.sinks.flush_coverage)
+        await asyncio.to_thread(self.ledger.set_meta, "stopped_at", rfc3339(datetime.now(UTC)))
         left = self.spool.total_bytes()
         log.info("shutdown complete", drained=drained, unshipped_bytes=left)
 
     def close(self) -> None:
+        self.resolvers.close()
         self.tailer.close()
         self.spool.close()
         self.ledger.close()

@@ -51,6 +51,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
             "commit_interval_s": 0.1,
             "shutdown_timeout_s": 20,
             "log_level": "warning",
+            "listen": "127.0.0.1:0",
         }
         base.update(overrides)
         (tmp_path / "pods").mkdir(exist_ok=True)
@@ -178,3 +179,62 @@ def loss_gaps(ledger: Ledger, sid: StreamId | None = None) -> list[GapRow]:
     return [g for g in rows if (g.fields["namespace"], g.fields["pod"], g.fields["pod_uid"],
                                 g.fields["container"], g.fields["restart"]) == (
         sid.namespace, sid.pod, sid.pod_uid, sid.container, sid.restart)]
+
+
+class AgentThread:
+    """An agent running in a thread of its own with its own event loop.
+
+    For tests whose client side is blocking (the CLI, urllib, hypothesis): the test thread
+    makes real HTTP requests while the agent runs undisturbed.
+    """
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        import threading
+
+        self.agent = Agent(settings, **kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._stop = asyncio.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="agent-thread", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self.agent.run(self._stop))
+        except BaseException as exc:  # surfaced to the test by stop()
+            self._error = exc
+        finally:
+            self._loop.close()
+
+    @property
+    def url(self) -> str:
+        assert self.agent.api_address is not None
+        host, port = self.agent.api_address
+        return f"http://{host}:{port}"
+
+    def start(self) -> AgentThread:
+        import time
+
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self._error is not None:
+                raise self._error
+            if self.agent.api_address is not None and self.agent.status.tailing:
+                return self
+            time.sleep(0.02)
+        raise AssertionError("agent thread did not start")
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout=60)
+        self.agent.close()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> AgentThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -194,7 +194,8 @@ def test_crash_between_put_and_ack_same_keys_same_bytes(
         f"log_root: {tmp_path / 'pods'}\nspool_dir: {tmp_path / 'spool'}\n"
         f"store_url: s3://{bucket}/evidence\ns3_endpoint_url: {proxy.url}\nkubernetes: 'off'\n"
         "flush_interval_s: 1\ndiscover_interval_s: 0.2\ntail_interval_s: 0.05\n"
-        "commit_interval_s: 0.1\nsegment_max_bytes: 16KiB\nlog_level: error\n")
+        "commit_interval_s: 0.1\nsegment_max_bytes: 16KiB\nlog_level: error\n"
+        "listen: 127.0.0.1:0\n")
     sim = KubeletSim(tmp_path / "pods")
     sim.add_pod("shop", "payment-1", containers=("app",))
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -330,7 +331,7 @@ def test_missing_bucket_is_one_clear_error(tmp_path: Path, moto_url: str) -> Non
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(f"log_root: {tmp_path}\nspool_dir: {tmp_path / 'spool'}\n"
                    f"store_url: s3://no-such-bucket-ek/x\ns3_endpoint_url: {moto_url}\n"
-                   "kubernetes: 'off'\n")
+                   "kubernetes: 'off'\nlisten: 127.0.0.1:0\n")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": REGION}
     r = _run_cli(cfg, env)
@@ -345,7 +346,7 @@ def test_missing_credentials_is_one_clear_error(tmp_path: Path, moto_url: str,
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(f"log_root: {tmp_path}\nspool_dir: {tmp_path / 'spool'}\n"
                    f"store_url: s3://{bucket}/x\ns3_endpoint_url: {moto_url}\n"
-                   "kubernetes: 'off'\n")
+                   "kubernetes: 'off'\nlisten: 127.0.0.1:0\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update({"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
                 "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true",

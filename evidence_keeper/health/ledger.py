@@ -11,6 +11,7 @@ loss. Calls are blocking and come from worker threads; one connection guarded by
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
@@ -75,7 +76,11 @@ class GapRow:
             "id": self.id, "kind": self.kind, "start": self.start, "end": self.end,
             "open": self.open,
         }
-        out.update({k: v for k, v in self.fields.items() if v is not None})
+        out.update({k: v for k, v in self.fields.items() if v is not None and k != "extra"})
+        extra = self.fields.get("extra")
+        if extra:
+            # Internal bookkeeping (e.g. the stream keys behind a coverage count) stays inside.
+            out.update({k: v for k, v in json.loads(extra).items() if k != "stream_keys"})
         return out
 
 
@@ -144,6 +149,19 @@ class Ledger:
                 f'UPDATE gaps SET {", ".join(sets)} WHERE id = ? AND "end" IS NULL',
                 (rfc3339(at), *fields.values(), gap_id),
             )
+
+    def update_gap(self, gap_id: int, **fields: Any) -> None:
+        sets = ", ".join(f"{_quote(k)} = ?" for k in fields)
+        with self._tx() as db:
+            db.execute(f"UPDATE gaps SET {sets} WHERE id = ?", (*fields.values(), gap_id))
+
+    def open_counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                'SELECT kind, count(*) FROM gaps WHERE "end" IS NULL GROUP BY kind').fetchall()
+        counts = dict.fromkeys(GAP_KINDS, 0)
+        counts.update({str(k): int(n) for k, n in rows})
+        return counts
 
     def gaps(
         self,

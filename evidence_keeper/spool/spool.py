@@ -145,6 +145,7 @@ class Spool:
         self._dirty_dirs: set[str] = set()
         self._deletions: list[str] = []  # files to unlink once the next checkpoint is durable
         self._seal_waiters: list[threading.Event] = []
+        self.traffic: dict[StreamId, list[int]] = {}
         self.commits = 0
         self.dirty = False  # state changed since the last checkpoint (cursor, offsets, seals)
         metrics.spool_max_bytes.set(max_bytes)
@@ -402,15 +403,15 @@ class Spool:
         with self.lock:
             self._evict_over_budget()
             fds: list[int] = []
-            opens: list[tuple[OpenSegment, int]] = []
-            sealed_now: list[SealedSegment] = []
+            opens: list[tuple[SpoolStream, OpenSegment, int]] = []
+            sealed_now: list[tuple[SpoolStream, SealedSegment]] = []
             for s in self.streams.values():
                 if s.open is not None and s.open.size > s.open.synced_size:
                     fds.append(s.open.fd)
-                    opens.append((s.open, s.open.size))
+                    opens.append((s, s.open, s.open.size))
                 for seg in s.sealed:
                     if not seg.committed:
-                        sealed_now.append(seg)
+                        sealed_now.append((s, seg))
                         if seg.fd is not None:
                             fds.append(seg.fd)
             dirs = sorted(self._dirty_dirs, key=len, reverse=True)
@@ -436,11 +437,15 @@ class Spool:
             return False
         captured = 0
         with self.lock:
-            for oseg, size in opens:
-                captured += size - oseg.synced_size
+            for s, oseg, size in opens:
+                n = size - oseg.synced_size
+                captured += n
+                self._traffic(s.id)[0] += n
                 oseg.synced_size = size
-            for sseg in sealed_now:
-                captured += sseg.length - sseg.synced
+            for s, sseg in sealed_now:
+                n = sseg.length - sseg.synced
+                captured += n
+                self._traffic(s.id)[0] += n
                 sseg.synced = sseg.length
                 sseg.committed = True
                 if sseg.fd is not None:
@@ -506,6 +511,7 @@ class Spool:
             seg.shipped = True
             seg.sha256 = sha256
             s.chain = sha256
+            self._traffic(s.id)[1] += seg.length
             # Drop acknowledged segments from the head of the list (they are in order).
             while s.sealed and s.sealed[0].shipped:
                 done = s.sealed.pop(0)
@@ -521,6 +527,19 @@ class Spool:
         """ek-prev-sha256 of ``seg``: the stream's chain tail (segments ship in order)."""
         with self.lock:
             return s.chain
+
+    # ------------------------------------------------------------------ traffic
+    def _traffic(self, sid: StreamId) -> list[int]:
+        t = self.traffic.get(sid)
+        if t is None:
+            t = self.traffic[sid] = [0, 0]
+        return t
+
+    def take_traffic(self) -> dict[StreamId, list[int]]:
+        """Bytes ``[captured, shipped]`` per stream since the last call (sink coverage)."""
+        with self.lock:
+            out, self.traffic = self.traffic, {}
+        return out
 
     # ------------------------------------------------------------------ budget
     def total_bytes(self) -> int:

@@ -1,0 +1,163 @@
+"""The HTTP API (aiohttp, one port): health, readiness, metrics and the gap ledger.
+
+Every response is JSON (``/metrics`` excepted); every error is ``{"error": "..."}`` with the
+right status and never a traceback: a middleware turns unexpected exceptions into a 500 with a
+generic message and logs the details instead. Query parameters are validated strictly: an
+unknown or repeated parameter is a 400 naming it, so a typo never silently widens a query.
+
+The server runs as one more task of the supervisor (``AppRunner`` with ``handle_signals=False``
+and a ``TCPSite``), and stops last so ``/metrics`` and ``/gaps`` answer during the drain.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from evidence_keeper.health.ledger import rfc3339
+from evidence_keeper.logs import get_logger
+from evidence_keeper.model import GAP_KINDS
+from evidence_keeper.settings import parse_duration
+from evidence_keeper.supervisor import Agent
+
+log = get_logger("evidence_keeper.api")
+AGENT: Final = web.AppKey("agent", Agent)
+DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+MAX_BODY: Final = 64 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BadRequest as exc:
+        return json_error(exc.status, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = {404: "not found", 405: "method not allowed",
+                  413: f"request body over {MAX_BODY} bytes"}.get(exc.status, exc.reason)
+        return json_error(exc.status, reason)
+    except Exception:
+        log.exception("request failed", path=request.path, method=request.method)
+        return json_error(500, "internal error (see the agent's log)")
+
+
+def parse_time(value: str, name: str, now: datetime) -> datetime:
+    """RFC3339 (``2025-11-10T12:27:00Z``) or a duration back from now (``30m``, ``2h``)."""
+    v = value.strip()
+    if not v:
+        raise BadRequest(f"{name}: empty value")
+    if v[0].isdigit() and not re.fullmatch(r"\d{4}-.*", v):
+        try:
+            seconds = parse_duration(v)
+        except ValueError:
+            raise BadRequest(f"{name}: {value!r} is neither RFC3339 nor a duration"
+                             " like 30m") from None
+        if seconds > 100 * 365 * 86400:
+            raise BadRequest(f"{name}: duration {value!r} is too long")
+        return now - timedelta(seconds=seconds)
+    try:
+        ts = datetime.fromisoformat(v.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"{name}: {value!r} is neither RFC3339 nor a duration"
+                         " like 30m") from None
+    if ts.tzinfo is None:
+        raise BadRequest(f"{name}: {value!r} needs a time zone (e.g. Z)")
+    return ts.astimezone(UTC)
+
+
+def _single(request: web.Request, allowed: set[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key in request.query:
+        if key not in allowed:
+            raise BadRequest(f"unknown parameter {key!r} (allowed: {', '.join(sorted(allowed))})")
+        values = request.query.getall(key)
+        if len(values) != 1:
+            raise BadRequest(f"parameter {key!r} given {len(values)} times")
+        out[key] = values[0]
+    return out
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    agent = request.app[AGENT]
+    detail = agent.readiness()
+    return web.json_response(detail, status=200 if detail["ready"] else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    agent = request.app[AGENT]
+    body = generate_latest(agent.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def gaps(request: web.Request) -> web.Response:
+    agent = request.app[AGENT]
+    q = _single(request, {"since", "until", "kind", "namespace", "open"})
+    now = datetime.now(UTC)
+    since = parse_time(q["since"], "since", now) if "since" in q else None
+    until = parse_time(q["until"], "until", now) if "until" in q else None
+    if since and until and since > until:
+        raise BadRequest("since is after until")
+    kind = q.get("kind")
+    if kind is not None and kind not in GAP_KINDS:
+        raise BadRequest(f"kind: {kind!r} is not one of {', '.join(GAP_KINDS)}")
+    namespace = q.get("namespace")
+    if namespace is not None and not DNS_LABEL.match(namespace):
+        raise BadRequest(f"namespace: {namespace!r} is not a Kubernetes namespace name")
+    open_: bool | None = None
+    if "open" in q:
+        if q["open"] not in ("true", "false"):
+            raise BadRequest("open: must be true or false")
+        open_ = q["open"] == "true"
+    rows = await agent.gap_rows(since=since, until=until, kind=kind, namespace=namespace,
+                                open_=open_)
+    return web.json_response({
+        "node": agent.settings.node_name,
+        "generated_at": rfc3339(now),
+        "gaps": rows,
+    })
+
+
+def build_app(agent: Agent) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+    app[AGENT] = agent
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/gaps", gaps)
+    for extend in agent.api_extensions:
+        extend(app)
+    return app
+
+
+async def serve(agent: Agent, host: str, port: int) -> web.AppRunner:
+    """Start the server; returns the runner (``await runner.cleanup()`` stops it)."""
+    runner = web.AppRunner(build_app(agent), handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    addrs: list[Any] = list(runner.addresses)
+    agent.api_address = addrs[0][:2] if addrs else (host, port)
+    log.info("http api listening", address=f"{agent.api_address[0]}:{agent.api_address[1]}")
+    return runner

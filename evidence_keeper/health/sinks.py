@@ -1,0 +1,243 @@
+"""Sink health: periodic probes, debounced up/down state, ``sink_outage`` gaps with coverage.
+
+Every ``probe_interval_s`` each configured sink (``sink_probes``) and the store itself are
+probed concurrently. State changes are debounced: ``probe_failures_before_down`` consecutive
+failures mark a sink down, ``probe_successes_before_up`` successes mark it up again; the gap
+is dated from the *first* failure (or success) of the streak, not from the moment the
+debounce gave in, so its start and end are what really happened.
+
+``evidence_keeper_sink_up{sink,check}`` shows, per check, the debounced view: while a sink is
+down, the failing check and those after it are 0 and the checks before it (that passed) are 1.
+
+Coverage is the point of the ledger: while an outage is open, every byte this agent captures
+and ships is added to it (per stream, from the spool's traffic counters), so when someone asks
+"the sink has nothing for Nov 10 — do we?", the gap itself answers: N streams in these
+namespaces, X bytes captured, Y bytes shipped to the store during the outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from evidence_keeper.health.ledger import Ledger
+from evidence_keeper.health.probes import Prober, ProbeResult
+from evidence_keeper.logs import get_logger
+from evidence_keeper.metrics import Metrics
+from evidence_keeper.settings import SinkProbe
+from evidence_keeper.ship.store import Store
+from evidence_keeper.spool.spool import Spool
+
+log = get_logger("evidence_keeper.health")
+COVERAGE_FLUSH_S = 10.0
+
+
+@dataclass
+class Coverage:
+    streams: set[str] = field(default_factory=set)
+    namespaces: set[str] = field(default_factory=set)
+    captured: int = 0
+    shipped: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "streams": len(self.streams),
+            "namespaces": sorted(self.namespaces),
+            "captured_bytes": self.captured,
+            "shipped_bytes": self.shipped,
+        }
+
+    def extra(self) -> str:
+        return json.dumps({"coverage": self.to_json(), "stream_keys": sorted(self.streams)})
+
+    @classmethod
+    def from_extra(cls, extra: str | None) -> Coverage:
+        if not extra:
+            return cls()
+        d = json.loads(extra)
+        c = d.get("coverage", {})
+        return cls(set(d.get("stream_keys", [])), set(c.get("namespaces", [])),
+                   int(c.get("captured_bytes", 0)), int(c.get("shipped_bytes", 0)))
+
+
+@dataclass
+class SinkState:
+    name: str
+    kind: str  # dns | tcp | http | s3 | file
+    target: str
+    checks: tuple[str, ...]
+    up: bool | None = None
+    fails: int = 0
+    oks: int = 0
+    streak_start: datetime | None = None
+    last: ProbeResult | None = None
+    last_at: datetime | None = None
+    gap_id: int | None = None
+    coverage: Coverage = field(default_factory=Coverage)
+
+    def to_json(self) -> dict[str, Any]:
+        last = self.last
+        return {
+            "sink": self.name, "kind": self.kind, "target": self.target,
+            "up": self.up,
+            "failed_check": None if last is None else last.failed,
+            "error": None if last is None else last.error,
+            "last_probe": None if self.last_at is None else self.last_at.isoformat(),
+            "latency_s": None if last is None else round(last.latency_s, 4),
+        }
+
+
+class SinkMonitor:
+    def __init__(
+        self,
+        probes: Sequence[SinkProbe],
+        *,
+        store: Store,
+        ledger: Ledger,
+        spool: Spool,
+        metrics: Metrics,
+        prober: Prober,
+        interval_s: float,
+        failures_before_down: int,
+        successes_before_up: int,
+    ) -> None:
+        self.store = store
+        self.ledger = ledger
+        self.spool = spool
+        self.metrics = metrics
+        self.prober = prober
+        self.interval_s = interval_s
+        self.failures_before_down = failures_before_down
+        self.successes_before_up = successes_before_up
+        self._probes = {p.name: p for p in probes}
+        self.states: dict[str, SinkState] = {}
+        for p in probes:
+            checks = {"dns": ("dns",), "tcp": ("dns", "tcp")}.get(
+                p.kind, ("dns", "tcp", "tls", "http") if p.target.startswith("https")
+                else ("dns", "tcp", "http"))
+            self.states[p.name] = SinkState(p.name, p.kind, p.target, checks)
+        self.states["store"] = SinkState("store", store.check_name, store.describe(),
+                                         (store.check_name,))
+        self.rounds = 0
+        self._last_flush = time.monotonic()
+
+    def restore(self) -> None:
+        """Reattach outages that were open when the agent stopped."""
+        for g in self.ledger.gaps(kind="sink_outage", open_=True):
+            st = self.states.get(str(g.fields.get("sink")))
+            if st is None:
+                # The sink was removed from the configuration: its outage can no longer end.
+                self.ledger.close_gap(g.id, at=datetime.now(UTC),
+                                      detail="sink no longer probed (removed from sink_probes)")
+                continue
+            st.gap_id, st.up = g.id, False
+            st.coverage = Coverage.from_extra(g.fields.get("extra"))
+
+    async def probe(self, st: SinkState) -> ProbeResult:
+        if st.name == "store":
+            start = time.monotonic()
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.store.check), self.prober.timeout)
+            except TimeoutError:
+                return ProbeResult(False, st.checks, st.checks[0],
+                                   f"store check timed out after {self.prober.timeout:g}s",
+                                   time.monotonic() - start)
+            except Exception as exc:  # any failure of the check is the store being down
+                return ProbeResult(False, st.checks, st.checks[0], str(exc),
+                                   time.monotonic() - start)
+            return ProbeResult(True, st.checks, None, None, time.monotonic() - start)
+        p = self._probes[st.name]
+        if p.kind == "dns":
+            return await self.prober.dns(p.host)
+        if p.kind == "tcp":
+            assert p.port is not None
+            return await self.prober.tcp(p.host, p.port)
+        return await self.prober.http(p.target)
+
+    async def probe_round(self) -> None:
+        states = list(self.states.values())
+        now = datetime.now(UTC)
+        results = await asyncio.gather(*(self.probe(st) for st in states))
+        for st, res in zip(states, results, strict=True):
+            await asyncio.to_thread(self._apply, st, res, now)
+        self.rounds += 1
+
+    def _apply(self, st: SinkState, res: ProbeResult, now: datetime) -> None:
+        st.last, st.last_at = res, now
+        if res.ok:
+            if st.oks == 0:
+                st.streak_start = now
+            st.oks, st.fails = st.oks + 1, 0
+            if st.up is not True and st.oks >= self.successes_before_up:
+                self._went_up(st, st.streak_start or now)
+        else:
+            if st.fails == 0:
+                st.streak_start = now
+            st.fails, st.oks = st.fails + 1, 0
+            if st.up is not False and st.fails >= self.failures_before_down:
+                self._went_down(st, st.streak_start or now, res)
+            elif st.up is False and st.gap_id is not None:
+                pass  # still down: the gap stays open
+        self._gauges(st)
+
+    def _went_down(self, st: SinkState, at: datetime, res: ProbeResult) -> None:
+        st.up = False
+        st.coverage = Coverage()
+        st.gap_id = self.ledger.open_gap(
+            "sink_outage", dedup=f"sink_outage:{st.name}", at=at, sink=st.name,
+            check=res.failed, reason=f"{res.failed}_failed", detail=res.error,
+            extra=st.coverage.extra())
+        log.error("sink down", sink=st.name, check=res.failed, error=res.error,
+                  target=st.target)
+
+    def _went_up(self, st: SinkState, at: datetime) -> None:
+        was_down = st.up is False
+        st.up = True
+        if st.gap_id is not None:
+            self.ledger.close_gap(st.gap_id, at=at, extra=st.coverage.extra())
+            st.gap_id = None
+        if was_down:
+            log.info("sink up again", sink=st.name, target=st.target)
+
+    def _gauges(self, st: SinkState) -> None:
+        failed = st.last.failed if (st.up is False and st.last is not None) else None
+        if st.up is False and failed is None:
+            failed = st.checks[0]
+        passed = True
+        for check in st.checks:
+            if check == failed:
+                passed = False
+            self.metrics.sink_up.labels(sink=st.name, check=check).set(1 if passed else 0)
+
+    def account(self) -> None:
+        """Add the spool's traffic since the last call to every open outage (coverage)."""
+        traffic = self.spool.take_traffic()
+        open_ = [st for st in self.states.values() if st.gap_id is not None]
+        if not open_ or not traffic:
+            return
+        for st in open_:
+            c = st.coverage
+            for sid, (captured, shipped) in traffic.items():
+                c.streams.add(sid.key)
+                c.namespaces.add(sid.namespace)
+                c.captured += captured
+                c.shipped += shipped
+        if time.monotonic() - self._last_flush >= COVERAGE_FLUSH_S:
+            self.flush_coverage()
+
+    def flush_coverage(self) -> None:
+        self._last_flush = time.monotonic()
+        for st in self.states.values():
+            if st.gap_id is not None:
+                self.ledger.update_gap(st.gap_id, extra=st.coverage.extra())
+
+    def open_count(self) -> int:
+        return sum(1 for st in self.states.values() if st.gap_id is not None)
+
+    def all_up(self) -> bool:
+        return all(st.up for st in self.states.values())
