@@ -395,8 +395,12 @@ def _cpu_ticks(pid: int) -> int:
 
 def quiet_footprint(workdir: Path, *, pods: int = 100, containers_per_pod: int = 2,
                     idle_s: float = 20.0, warmup_timeout_s: float = 90.0,
-                    settle_s: float = 5.0) -> Footprint:
-    """RSS and idle CPU of ``evidence-keeper run`` (a subprocess) tailing quiet files."""
+                    settle_s: float = 5.0,
+                    overrides: Mapping[str, object] | None = None) -> Footprint:
+    """RSS and idle CPU of ``evidence-keeper run`` (a subprocess) tailing quiet files.
+
+    ``overrides`` are extra settings for experiments (the benchmark uses the defaults).
+    """
     tree = quiet_tree(workdir / "pods", pods=pods, containers_per_pod=containers_per_pod)
     n_files = len(tree.files)
     spool_dir, store_dir = workdir / "spool", workdir / "store"
@@ -408,6 +412,7 @@ def quiet_footprint(workdir: Path, *, pods: int = 100, containers_per_pod: int =
         "kubernetes": "off",
         "listen": f"127.0.0.1:{free_port()}",
         "log_level": "info",
+        **(overrides or {}),
     }
     config_path = workdir / "agent.yaml"
     config_path.write_text(yaml.safe_dump(config))

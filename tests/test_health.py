@@ -29,7 +29,7 @@ SINK_HOST = "agent-http-intake.logs.datadoghq.test"
 
 
 class FlakyDNS:
-    """A resolver that fails (NXDOMAIN-like) or hangs for chosen hosts, else resolves to loopback."""
+    """Fails (NXDOMAIN-like) or hangs for chosen hosts; resolves the rest to loopback."""
 
     def __init__(self) -> None:
         self.broken: set[str] = set()
