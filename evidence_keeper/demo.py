@@ -1,6 +1,8 @@
 """``evidence-keeper demo``: the Nov 10 incident, replayed on a simulated node.
 
-The demo builds a kubelet log tree with :class:`~evidence_keeper.sim.KubeletSim`, starts the
+The demo starts a real S3 endpoint on loopback (moto's server, when installed: ``make demo``
+installs it) with an Object Lock bucket, and a sink probe for the Datadog log intake whose DNS
+is broken, as it was on Nov 10. It builds a kubelet log tree with :class:`~evidence_keeper.sim.KubeletSim`, starts the
 real agent on it (the same :class:`~evidence_keeper.supervisor.Agent` as ``run``), plays the
 sock-shop incident in real time (orders failing with ``PAYMENT_FAILED``, a rotation that
 splits a line, a deleted pod, the restarts that wiped the evidence on Nov 11), shuts the agent
@@ -13,14 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from evidence_keeper.api.client import call
 from evidence_keeper.archive.export import export_stream, find_streams
+from evidence_keeper.cli import format_gaps
+from evidence_keeper.cli import main as cli_main
 from evidence_keeper.formats import line_message
 from evidence_keeper.logs import configure_logging
 from evidence_keeper.model import StreamId
@@ -53,25 +61,85 @@ def demo_settings(work: Path, **overrides: Any) -> Settings:
         "tail_interval_s": 0.1,
         "log_level": "warning",
         "listen": "127.0.0.1:0",
+        "probe_interval_s": 1,
     }
     base.update(overrides)
     return load_settings(None, environ={}, overrides=base)
 
 
+DD_INTAKE_HOST = "agent-http-intake.logs.datadoghq.com"
+
+
+class Nov10DNS:
+    """The pod resolver of Nov 10: the Datadog intake does not resolve until it is fixed."""
+
+    def __init__(self) -> None:
+        self.broken = True
+
+    def __call__(self, host: str, port: Any, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+        if self.broken and host == DD_INTAKE_HOST:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if host == DD_INTAKE_HOST:  # the demo has no network: the fixed name is loopback
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
+        return socket.getaddrinfo(host, port, *args, **kwargs)
+
+
+def _show_gaps(url: str, title: str) -> None:
+    _h(f"{title}: GET {url}/gaps  (evidence-keeper gaps --url {url})")
+    _, doc = call(url, "/gaps")
+    print("  " + format_gaps(doc).replace("\n", "\n  "))
+
+
+class LocalS3:
+    """moto's S3 server on 127.0.0.1 with an Object Lock bucket (None without moto)."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        for k, v in (("AWS_ACCESS_KEY_ID", "demo"), ("AWS_SECRET_ACCESS_KEY", "demo"),
+                     ("AWS_DEFAULT_REGION", "us-east-1")):
+            os.environ.setdefault(k, v)
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.url = f"http://{host}:{port}"
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.url).create_bucket(
+            Bucket="evidence", ObjectLockEnabledForBucket=True)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
 async def _run_agent_during(agent: Agent, sim: KubeletSim, steps: list[ScenarioStep],
-                            speed: float) -> None:
+                            speed: float, dns: Nov10DNS) -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop), name="agent")
-    started = time.monotonic()
-
-    def on_step(step: ScenarioStep) -> None:
-        print(f"  {DIM}t+{time.monotonic() - started:4.1f}s{RESET}  {step.description}",
-              flush=True)
-
     try:
+        while agent.api_address is None or agent.sinks.rounds < 2:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.1)
+        url = f"http://{agent.api_address[0]}:{agent.api_address[1]}"
+        _h("evidence-keeper preflight, before the chaos test (the gate the runbook lacked)")
+        await asyncio.to_thread(cli_main, ["preflight", "--url", url, "--since", "1h"])
+        print(f"  {DIM}(on Nov 10 the test went ahead anyway; so does this replay){RESET}")
+        _h("Replaying the incident (agent running)")
+        started = time.monotonic()
+
+        def on_step(step: ScenarioStep) -> None:
+            if "DNS fixed" in step.description:
+                _show_gaps(url, "Before the DNS fix, mid-incident")
+                dns.broken = False
+            print(f"  {DIM}t+{time.monotonic() - started:4.1f}s{RESET}  {step.description}",
+                  flush=True)
+
         await asyncio.to_thread(play, sim, steps, speed=speed, on_step=on_step)
-        # Let the last lines be captured and the flush timer seal them.
+        # Let the last lines be captured and the flush timer seal them, and DNS recover.
         await asyncio.sleep(agent.settings.flush_interval_s + 1.5)
+        await asyncio.to_thread(_show_gaps, url, "After the DNS fix")
     finally:
         stop.set()
         await task
@@ -79,14 +147,27 @@ async def _run_agent_during(agent: Agent, sim: KubeletSim, steps: list[ScenarioS
 
 def _report(settings: Settings, agent: Agent, sim: KubeletSim, store: Store,
             unseen: set[StreamId]) -> int:
-    _h("Gaps recorded by the agent")
+    _h("Gaps in the ledger after shutdown")
     gaps = agent.ledger.gaps()
-    if not gaps:
-        print("  none: every byte written on the node was captured")
+    losses = [g for g in gaps if g.kind == "loss"]
     for g in gaps:
         j = g.to_json()
-        print(f"  {j['kind']:<12} {j.get('reason', ''):<14} {j.get('pod', '')}"
-              f" offset={j.get('offset')} bytes={j.get('bytes')}  {j.get('detail', '')}")
+        if g.kind == "sink_outage":
+            cov = j.get("coverage", {})
+            print(f"  sink_outage  {j['sink']} ({j['check']}) since {j['start'][:19]}Z"
+                  f" {'still open' if g.open else 'until ' + str(j['end'])[:19]}:"
+                  f" {j.get('detail')}\n    coverage: the agent captured"
+                  f" {cov.get('captured_bytes')} bytes from {cov.get('streams')} streams in"
+                  f" {', '.join(cov.get('namespaces', []))} and shipped"
+                  f" {cov.get('shipped_bytes')} to the store meanwhile")
+        elif g.kind == "loss":
+            print(f"  loss         {j.get('pod')}/{j.get('container')}#{j.get('restart')}"
+                  f" offset={j.get('offset')} bytes={j.get('bytes')}: {j.get('detail')}")
+        else:
+            print(f"  {g.kind:<12} {j['start'][:19]}Z - {str(j['end'])[:19]}"
+                  f" {j.get('detail', '')}")
+    if not losses:
+        print(f"  {GREEN}no loss: every byte written on the node was captured{RESET}")
 
     _h(f"Evidence in the store ({store.describe()})")
     exact = True
@@ -127,28 +208,48 @@ def _report(settings: Settings, agent: Agent, sim: KubeletSim, store: Store,
 
 
 def run_demo(*, workdir: str | None = None, speed: float = 1.0) -> int:
-    configure_logging("warning")
+    configure_logging("critical")  # the demo prints its own story; the agent's log is JSON
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ek-demo-"))
     if workdir and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    settings = demo_settings(work)
+    s3: LocalS3 | None = None
+    overrides: dict[str, Any] = {"sink_probes": f"datadog=dns:{DD_INTAKE_HOST}"}
+    try:
+        s3 = LocalS3()
+        overrides.update(store_url="s3://evidence/nov10", s3_endpoint_url=s3.url,
+                         object_lock_days=30)
+    except ImportError:
+        print("(moto is not installed: using a file:// store; `make demo` installs it)")
+    try:
+        return _demo(work, demo_settings(work, **overrides), speed, s3)
+    finally:
+        if s3 is not None:
+            s3.stop()
+
+
+def _demo(work: Path, settings: Settings, speed: float, s3: LocalS3 | None) -> int:
     cfg = Path(settings.spool_dir) / "demo.yaml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(
         f"cluster: {settings.cluster}\nstore_url: {settings.store_url}\n"
-        f"spool_dir: {settings.spool_dir}\nlog_root: {settings.log_root}\nkubernetes: 'off'\n")
+        f"spool_dir: {settings.spool_dir}\nlog_root: {settings.log_root}\nkubernetes: 'off'\n"
+        + (f"s3_endpoint_url: {settings.s3_endpoint_url}\n" if settings.s3_endpoint_url else ""))
 
     _h("evidence-keeper demo: the Nov 10 sock-shop incident on a simulated node")
     print(f"  node log tree  {settings.log_root}\n  spool          {settings.spool_dir}\n"
-          f"  store          {settings.store_url}")
+          f"  store          {settings.store_url}"
+          + (f"  (S3 on {s3.url}, Object Lock COMPLIANCE {settings.object_lock_days} days)"
+             if s3 else "")
+          + f"\n  sink probe     datadog=dns:{DD_INTAKE_HOST} (DNS broken, as on Nov 10)")
+    print("  The agent starts on a node whose sink DNS is already broken, like Nov 10.")
     sim = KubeletSim(Path(settings.log_root), max_files=3)
     steps = nov10_incident(sim)
     unseen = {sid for sid in sim.streams() if not sim.files_of(sid)}
-    agent = Agent(settings)
-    _h("Replaying the incident (agent running)")
+    dns = Nov10DNS()
+    agent = Agent(settings, resolver=dns)
     try:
-        asyncio.run(_run_agent_during(agent, sim, steps, speed))
+        asyncio.run(_run_agent_during(agent, sim, steps, speed, dns))
         return _report(settings, agent, sim, agent.store, unseen)
     finally:
         agent.close()

@@ -96,8 +96,7 @@ class S3Store:
 
     def describe(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
-        return f"s3://{self.bucket}/{self.prefix}{where}".replace("//", "/").replace(
-            "s3:/", "s3://", 1)
+        return f"s3://{self.bucket}/{self.prefix}{where}"
 
     @property
     def client(self) -> Any:
