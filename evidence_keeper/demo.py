@@ -2,13 +2,14 @@
 
 The demo starts a real S3 endpoint on loopback (moto's server, when installed: ``make demo``
 installs it) with an Object Lock bucket, and a sink probe for the Datadog log intake whose DNS
-is broken, as it was on Nov 10. It builds a kubelet log tree with :class:`~evidence_keeper.sim.KubeletSim`, starts the
-real agent on it (the same :class:`~evidence_keeper.supervisor.Agent` as ``run``), plays the
-sock-shop incident in real time (orders failing with ``PAYMENT_FAILED``, a rotation that
-splits a line, a deleted pod, the restarts that wiped the evidence on Nov 11), shuts the agent
-down in order and then proves, from the store alone, that the evidence was kept: every
-stream exported from the store is compared byte for byte with what the simulated containers
-wrote, and the ``PAYMENT_FAILED`` lines are printed from the export.
+is broken, as it was on Nov 10. It builds a kubelet log tree with the simulator, starts the
+real agent on it (the same ``Agent`` as ``run``), runs ``preflight`` (which fails, as it
+should have on Nov 10), plays the sock-shop incident in real time (orders failing with
+``PAYMENT_FAILED``, a rotation that splits a line, a deleted pod, the restarts that wiped the
+evidence on Nov 11, the DNS fix), shows ``/gaps`` before and after the fix, shuts the agent
+down in order and proves, from the store alone, that the evidence was kept: every stream
+exported from the store is compared byte for byte with what the simulated containers wrote,
+and the ``PAYMENT_FAILED`` lines are printed from the export.
 """
 
 from __future__ import annotations

@@ -183,7 +183,14 @@ def gap_tuples(agent: Agent, sid: StreamId) -> list[tuple[int, int | None, str]]
 
 # ----------------------------------------------------------------------------- (a) overrun
 
+_REOPEN_MUTATES = (
+    "bug: Tailer._reopen (tail/tailer.py) probes candidate files with _open_plain/_open_gz,"
+    " which overwrite the checkpointed TailFile (size, dev/ino, gz, final, name, ts) before the"
+    " identity check; a rejected candidate leaves the file mislabeled, so _recover computes a"
+    " wrong known-length hole and advances consumed_ts past a .gz still on disk, skipping it")
 
+
+@pytest.mark.xfail(strict=True, reason=_REOPEN_MUTATES)
 async def test_rotation_overrun_while_stopped_is_one_unknown_hole_at_the_stop_offset(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
@@ -208,7 +215,7 @@ async def test_rotation_overrun_while_stopped_is_one_unknown_hole_at_the_stop_of
     assert any(p.name.endswith(".gz") for p in sim.files_of(sid))
 
     async with running_agent(settings) as agent:
-        await wait_until(lambda: export_bytes(store, sid)[0].endswith(disk), within=15,
+        await wait_until(lambda: export_bytes(store, sid)[0].endswith(disk), within=10,
                          what="the files still on disk to be stored")
         gaps = gap_tuples(agent, sid)
         lines(sim, 5, "live")
@@ -223,6 +230,7 @@ async def test_rotation_overrun_while_stopped_is_one_unknown_hole_at_the_stop_of
     check_segments(stored_segments(store, sid))
 
 
+@pytest.mark.xfail(strict=True, reason=_REOPEN_MUTATES)
 async def test_rotation_overrun_after_reads_fell_behind_gives_a_hole_of_known_length(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
@@ -251,7 +259,7 @@ async def test_rotation_overrun_after_reads_fell_behind_gives_a_hole_of_known_le
     record = sim.record(sid)
 
     async with running_agent(settings) as agent:
-        await wait_until(lambda: export_bytes(store, sid)[0].endswith(disk), within=15,
+        await wait_until(lambda: export_bytes(store, sid)[0].endswith(disk), within=10,
                          what="the files still on disk to be stored")
         gaps = gap_tuples(agent, sid)
 
@@ -271,9 +279,9 @@ async def test_rotation_overrun_after_reads_fell_behind_gives_a_hole_of_known_le
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "bug: tailer._reopen matches a checkpointed file with fp_len == 0 (an empty live file) to"
-    " the first .gz newer than consumed_ts, which may be the previous rotated file: its bytes"
-    " are read twice"))
+    "bug: Tailer._reopen (tail/tailer.py) accepts any .gz newer than consumed_ts for a"
+    " checkpointed file with fp_len == 0 (the empty live file): here the previous rotated"
+    " file, whose bytes are then exported twice"))
 async def test_held_back_rotated_file_and_empty_live_file_both_gzipped_while_stopped(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
