@@ -335,11 +335,14 @@ class KubeletSim:
         *,
         late_write: bytes = b"",
         then_write: bytes = b"",
+        on_renamed: Callable[[], None] | None = None,
     ) -> str:
         """kubelet's ``rotateLog`` in its order; returns the rotated file's name.
 
         ``late_write`` is appended to the renamed file (the runtime had not reopened yet),
         ``then_write`` to the new ``N.log``; both are stream bytes, in that order.
+        ``on_renamed`` runs right after the rename, before the late write and the reopen: a
+        test can let a reader look at the tree in that window.
         """
         with self._lock:
             p = self._pod(namespace, pod)
@@ -369,6 +372,8 @@ class KubeletSim:
             # (4) rotateLatestLog: the rename keeps the inode; a reader holding it open keeps it.
             rotated = cdir / f"{log.name}.{self._rotation_stamp(sid, cdir, log.name)}"
             os.rename(log, rotated)
+            if on_renamed is not None:
+                on_renamed()
             # (5) the runtime still has the old inode open until ReopenContainerLog.
             if late_write:
                 self._append(sid, rotated, late_write)
