@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test lint demo bench clean promtool
 
 venv: $(STAMP)
 
@@ -14,11 +14,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: venv
+# promtool (Debian's prometheus package) checks and unit-tests the alert rules in `make test`.
+promtool:
+	command -v promtool || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus)
+
+test: venv promtool
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check evidence_keeper tests bench
+	$(BIN)/ruff check evidence_keeper tests bench alerts
 	$(BIN)/mypy
 
 demo: venv
