@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 # promtool (Debian's prometheus package) checks and unit-tests the alert rules in `make test`.
 promtool:
-	command -v promtool || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus)
+	(command -v promtool && command -v prometheus) >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus)
 
 test: venv promtool
 	$(BIN)/python -m pytest -q

@@ -84,3 +84,12 @@ def describe(workdir: Path, repo: Path) -> Machine:
         revision=_revision(repo),
         date_utc=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
+
+
+def loadavg() -> tuple[float, float, float]:
+    """1, 5 and 15 minute load averages (other work on a shared machine skews the numbers)."""
+    try:
+        one, five, fifteen = Path("/proc/loadavg").read_text().split()[:3]
+        return float(one), float(five), float(fifteen)
+    except (OSError, ValueError):
+        return (0.0, 0.0, 0.0)

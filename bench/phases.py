@@ -1,7 +1,8 @@
 """The measurements. Each returns plain numbers; :mod:`bench.report` judges and prints them.
 
 1. :func:`raw_loop`: read every file in 1 MiB chunks, write one output file per input, fsync
-   every 8 MiB. The physical limit of this disk and this Python for the agent's job.
+   every 8 MiB: the physical limit of this disk and this Python for the agent's job (and, for
+   reference, the same loop with one fsync per file: the streaming rate of the disk).
 2. :func:`measure_agent` with :class:`DiscardStore`: the real :class:`Agent` in this event loop
    (as ``tests/conftest.running_agent`` runs it); the clock runs from ``agent.run()`` until
    ``evidence_keeper_captured_bytes_total`` reaches the tree's size. The store refuses every
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -120,11 +122,20 @@ class Throughput:
 # --------------------------------------------------------------------------- 1. raw loop
 
 
-def raw_loop(tree: Tree, out_dir: Path) -> Throughput:
-    """Read 1 MiB chunks, write one output per input, fsync every 8 MiB (and at each end)."""
+def raw_loop(tree: Tree, out_dir: Path, *, fsync_every: int | None = RAW_FSYNC_EVERY
+             ) -> Throughput:
+    """Read 1 MiB chunks, write one output per input, fsync every 8 MiB (and at each end).
+
+    ``fsync_every=None`` fsyncs each output once, at its end: the disk's streaming bandwidth
+    rather than the latency of many small synchronous flushes (a reference only).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     total = tree.total_bytes
-    progress = Progress("raw loop", total)
+    every = fsync_every or 1 << 62
+    name = ("raw read/write/fsync-every-8-MiB loop" if fsync_every == RAW_FSYNC_EVERY else
+            "raw loop, one fsync per file" if fsync_every is None else
+            f"raw loop, fsync every {fsync_every / MiB:g} MiB")
+    progress = Progress("raw loop" if fsync_every else "raw loop (one fsync per file)", total)
     done = 0
     t10 = t90 = None
     t0 = time.perf_counter()
@@ -144,7 +155,7 @@ def raw_loop(tree: Tree, out_dir: Path) -> Throughput:
                     view = view[os.write(dst, view):]
                 unsynced += len(data)
                 done += len(data)
-                if unsynced >= RAW_FSYNC_EVERY:
+                if unsynced >= every:
                     os.fsync(dst)
                     unsynced = 0
                 if t10 is None and done >= 0.1 * total:
@@ -163,8 +174,7 @@ def raw_loop(tree: Tree, out_dir: Path) -> Throughput:
     finally:
         os.close(dfd)
     seconds = time.perf_counter() - t0
-    return Throughput("raw read/write/fsync-every-8-MiB loop", done, seconds,
-                      time.process_time() - c0, t10=t10, t90=t90)
+    return Throughput(name, done, seconds, time.process_time() - c0, t10=t10, t90=t90)
 
 
 # --------------------------------------------------------------------------- 2./3. agent
@@ -228,7 +238,6 @@ def throughput_settings(tree: Tree, spool_dir: Path, store_dir: Path | None,
 class AgentRun:
     result: Throughput
     captured_s: float | None  # when captured reached the total (both phases)
-    log_offset: int  # where this run's lines start in the agent log file
     log_levels: dict[str, int] = field(default_factory=dict)  # filled in by the caller
 
 
@@ -237,14 +246,12 @@ def _metric(agent: Agent, name: str) -> float:
     return float(value) if value is not None else 0.0
 
 
-def count_levels(path: Path, since: int = 0, until: int | None = None) -> dict[str, int]:
-    """JSON log lines of the agent in bytes ``[since, until)``, counted by ``level``."""
+def count_levels(path: Path) -> dict[str, int]:
+    """The agent's JSON log lines in ``path``, counted by ``level``."""
     counts: dict[str, int] = {}
     try:
         with open(path, "rb") as f:
-            f.seek(since)
-            data = f.read() if until is None else f.read(max(0, until - since))
-            for line in data.splitlines():
+            for line in f:
                 try:
                     level = str(json.loads(line).get("level", "?"))
                 except ValueError:
@@ -262,19 +269,17 @@ async def measure_agent(name: str, settings: Settings, *, total: int, until: str
 
     The agent's own log lines go to ``log_stream`` (a file), not to the console.
     """
-    log_stream.flush()
-    offset = log_stream.tell()
     configure_logging(settings.log_level, stream=log_stream)
     try:
         return await _measure(name, settings, total=total, until=until, store=store,
-                              timeout_s=timeout_s, offset=offset)
+                              timeout_s=timeout_s)
     finally:
         log_stream.flush()
         configure_logging("warning")
 
 
 async def _measure(name: str, settings: Settings, *, total: int, until: str,
-                   store: Store | None, timeout_s: float, offset: int) -> AgentRun:
+                   store: Store | None, timeout_s: float) -> AgentRun:
     agent = Agent(settings, store=store)
     stop = asyncio.Event()
     label = "tail -> spool" if until == CAPTURED else "tail -> spool -> store"
@@ -317,7 +322,7 @@ async def _measure(name: str, settings: Settings, *, total: int, until: str,
         finally:
             agent.close()
     result = Throughput(name, total, seconds, cpu, t10=t10, t90=t90, notes=notes)
-    return AgentRun(result, captured_s, offset)
+    return AgentRun(result, captured_s)
 
 
 def store_stats(store_dir: Path) -> tuple[int, int]:
@@ -339,8 +344,7 @@ def verify_stream(tree: Tree, store_dir: Path, index: int = 0) -> bool:
     pod, _, uid = rest.rpartition("_")
     stream_dir = store_dir / "default" / ns / f"{pod}_{uid}" / container / "0"
     keys = sorted(p for p in os.listdir(stream_dir) if not p.endswith((META_SUFFIX, ".tmp")))
-    source = open(tree.root / rel, "rb")  # noqa: SIM115 - closed below
-    try:
+    with open(tree.root / rel, "rb") as source:
         expected_offset = 0
         for key in keys:
             start, end = (int(x) for x in key.split(".", 1)[0].split("-"))
@@ -351,8 +355,6 @@ def verify_stream(tree: Tree, store_dir: Path, index: int = 0) -> bool:
                 return False
             expected_offset = end
         return expected_offset == tree.files[index].size and source.read(1) == b""
-    finally:
-        source.close()
 
 
 # --------------------------------------------------------------------------- 4. quiet files
@@ -369,9 +371,24 @@ class Footprint:
     cpu_percent: float  # of one core, over the idle window
     threads: int
     shipped_objects: int
+    tailed_files: float | None  # evidence_keeper_tailed_files from /metrics after warm-up
     exit_code: int | None
     log_levels: dict[str, int]
     notes: list[str] = field(default_factory=list)
+
+
+def _scrape(url: str, metric: str) -> float | None:
+    """One sample of an unlabelled metric from a Prometheus text endpoint; None if absent."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == metric:
+            return float(value)
+    return None
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -404,13 +421,14 @@ def quiet_footprint(workdir: Path, *, pods: int = 100, containers_per_pod: int =
     tree = quiet_tree(workdir / "pods", pods=pods, containers_per_pod=containers_per_pod)
     n_files = len(tree.files)
     spool_dir, store_dir = workdir / "spool", workdir / "store"
+    port = free_port()
     config: dict[str, Any] = {
         "node_name": "bench-quiet",
         "log_root": str(tree.root),
         "spool_dir": str(spool_dir),
         "store_url": f"file://{store_dir}",
         "kubernetes": "off",
-        "listen": f"127.0.0.1:{free_port()}",
+        "listen": f"127.0.0.1:{port}",
         "log_level": "info",
         **(overrides or {}),
     }
@@ -443,6 +461,7 @@ def quiet_footprint(workdir: Path, *, pods: int = 100, containers_per_pod: int =
             if ticker.due():
                 print(f"  quiet warm-up: {shipped} / {n_files} streams in the store after "
                       f"{ticker.elapsed:4.1f} s", file=sys.stderr, flush=True)
+        tailed = _scrape(f"http://127.0.0.1:{port}/metrics", "evidence_keeper_tailed_files")
         time.sleep(settle_s)
         warmup = time.perf_counter() - t0
         print(f"  quiet: {shipped} / {n_files} streams shipped after {warmup:.1f} s "
@@ -472,6 +491,7 @@ def quiet_footprint(workdir: Path, *, pods: int = 100, containers_per_pod: int =
     return Footprint(
         files=n_files, warmup_s=warmup, idle_s=w1 - w0, rss_bytes=rss_max, rss_end_bytes=rss_end,
         hwm_bytes=hwm, cpu_percent=cpu, threads=threads, shipped_objects=shipped,
+        tailed_files=tailed,
         exit_code=proc.returncode, log_levels=count_levels(log_path), notes=notes,
     )
 

@@ -21,15 +21,14 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Final
 
 from bench import datagen, machine, phases, report
 
 REPO: Final = Path(__file__).resolve().parent.parent
 DEFAULT_DOC: Final = REPO / "docs" / "benchmarks.md"
 # Everything the benchmark creates inside a work directory (removed unless --keep).
-OUTPUTS: Final = ("pods", "raw-out", "spool-capture", "spool-ship", "store", "quiet",
-                  "agent-inprocess.log")
+OUTPUTS: Final = ("pods", "raw-out", "spool-capture", "spool-ship", "store", "quiet", "logs")
 
 
 def say(msg: str) -> None:
@@ -45,7 +44,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="size of the data set in GiB (default 1.0; 0.1 with --quick)")
     p.add_argument("--files", type=int, default=24, help="number of log files (default 24)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 0.1 GiB, 10 s idle window, docs not updated")
+                   help="smoke run: 0.1 GiB, 1 round, 10 s idle window, docs not updated "
+                        "(throughput is then dominated by start-up and the age seal)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds of the throughput phases, median reported "
+                        "(default 3; 1 with --quick)")
     p.add_argument("--seed", type=int, default=20251110, help="data generator seed")
     p.add_argument("--idle-seconds", type=float, default=None,
                    help="idle CPU measurement window (default 20; 10 with --quick)")
@@ -60,10 +63,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.gib is None:
         args.gib = 0.1 if args.quick else 1.0
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     if args.idle_seconds is None:
         args.idle_seconds = 10.0 if args.quick else 20.0
-    if args.gib <= 0 or args.files < 1 or args.idle_seconds <= 0:
-        p.error("--gib, --files and --idle-seconds must be positive")
+    if args.gib <= 0 or args.files < 1 or args.idle_seconds <= 0 or args.rounds < 1:
+        p.error("--gib, --files, --rounds and --idle-seconds must be positive")
     return args
 
 
@@ -82,32 +87,46 @@ def _fresh(path: Path) -> Path:
     return path
 
 
-async def agent_phases(tree: datagen.Tree, workdir: Path, log_stream: TextIO
-                       ) -> tuple[phases.AgentRun, phases.AgentRun]:
+def agent_run(tree: datagen.Tree, workdir: Path, rnd: int, *, ship: bool) -> phases.AgentRun:
+    """One in-process agent measurement on fresh spool (and store) directories."""
     total = tree.total_bytes
     timeout = 60 + total / 2e6
-
-    say("tail -> spool (store refuses uploads) ...")
-    spool_dir = _fresh(workdir / "spool-capture")
-    settings = phases.throughput_settings(tree, spool_dir, None, shutdown_timeout_s=2)
-    capture = await phases.measure_agent(
-        "tail -> spool", settings, total=total, until=phases.CAPTURED,
-        store=phases.DiscardStore(), log_stream=log_stream, timeout_s=timeout)
-    say(f"  {capture.result.mb_s:.0f} MB/s")
+    logs = workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    if ship:
+        spool_dir, store_dir = _fresh(workdir / "spool-ship"), _fresh(workdir / "store")
+        settings = phases.throughput_settings(tree, spool_dir, store_dir)
+        name, until, store, log_path = ("tail -> spool -> file store", phases.SHIPPED, None,
+                                        logs / f"ship-{rnd}.log")
+    else:
+        spool_dir, store_dir = _fresh(workdir / "spool-capture"), None
+        # The store refuses uploads: do not wait for a drain that cannot happen on stop.
+        settings = phases.throughput_settings(tree, spool_dir, None, shutdown_timeout_s=2)
+        name, until, store, log_path = ("tail -> spool", phases.CAPTURED,
+                                        phases.DiscardStore(), logs / f"capture-{rnd}.log")
+    say(f"{name} ...")
+    with open(log_path, "w", encoding="utf-8") as log_stream:
+        result = asyncio.run(phases.measure_agent(
+            name, settings, total=total, until=until, store=store, log_stream=log_stream,
+            timeout_s=timeout))
+    result.log_levels = phases.count_levels(log_path)
+    say(f"  {result.result.mb_s:.0f} MB/s")
     shutil.rmtree(spool_dir)
+    return result
 
-    say("tail -> spool -> file store ...")
-    spool_dir, store_dir = _fresh(workdir / "spool-ship"), _fresh(workdir / "store")
-    settings = phases.throughput_settings(tree, spool_dir, store_dir)
-    ship = await phases.measure_agent(
-        "tail -> spool -> file store", settings, total=total, until=phases.SHIPPED,
-        store=None, log_stream=log_stream, timeout_s=timeout)
-    say(f"  {ship.result.mb_s:.0f} MB/s")
-    return capture, ship
+
+def raw_run(tree: datagen.Tree, workdir: Path, *, fsync_every: int | None
+            ) -> phases.Throughput:
+    say("raw loop ..." if fsync_every else "raw loop, one fsync per file (reference) ...")
+    result = phases.raw_loop(tree, _fresh(workdir / "raw-out"), fsync_every=fsync_every)
+    say(f"  {result.mb_s:.0f} MB/s")
+    shutil.rmtree(workdir / "raw-out")
+    return result
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None) -> report.Results:
     started = time.perf_counter()
+    load = machine.loadavg()
     workdir: Path = args.workdir
     total = int(args.gib * 2**30)
     say(f"work directory: {workdir}")
@@ -116,30 +135,31 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> report.Results:
     tree = datagen.generate(workdir / "pods", total_bytes=total, n_files=args.files,
                             seed=args.seed)
     gen_s = time.perf_counter() - t0
-    reused = tree.reused
     os.sync()
     say(f"  {tree.total_bytes / 2**20:.0f} MiB in {gen_s:.1f} s"
-        + (" (reused)" if reused else ""))
+        + (" (reused)" if tree.reused else ""))
 
-    say("raw loop ...")
-    raw = phases.raw_loop(tree, _fresh(workdir / "raw-out"))
-    say(f"  {raw.mb_s:.0f} MB/s")
-    shutil.rmtree(workdir / "raw-out")
+    # Rounds interleave the phases, so a neighbour's burst of I/O or CPU on a shared machine
+    # hits all of them alike; the report takes the median of each.
+    raw: list[phases.Throughput] = []
+    raw_stream: list[phases.Throughput] = []
+    capture: list[phases.AgentRun] = []
+    ship: list[phases.AgentRun] = []
+    for rnd in range(1, args.rounds + 1):
+        say(f"--- round {rnd} of {args.rounds}")
+        raw.append(raw_run(tree, workdir, fsync_every=phases.RAW_FSYNC_EVERY))
+        raw_stream.append(raw_run(tree, workdir, fsync_every=None))
+        capture.append(agent_run(tree, workdir, rnd, ship=False))
+        ship.append(agent_run(tree, workdir, rnd, ship=True))
 
-    log_path = workdir / "agent-inprocess.log"
-    with open(log_path, "w", encoding="utf-8") as log_stream:
-        capture, ship = asyncio.run(agent_phases(tree, workdir, log_stream))
-    capture.log_levels = phases.count_levels(log_path, capture.log_offset, ship.log_offset)
-    ship.log_levels = phases.count_levels(log_path, ship.log_offset)
-    store_dir = workdir / "store"
+    store_dir = workdir / "store"  # of the last round
     objects, stored = phases.store_stats(store_dir)
     try:
         verified: bool | None = phases.verify_stream(tree, store_dir)
     except OSError as exc:
         say(f"  verification failed: {exc}")
         verified = False
-    for name in ("spool-ship", "store"):
-        shutil.rmtree(workdir / name, ignore_errors=True)
+    shutil.rmtree(store_dir, ignore_errors=True)
 
     quiet = None
     if not args.skip_quiet:
@@ -148,10 +168,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> report.Results:
 
     return report.Results(
         machine=machine.describe(workdir, REPO), command=command_line(argv), quick=args.quick,
-        n_files=len(tree.files), total_bytes=tree.total_bytes, gen_seconds=gen_s,
-        gen_reused=reused, raw=raw, spool=capture, e2e=ship, store_objects=objects,
-        store_bytes=stored, verified=verified, quiet=quiet,
-        runtime_s=time.perf_counter() - started,
+        load_before=load, load_after=machine.loadavg(), n_files=len(tree.files),
+        total_bytes=tree.total_bytes,
+        gen_seconds=gen_s, gen_reused=tree.reused, raw=raw, raw_stream=raw_stream,
+        spool=capture, e2e=ship, store_objects=objects, store_bytes=stored, verified=verified,
+        quiet=quiet, runtime_s=time.perf_counter() - started,
     )
 
 

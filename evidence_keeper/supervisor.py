@@ -37,6 +37,8 @@ from typing import Any
 
 from aiohttp import web
 
+from evidence_keeper.archive.service import install as install_archive
+from evidence_keeper.discover.kube import KubeWatcher, kube_enabled
 from evidence_keeper.discover.logtree import LogTree
 from evidence_keeper.fsio import FileSystem
 from evidence_keeper.health.ledger import Ledger, rfc3339
@@ -66,6 +68,8 @@ class Status:
     started_at: float = field(default_factory=time.time)
     log_root_ok: bool = True
     log_root_error: str | None = None
+    kube_mode: str = "off"  # off | watch | api-logs (the weaker fallback: capture via pods/log)
+    kube_detail: str | None = None
 
 
 class Agent:
@@ -116,9 +120,16 @@ class Agent:
         )
         self.status = Status()
         self.intake_closed = asyncio.Event()
+        self.kube: KubeWatcher | None = None
+        if kube_enabled(settings):
+            self.kube = KubeWatcher(
+                settings=settings, spool=self.spool, tailer=self.tailer, ledger=self.ledger,
+                store=self.store, metrics=self.metrics, status=self.status,
+                stop=self.intake_closed, fs=self.fs)
         self.api_extensions: list[Callable[[web.Application], None]] = []
         self.api_address: tuple[str, int] | None = None
         self._backlog_gap: int | None = None
+        install_archive(self)
 
     def _record_loss(self, loss: Loss) -> None:
         self.ledger.record_loss(loss, at=datetime.now(UTC))
@@ -161,8 +172,9 @@ class Agent:
                     log.info("log root available again")
                     warned = False
                 self.status.log_root_ok, self.status.log_root_error = True, None
-                await asyncio.to_thread(self.tailer.sync, scan)
-                self.status.tailing = True
+                if self.status.kube_mode != "api-logs":  # else the API fallback owns streams
+                    await asyncio.to_thread(self.tailer.sync, scan)
+                    self.status.tailing = True
             await self._sleep_or_close(self.settings.discover_interval_s)
 
     async def _tail_loop(self) -> None:
@@ -264,6 +276,7 @@ class Agent:
                       "last_error": self.shipper.last_error,
                       "backlog_open": self._backlog_gap is not None},
             "sinks": [s.to_json() for s in self.sinks.states.values()],
+            "kubernetes": {"mode": st.kube_mode, "detail": st.kube_detail},
         }
 
     async def gap_rows(self, **filters: Any) -> list[dict[str, Any]]:
@@ -332,6 +345,8 @@ class Agent:
                     tg.create_task(self._guard("monitor", self._monitor_loop), name="monitor"),
                     tg.create_task(self._guard("sinks", self._sinks_loop), name="sinks"),
                 ]
+                if self.kube is not None:
+                    intake.append(tg.create_task(self._guard("kube", self.kube.run), name="kube"))
                 ship = tg.create_task(self.shipper.run(stop=ship_stop), name="ship")
                 await stop.wait()
                 await self.shutdown(intake, ship, ship_stop)

@@ -107,6 +107,7 @@ class StreamTail:
     consumed: list[tuple[int, int, int, str]] = field(default_factory=list)  # dev, ino, fp
     listing: StreamListing | None = None
     gone: bool = False  # the stream's files vanished from the tree
+    ended_at: int = -1  # Tailer.syncs when the API reported the container exited, else -1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -134,6 +135,7 @@ class Tailer:
         self.per_stream_budget = per_stream_budget
         self.tails: dict[StreamId, StreamTail] = {}
         self.first_scan_done = False
+        self.syncs = 0
 
     # ------------------------------------------------------------------ discovery input
     def sync(self, scan: Scan) -> None:
@@ -141,6 +143,7 @@ class Tailer:
         with self.spool.lock:
             if not scan.root_ok:
                 return
+            self.syncs += 1
             for sid, listing in scan.streams.items():
                 t = self.tails.get(sid)
                 if t is None:
@@ -309,7 +312,7 @@ class Tailer:
         # Finality: every file but the live one is complete once a newer live file exists;
         # all are complete once a later restart exists (the container exited).
         for f in t.queue:
-            if f.gz or listing.superseded or (
+            if f.gz or listing.superseded or t.ended_at >= 0 or (
                 live_id is not None and (f.dev, f.ino) != live_id
             ):
                 f.final = True
@@ -580,12 +583,32 @@ class Tailer:
                 del self.tails[sid]
         for sid, t in self.tails.items():
             listing = t.listing
-            if listing is not None and listing.superseded and not t.queue:
+            # An API-reported exit finishes the stream only with a listing taken after it
+            # (two syncs later), so a file created just before the exit is still queued.
+            ended = t.ended_at >= 0 and self.syncs >= t.ended_at + 2
+            if (ended or (listing is not None and listing.superseded)) and not t.queue:
                 s = self.spool.streams.get(sid)
                 if s is not None and not s.finished:
                     s.finished = True
                     s.priority = True
                     self.spool.dirty = True
+
+    def end_streams(self, streams: Iterable[StreamId]) -> set[StreamId]:
+        """The container instances exited (the API says so): every file of theirs is final, so
+        each is read to EOF and the stream is finished. Returns the streams that had a tail."""
+        done: set[StreamId] = set()
+        with self.spool.lock:
+            for sid in streams:
+                t = self.tails.get(sid)
+                if t is None:
+                    continue
+                done.add(sid)
+                if t.ended_at < 0:
+                    t.ended_at = self.syncs
+                    for f in t.queue:
+                        f.final = True
+                    self.spool.dirty = True
+        return done
 
     def prime_priority(self, streams: Iterable[StreamId]) -> None:
         with self.spool.lock:
