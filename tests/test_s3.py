@@ -138,7 +138,7 @@ async def test_outage_nothing_lost_backlog_recorded(
     proxy = Proxy((host_port[0], int(host_port[1])))
     try:
         settings = s3_settings(make_settings, proxy.url, bucket, backlog_threshold_s=3,
-                               segment_max_bytes="32KiB")
+                               segment_max_bytes="32KiB", probe_interval_s=1)
         sim = KubeletSim(tmp_path / "pods")
         sim.add_pod("shop", "orders-1", containers=("app",))
         async with running_agent(settings) as agent:
@@ -165,13 +165,18 @@ async def test_outage_nothing_lost_backlog_recorded(
             proxy.up()
             for _ in range(150):
                 await asyncio.sleep(0.2)
-                if not agent.ledger.gaps(kind="backlog", open_=True):
+                if not agent.ledger.gaps(kind="backlog", open_=True) and reg.get_sample_value(
+                        "evidence_keeper_sink_up", {"sink": "store", "check": "s3"}) == 1:
                     break
             assert reg.get_sample_value("evidence_keeper_sink_up",
                                         {"sink": "store", "check": "s3"}) == 1
             closed = agent.ledger.gaps(kind="backlog")
             assert len(closed) == 1 and not closed[0].open
             assert agent.ledger.gaps(kind="loss") == []
+            # The store's own probe saw the outage too: a sink_outage for sink="store".
+            outages = agent.ledger.gaps(kind="sink_outage")
+            assert [(g.fields["sink"], g.fields["check"], g.open) for g in outages] == [
+                ("store", "s3", False)]
         store = S3Store(bucket, "evidence", endpoint_url=moto_url)
         check_store(s3(moto_url), bucket, sim, store)
     finally:
