@@ -120,6 +120,16 @@ class LogTree:
             del self._cache[stale]
         return out
 
+    def relist(self, listing: StreamListing) -> StreamListing | None:
+        """The stream's files as they are now (no cache): for decisions a rename could race."""
+        try:
+            names = self.fs.listdir(listing.dir)
+        except OSError:
+            return None
+        out = Scan()
+        self._group(out, listing.stream, listing.dir, names)
+        return out.streams.get(listing.stream)
+
     @staticmethod
     def _group(out: Scan, base: StreamId, cpath: str, names: list[str]) -> None:
         by_restart: dict[int, tuple[bool, dict[str, Listed]]] = {}

@@ -416,11 +416,11 @@ class Spool:
                             fds.append(seg.fd)
             dirs = sorted(self._dirty_dirs, key=len, reverse=True)
             self._dirty_dirs.clear()
+            dirty, self.dirty = self.dirty, False
+            if not (fds or dirs or self._deletions or sealed_now or dirty):
+                return False  # idle: no JSON is built (hundreds of streams, 4 times a second)
             deletions, self._deletions = self._deletions, []
             snapshot = self._snapshot()
-            dirty, self.dirty = self.dirty, False
-        if not (fds or dirs or deletions or sealed_now or dirty):
-            return False
         try:
             for fd in fds:
                 self.fs.fdatasync(fd)

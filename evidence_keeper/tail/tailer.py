@@ -180,26 +180,55 @@ class Tailer:
         """Find the checkpointed files again after a restart of the agent."""
         t.consumed_ts = saved.get("consumed_ts", "")
         t.consumed = [(c[0], c[1], c[2], c[3]) for c in saved.get("consumed", [])]
+        fresh = self.relist(listing) or listing
+        unknown: list[TailFile] = []
         for d in saved.get("queue", []):
             f = TailFile.from_json(d)
-            if self._reopen(t, f, listing):
+            if self._reopen(t, f, fresh):
                 t.queue.append(f)
-                continue
-            # Gone while the agent was not running.
-            known = f.size - f.pos if f.size >= 0 and not f.gz else 0
-            if known > 0:
-                self.spool.record_loss(
-                    s, known, "rotated_away",
-                    f"{f.name} was removed while the agent was not running; {known} bytes it"
-                    f" had seen were not read")
-            if not f.final or f.gz or f.size < 0:
-                self.spool.record_loss(
-                    s, None, "rotated_away",
-                    f"{f.name} was rotated and removed while the agent was not running; bytes"
-                    " written after it was last seen, and any rotated file removed with it,"
-                    " are unknown")
-            if f.ts:
-                t.consumed_ts = max(t.consumed_ts, f.ts)
+            elif f.pos == 0 and f.fp_len == 0 and not f.final:
+                unknown.append(f)  # nothing read, nothing to recognise it by: see below
+            else:
+                self._lost_while_down(t, s, f)
+        for f in unknown:
+            # An empty (or never readable) live file: if files newer than everything queued
+            # exist, it is one of them and the next refresh queues it from its first byte.
+            claimed = {q.ts for q in t.queue}
+            ids = {(q.dev, q.ino) for q in t.queue if not q.gz}
+            newer = [r for r in fresh.rotated if r.ts and r.ts > t.consumed_ts
+                     and r.ts not in claimed]
+            if not newer and not fresh.live:
+                self._lost_while_down(t, s, f)
+            elif not newer and fresh.live:
+                try:
+                    st = self.fs.stat(fresh.live_path)
+                    if (st.st_dev, st.st_ino) in ids:
+                        self._lost_while_down(t, s, f)
+                except OSError:
+                    self._lost_while_down(t, s, f)
+
+    def _lost_while_down(self, t: StreamTail, s: SpoolStream, f: TailFile) -> None:
+        known = f.size - f.pos if f.size >= 0 and not f.gz else 0
+        if known > 0:
+            self.spool.record_loss(
+                s, known, "rotated_away",
+                f"{f.name} was removed while the agent was not running; {known} bytes it"
+                " had seen were not read")
+        if not f.final or f.gz or f.size < 0:
+            self.spool.record_loss(
+                s, None, "rotated_away",
+                f"{f.name} was rotated and removed while the agent was not running; bytes"
+                " written after it was last seen, and any rotated file removed with it,"
+                " are unknown")
+        if f.ts:
+            t.consumed_ts = max(t.consumed_ts, f.ts)
+
+    def relist(self, listing: StreamListing) -> StreamListing | None:
+        if not listing.dir:
+            return None
+        from evidence_keeper.discover.logtree import LogTree
+
+        return LogTree(listing.dir, fs=self.fs).relist(listing)
 
     def _recover_vanished(self, scan: Scan) -> None:
         """Checkpointed streams whose files all vanished while the agent was not running."""
@@ -214,51 +243,72 @@ class Tailer:
             self.tails[sid] = t
 
     def _reopen(self, t: StreamTail, f: TailFile, listing: StreamListing) -> bool:
-        names = [listing.path(r) for r in listing.rotated if not r.gz]
+        """Open a checkpointed file again: by inode and head while plain, by its rotation
+        name once compressed, or by its head fingerprint if it was compressed before the
+        agent learnt that name. Candidates are probed on scratch records, so a rejected one
+        never alters ``f``."""
+        plain = [(listing.path(r), r) for r in listing.rotated if not r.gz]
         if listing.live:
-            names.append(listing.live_path)
+            plain.append((listing.live_path, Listed(f"{t.id.restart}.log", None, False)))
         if not f.gz:
-            for path in names:
+            for path, r in plain:
                 try:
                     st = self.fs.stat(path)
                 except OSError:
                     continue
-                if (st.st_dev, st.st_ino) == (f.dev, f.ino) and self._open_plain(t, f, path):
-                    if f.fp_len and self._head_fp(f, f.fp_len) != f.fp:
-                        self._close(f)
-                        continue  # inode reused by another file
-                    return True
-        # The file may have been compressed since: find its .gz by name or fingerprint.
+                if (st.st_dev, st.st_ino) != (f.dev, f.ino):
+                    continue
+                probe = TailFile(name=r.name, ts=r.ts, gz=False)
+                if not self._open_plain(t, probe, path):
+                    continue
+                if f.fp_len and (probe.size < f.fp_len
+                                 or self._head_fp(probe, f.fp_len) != f.fp):
+                    self._close(probe)
+                    continue  # the inode number was reused by another file
+                f.fd, f.size = probe.fd, probe.size
+                if r.ts is not None:
+                    f.ts, f.name = r.ts, r.name
+                return True
         for r in listing.rotated:
             if not r.gz:
                 continue
-            if f.ts is not None and r.ts != f.ts:
+            if f.ts is not None:
+                if r.ts != f.ts:
+                    continue
+            elif not f.fp_len or (r.ts is not None and r.ts <= t.consumed_ts):
+                continue  # nothing to recognise it by: never guess
+            probe = TailFile(name=r.name, ts=r.ts, gz=True)
+            if not self._open_gz(t, probe, listing.path(r), r):
                 continue
-            if f.ts is None and r.ts is not None and r.ts <= t.consumed_ts:
+            if f.fp_len and not self._gz_head_is(probe, f.fp_len, f.fp):
+                self._close(probe)
                 continue
-            if self._open_gz(t, f, listing.path(r), r) and (
-                not f.fp_len or self._gz_matches(f)
-            ):
-                self._skip_gz(f, f.pos)
-                return True
-            self._close(f)
+            f.gzf, f.raw, f.gz, f.final = probe.gzf, probe.raw, True, True
+            f.name, f.ts, f.dev, f.ino = probe.name, probe.ts, probe.dev, probe.ino
+            self._skip_gz(f, f.pos)
+            return True
         return False
 
     def _refresh(self, t: StreamTail, listing: StreamListing) -> None:
         t.listing = listing
         t.dir = listing.dir
         s = self.spool.stream(t.id)
-        queued_ids = {(f.dev, f.ino) for f in t.queue if not f.gz}
+        # An unopened rotated file's inode number is only a hint: once kubelet deletes it, the
+        # number can be reused by the next live file. Open descriptors pin their inode.
+        queued_ids = {(f.dev, f.ino) for f in t.queue if not f.gz and (f.is_open or f.ts is None)}
         queued_ts = {f.ts for f in t.queue if f.ts}
         consumed_ids = {(c[0], c[1]) for c in t.consumed}
         live_id: tuple[int, int] | None = None
+        live_st: os.stat_result | None = None
         if listing.live:
             try:
-                st = self.fs.stat(listing.live_path)
-                live_id = (st.st_dev, st.st_ino)
+                live_st = self.fs.stat(listing.live_path)
+                live_id = (live_st.st_dev, live_st.st_ino)
             except OSError:
                 live_id = None
-        for r in listing.rotated:
+        # Names as they are after the live file's stat: a file renamed before that live file
+        # was created is listed now, and is queued before it (the stream's order).
+        for r in (self.relist(listing) or listing).rotated:
             path = listing.path(r)
             if not r.gz:
                 try:
@@ -266,7 +316,8 @@ class Tailer:
                 except OSError:
                     continue
                 rid = (st.st_dev, st.st_ino)
-                match = next((f for f in t.queue if not f.gz and (f.dev, f.ino) == rid), None)
+                match = next((f for f in t.queue if not f.gz and (f.dev, f.ino) == rid
+                              and (f.is_open or f.ts in (None, r.ts))), None)
                 if match is not None:
                     match.ts, match.name = r.ts, r.name
                     queued_ts.add(r.ts or "")
@@ -309,6 +360,10 @@ class Tailer:
                     self._close(f)  # rotated between stat and open, or read already
                 else:
                     t.queue.append(f)
+            elif live_id not in consumed_ids:
+                # Unreadable for now (EACCES: the seeds' postmortem): keep its place in the
+                # stream and retry; its bytes are lost only if it vanishes unread.
+                self._queue_unopened(t, f, live_st)
         # Finality: every file but the live one is complete once a newer live file exists;
         # all are complete once a later restart exists (the container exited).
         for f in t.queue:
@@ -388,8 +443,7 @@ class Tailer:
             f.fp_len, f.fp = len(head), fingerprint(head)
         return head
 
-    def _gz_matches(self, f: TailFile) -> bool:
-        want_len, want = f.fp_len, f.fp
+    def _gz_head_is(self, f: TailFile, want_len: int, want: str) -> bool:
         assert f.gzf is not None
         try:
             f.gzf.seek(0)
@@ -473,7 +527,7 @@ class Tailer:
                 self._close(f)
                 return False
             if data is None:
-                continue  # truncation handled; read again from the file's start
+                continue  # truncation or a damaged file handled: look at the queue again
             if data:
                 try:
                     n = self.spool.append(s, data, now_mono=now)
@@ -504,14 +558,13 @@ class Tailer:
                 f.final = True
                 self._close(f)
                 t.queue.remove(f)
-                return b""
+                return None  # the queue changed: the caller looks at its new head
         assert f.fd is not None
-        data = self.fs.pread(f.fd, n, f.pos)
-        if len(data) < n:
-            st = self.fs.fstat(f.fd)
-            truncated = st.st_size < f.pos
-            if not truncated and st.st_size != f.size and f.fp_len:
-                truncated = self._head_fp(f, f.fp_len) != f.fp
+        # fstat first: an idle file costs one cheap syscall, not a 1 MiB read buffer.
+        st = self.fs.fstat(f.fd)
+        if st.st_size != f.size:
+            truncated = st.st_size < f.pos or (
+                f.fp_len > 0 and self._head_fp(f, f.fp_len) != f.fp)
             f.size = st.st_size
             if truncated:
                 self.spool.record_loss(
@@ -521,31 +574,43 @@ class Tailer:
                 f.pos, f.fp_len, f.fp = 0, 0, ""
                 self._update_fp(f)
                 return None
-        elif f.size < f.pos + len(data):
-            f.size = f.pos + len(data)
-        return data
+        want = min(n, f.size - f.pos)
+        if want <= 0:
+            return b""
+        return self.fs.pread(f.fd, want, f.pos)
 
     def _retry_open(self, t: StreamTail, s: SpoolStream, f: TailFile) -> bool:
+        """Open a queued file that could not be opened before, wherever it is now.
+
+        A plain file is looked for by inode under the live name and every rotated name (it
+        may have been renamed meanwhile); once compressed, by its rotation timestamp, which
+        its ``.gz`` keeps (kubelet writes the .gz with its own, readable, permissions).
+        """
         listing = t.listing
-        path = None
         if listing is not None:
-            if f.ts is None:
-                path = listing.live_path
-            else:
-                path = next((listing.path(r) for r in listing.rotated if r.ts == f.ts), None)
-        if path is not None:
-            try:
-                st = self.fs.stat(path)
-                if f.gz or (st.st_dev, st.st_ino) == (f.dev, f.ino) or not f.ino:
-                    ok = (self._open_gz(t, f, path, Listed(f.name, f.ts, True)) if f.gz
-                          else self._open_plain(t, f, path))
-                    if ok:
-                        if f.gz and f.pos:
-                            self._skip_gz(f, f.pos)
-                        return True
+            candidates = [(listing.path(r), r) for r in listing.rotated]
+            if listing.live:
+                candidates.append((listing.live_path, Listed(f"{t.id.restart}.log", None, False)))
+            for path, r in candidates:
+                if r.gz:
+                    if f.ts is None or r.ts != f.ts:
+                        continue
+                    if not self._open_gz(t, f, path, r):
+                        return False
+                    if f.pos:
+                        self._skip_gz(f, f.pos)
+                    return True
+                try:
+                    st = self.fs.stat(path)
+                except OSError:
+                    continue
+                if f.ino and (st.st_dev, st.st_ino) != (f.dev, f.ino):
+                    continue
+                if not self._open_plain(t, f, path):
                     return False
-            except OSError:
-                pass
+                if r.ts is not None:
+                    f.ts, f.name = r.ts, r.name
+                return True
         # Vanished before it could ever be read.
         known = f.size - f.pos if (f.final and f.size >= 0 and not f.gz) else None
         self.spool.record_loss(
