@@ -247,6 +247,12 @@ class Tailer:
         name once compressed, or by its head fingerprint if it was compressed before the
         agent learnt that name. Candidates are probed on scratch records, so a rejected one
         never alters ``f``."""
+        if f.fp_len == 0 and f.ts is None:
+            # An empty live file: nothing can tell it from a newer file that reused its inode
+            # number, so it is not recovered by identity but rediscovered by the next refresh,
+            # from its first byte, in rotation order (see _recover). A rotated file keeps its
+            # unique rotation name, which identifies it even unread.
+            return False
         plain = [(listing.path(r), r) for r in listing.rotated if not r.gz]
         if listing.live:
             plain.append((listing.live_path, Listed(f"{t.id.restart}.log", None, False)))
@@ -256,7 +262,8 @@ class Tailer:
                     st = self.fs.stat(path)
                 except OSError:
                     continue
-                if (st.st_dev, st.st_ino) != (f.dev, f.ino):
+                if (st.st_dev, st.st_ino) != (f.dev, f.ino) or (
+                        f.fp_len == 0 and r.ts != f.ts):
                     continue
                 probe = TailFile(name=r.name, ts=r.ts, gz=False)
                 if not self._open_plain(t, probe, path):
