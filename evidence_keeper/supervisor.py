@@ -290,9 +290,12 @@ class Agent:
             out.append(j)
         return out
 
+    def _seal_and_commit(self) -> bool:
+        self.spool.seal_due(time.monotonic())
+        return self.spool.commit()
+
     async def commit_once(self) -> None:
-        await asyncio.to_thread(self.spool.seal_due, time.monotonic())
-        committed = await asyncio.to_thread(self.spool.commit)
+        committed = await asyncio.to_thread(self._seal_and_commit)
         if committed:
             self.shipper.wakeup.set()
 
@@ -381,6 +384,7 @@ class Agent:
         log.info("shutdown complete", drained=drained, unshipped_bytes=left)
 
     def close(self) -> None:
+        self.shipper.close()
         self.resolvers.close()
         self.tailer.close()
         self.spool.close()

@@ -66,6 +66,8 @@ class LogTree:
         self.fs = fs or FileSystem()
         self._cache: dict[str, tuple[int, list[str]]] = {}
         self._bad_names: set[str] = set()
+        # Grouped listings of container directories, reused while the cached names are.
+        self._groups: dict[str, tuple[list[str], dict[StreamId, StreamListing]]] = {}
 
     def _list(self, path: str, now: float) -> list[str] | None:
         try:
@@ -115,9 +117,18 @@ class LogTree:
                 if names is None:
                     continue
                 seen_dirs.add(cpath)
-                self._group(out, StreamId(namespace, pod, uid, container, 0), cpath, names)
+                cached = self._groups.get(cpath)
+                if cached is not None and cached[0] is names:
+                    out.streams.update(cached[1])  # unchanged directory: same listings
+                    continue
+                part = Scan()
+                self._group(part, StreamId(namespace, pod, uid, container, 0), cpath, names)
+                self._groups[cpath] = (names, part.streams)
+                out.streams.update(part.streams)
         for stale in self._cache.keys() - seen_dirs:
             del self._cache[stale]
+        for stale in self._groups.keys() - seen_dirs:
+            del self._groups[stale]
         return out
 
     def relist(self, listing: StreamListing) -> StreamListing | None:

@@ -25,6 +25,7 @@ import hashlib
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -100,6 +101,13 @@ class Shipper:
         self.store_up: bool | None = None
         self.last_error: str | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        # Uploads get threads of their own: a slow store must never make the commit loop
+        # (the within-one-second fsync) queue behind it in the default executor.
+        self._pool = ThreadPoolExecutor(max_workers=config.concurrency,
+                                        thread_name_prefix="ek-ship")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def prepare(self, s: SpoolStream, seg: SealedSegment) -> PreparedSegment:
         """Read, hash and compress one sealed segment (blocking: runs in a thread)."""
@@ -140,7 +148,8 @@ class Shipper:
 
     async def _ship_one(self, s: SpoolStream, seg: SealedSegment) -> None:
         try:
-            sha = await asyncio.to_thread(self._upload, s, seg)
+            loop = asyncio.get_running_loop()
+            sha = await loop.run_in_executor(self._pool, self._upload, s, seg)
         except Exception as exc:  # any failure of one upload is retried, never fatal
             seg.inflight = False
             self.metrics.ship_errors.labels(op="put").inc()

@@ -148,7 +148,7 @@ class Tailer:
                 t = self.tails.get(sid)
                 if t is None:
                     t = self._attach(sid, listing)
-                if t.listing != listing:
+                if t.listing is not listing and t.listing != listing:
                     self._refresh(t, listing)
             if not self.first_scan_done:
                 self._recover_vanished(scan)

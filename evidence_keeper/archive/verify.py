@@ -1,0 +1,312 @@
+"""Verify an archive against the store: presence, hashes, hash chains and the manifest digest.
+
+For every segment a manifest lists, the object must exist, its body must decompress to exactly
+``length`` bytes whose SHA-256 is the manifest's ``sha256`` and the object's ``ek-sha256``, and
+its metadata must agree with the manifest. Per stream the hash chain must be continuous: each
+segment's ``ek-prev-sha256`` is the SHA-256 of the segment before it. When a manifest starts a
+stream mid-way, its first segment is chained to the store's previous segment (whose own body is
+checked too); a stream starting at offset 0 must start the chain (empty ``ek-prev-sha256``).
+Holes (recorded loss) do not break a chain: the chain links shipped segments.
+
+The manifest's ``digest`` is recomputed (CONTRACT.md section 4). A cluster manifest is verified
+with every node manifest it lists, each of which must still have the digest recorded for it.
+
+Nothing here stops at the first problem: the report names every failing object, so one run
+tells the whole story. Bodies are fetched and hashed in a thread pool, one per worker in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from evidence_keeper.archive.manifest import (
+    ARCHIVE_ID,
+    ManifestError,
+    SegmentEntry,
+    load_manifest,
+    manifest_digest,
+    manifest_key,
+)
+from evidence_keeper.model import parse_segment_key
+from evidence_keeper.ship.codec import decompress
+from evidence_keeper.ship.store import ObjectMissing, Store, StoreError
+
+VERIFY_WORKERS: Final = 8
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    archive_id: str
+    manifest_key: str
+    kind: str = "node"
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    segments: int = 0
+    bytes: int = 0
+    streams: int = 0
+    nodes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def fail(self, key: str, message: str) -> None:
+        self.problems.append(Problem(key, message))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"archive_id": self.archive_id, "manifest_key": self.manifest_key,
+                "kind": self.kind, "ok": self.ok, "segments": self.segments,
+                "bytes": self.bytes, "streams": self.streams, "nodes": self.nodes,
+                "problems": [{"key": p.key, "error": p.message} for p in self.problems],
+                "notes": self.notes}
+
+
+@dataclass(slots=True)
+class _Checked:
+    sha256: str | None = None  # of the body, when it could be read
+    meta: dict[str, str] | None = None
+
+
+def verify_archive(store: Store, *, cluster: str, archive_id: str,
+                   progress: Progress | None = None,
+                   workers: int = VERIFY_WORKERS) -> VerifyReport:
+    """Check everything an archive claims; raises ManifestError only for a malformed id."""
+    key = manifest_key(cluster, archive_id)
+    report = VerifyReport(archive_id, key)
+    doc = _load(store, cluster, archive_id, report)
+    if doc is None:
+        return report
+    report.kind = str(doc.get("kind") or "node")
+    entries = _entries(doc, key, report)
+    for node in doc.get("nodes") or []:
+        entries += _verify_node(store, cluster, node, key, report)
+    _verify_segments(store, entries, report, progress=progress, workers=workers)
+    return report
+
+
+def _load(store: Store, cluster: str, archive_id: str,
+          report: VerifyReport) -> dict[str, Any] | None:
+    key = manifest_key(cluster, archive_id)
+    try:
+        doc, _raw = load_manifest(store, cluster, archive_id)
+    except ObjectMissing:
+        report.fail(key, "manifest missing from the store")
+        return None
+    except ManifestError as exc:
+        report.fail(key, str(exc).removeprefix(f"{key}: "))
+        return None
+    stored, computed = doc.get("digest"), manifest_digest(doc)
+    if stored != computed:
+        report.fail(key, f"manifest digest mismatch: the manifest was modified (digest field"
+                         f" {str(stored)[:16]}..., content hashes to {computed[:16]}...)")
+    if doc.get("id") != archive_id or doc.get("cluster") != cluster:
+        report.fail(key, f"manifest names archive {doc.get('id')!r} of cluster"
+                         f" {doc.get('cluster')!r}, not {archive_id!r} of {cluster!r}")
+    return doc
+
+
+def _entries(doc: Mapping[str, Any], key: str, report: VerifyReport) -> list[SegmentEntry]:
+    segs = doc.get("segments")
+    if not isinstance(segs, list):
+        report.fail(key, "manifest has no segment list")
+        return []
+    out = []
+    for s in segs:
+        try:
+            out.append(SegmentEntry.from_json(s))
+        except ManifestError as exc:
+            report.fail(key, str(exc))
+    return out
+
+
+def _verify_node(store: Store, cluster: str, node: object, key: str,
+                 report: VerifyReport) -> list[SegmentEntry]:
+    """One node manifest of a cluster manifest; returns its segments to check."""
+    if not isinstance(node, dict):
+        report.fail(key, "a node entry is not an object")
+        return []
+    name = node.get("node") or node.get("agent_pod") or "?"
+    node_id = node.get("archive_id")
+    report.nodes += 1
+    if node.get("status") != "complete" or not isinstance(node_id, str):
+        report.fail(key, f"node {name}: archive did not complete"
+                         f" ({node.get('status')}: {node.get('error') or 'no manifest'})")
+        return []
+    if not ARCHIVE_ID.match(node_id):
+        report.fail(key, f"node {name}: invalid archive id {node_id!r}")
+        return []
+    node_key = manifest_key(cluster, node_id)
+    doc = _load(store, cluster, node_id, report)
+    if doc is None:
+        return []
+    if doc.get("digest") != node.get("manifest_digest"):
+        report.fail(node_key, f"node manifest of {name} is not the one the cluster manifest"
+                              " recorded (digest differs)")
+    return _entries(doc, node_key, report)
+
+
+def _check_one(store: Store, entry: SegmentEntry) -> tuple[_Checked, list[str]]:
+    """Fetch, decompress, hash and head one segment (runs in a worker thread)."""
+    problems: list[str] = []
+    out = _Checked()
+    try:
+        body = store.get(entry.key)
+    except ObjectMissing:
+        return out, ["segment missing from the store"]
+    except StoreError as exc:
+        return out, [f"cannot read: {exc}"]
+    try:
+        data = decompress(body, entry.ext)
+    except (ValueError, zlib.error, EOFError, OSError) as exc:
+        problems.append(f"body does not decompress ({exc})")
+        data = None
+    except Exception as exc:
+        problems.append(f"body does not decompress ({type(exc).__name__}: {exc})")
+        data = None
+    if data is not None:
+        out.sha256 = hashlib.sha256(data).hexdigest()
+        if len(data) != entry.length:
+            problems.append(f"body has {len(data)} bytes, the manifest says {entry.length}")
+        if out.sha256 != entry.sha256:
+            problems.append(f"sha256 of the body {out.sha256[:16]}... does not match the"
+                            f" manifest {entry.sha256[:16]}...")
+    try:
+        out.meta = store.head(entry.key)
+    except StoreError as exc:
+        problems.append(f"cannot read metadata: {exc}")
+    meta = out.meta or {}
+    if out.meta is not None:
+        if meta.get("ek-sha256") != entry.sha256:
+            problems.append(f"ek-sha256 {meta.get('ek-sha256', '')[:16]}... does not match"
+                            f" the manifest {entry.sha256[:16]}...")
+        if (meta.get("ek-offset"), meta.get("ek-length")) != (str(entry.offset),
+                                                             str(entry.length)):
+            problems.append("ek-offset/ek-length do not match the key")
+        if entry.prev_sha256 and meta.get("ek-prev-sha256") != entry.prev_sha256:
+            problems.append("ek-prev-sha256 does not match the manifest")
+    return out, problems
+
+
+def _verify_segments(store: Store, entries: list[SegmentEntry], report: VerifyReport, *,
+                     progress: Progress | None, workers: int) -> None:
+    total = len(entries)
+    checked: dict[str, _Checked] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ek-verify") as pool:
+        for done, (entry, (result, problems)) in enumerate(
+                zip(entries, pool.map(lambda e: _check_one(store, e), entries), strict=True),
+                start=1):
+            checked[entry.key] = result
+            for p in problems:
+                report.fail(entry.key, p)
+            report.segments += 1
+            report.bytes += entry.length
+            if progress is not None:
+                progress(done, total)
+    by_stream: dict[Any, list[SegmentEntry]] = {}
+    for e in entries:
+        by_stream.setdefault(e.stream, []).append(e)
+    report.streams = len(by_stream)
+    for sid in sorted(by_stream):
+        _verify_chain(store, sorted(by_stream[sid], key=lambda e: e.offset), checked, report)
+
+
+def _verify_chain(store: Store, entries: list[SegmentEntry], checked: Mapping[str, _Checked],
+                  report: VerifyReport) -> None:
+    """Each segment's ek-prev-sha256 names the segment before it (in the store or manifest)."""
+    listing: list[tuple[int, str]] | None = None
+    prev: SegmentEntry | None = None
+    for e in entries:
+        if prev is not None and e.offset < prev.end:
+            report.fail(e.key, f"overlaps {prev.key}")
+        gap = prev is None or e.offset != prev.end
+        if gap and (prev is not None or e.offset > 0):
+            if listing is None:
+                listing = _stream_listing(store, e)
+            between = [k for off, k in listing
+                       if (prev.offset if prev else -1) < off < e.offset]
+            if prev is None:
+                expected, source = _store_predecessor(store, between[-1] if between else None,
+                                                      report)
+            elif between:
+                report.fail(e.key, f"the manifest skips {between[-1]}, which the store holds"
+                                   " before this segment")
+                expected, source = _store_predecessor(store, between[-1], report)
+            else:
+                expected, source = prev.sha256, prev.key
+                report.notes.append(f"hole [{prev.end}, {e.offset}) of {e.stream.key}: not in"
+                                    " the store (recorded loss; see the manifest's gaps)")
+        elif prev is None:
+            expected, source = "", ""
+        else:
+            expected, source = prev.sha256, prev.key
+        meta = checked[e.key].meta
+        if meta is None:
+            prev = e
+            continue  # missing: already reported
+        got = meta.get("ek-prev-sha256", "")
+        if expected is not None and got != expected:
+            what = f"the sha256 of {source}" if source else "empty (first segment of the stream)"
+            report.fail(e.key, f"hash chain broken: ek-prev-sha256 {got[:16] or '(empty)'}..."
+                               f" should be {what}")
+        prev = e
+
+
+def _stream_listing(store: Store, e: SegmentEntry) -> list[tuple[int, str]]:
+    prefix = e.key.rsplit("/", 1)[0] + "/"
+    out = []
+    for key in store.list(prefix):
+        sk = parse_segment_key(key)
+        if sk is not None and sk.stream == e.stream:
+            out.append((sk.offset, key))
+    return sorted(out)
+
+
+def _store_predecessor(store: Store, key: str | None,
+                       report: VerifyReport) -> tuple[str | None, str]:
+    """The sha256 a chain continues from: the store's previous segment, checked itself."""
+    if key is None:
+        return "", ""
+    sk = parse_segment_key(key)
+    assert sk is not None
+    entry = SegmentEntry(key=key, stream=sk.stream, offset=sk.offset, end=sk.end, ext=sk.ext,
+                         sha256="")
+    result, _ = _check_one(store, entry)
+    meta = result.meta or {}
+    sha = meta.get("ek-sha256", "")
+    if result.sha256 is None or result.sha256 != sha:
+        report.fail(key, "the segment before the archive's first one does not match its"
+                         " ek-sha256: the chain cannot be anchored")
+        return None, key
+    return sha, key
+
+
+def format_report(report: VerifyReport) -> str:
+    """The human report: every failing object by name, then one verdict line."""
+    lines = [f"archive {report.archive_id} ({report.kind}): {report.manifest_key}"]
+    for p in report.problems:
+        lines.append(f"  FAIL  {p.key}: {p.message}")
+    for note in report.notes:
+        lines.append(f"  note  {note}")
+    what = (f"{report.segments} segments, {report.bytes} bytes, {report.streams} streams"
+            + (f", {report.nodes} node manifests" if report.nodes else ""))
+    if report.ok:
+        lines.append(f"verified: {what}; every segment present, hashes, hash chains and"
+                     " manifest digest match")
+    else:
+        lines.append(f"VERIFICATION FAILED: {len(report.problems)} problem(s) in {what}")
+    return "\n".join(lines)
