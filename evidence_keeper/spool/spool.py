@@ -145,6 +145,7 @@ class Spool:
         self._dirty_dirs: set[str] = set()
         self._deletions: list[str] = []  # files to unlink once the next checkpoint is durable
         self._seal_waiters: list[threading.Event] = []
+        self._commit_lock = threading.Lock()
         self.traffic: dict[StreamId, list[int]] = {}
         self.commits = 0
         self.dirty = False  # state changed since the last checkpoint (cursor, offsets, seals)
@@ -399,7 +400,15 @@ class Spool:
 
     # ------------------------------------------------------------------ commit
     def commit(self) -> bool:
-        """Make everything appended so far durable and checkpoint it. Returns False if idle."""
+        """Make everything appended so far durable and checkpoint it. Returns False if idle.
+
+        Commits are serialised (the commit loop, shutdown and archive jobs may all ask for
+        one): two writers of checkpoint.json could otherwise install an older snapshot last.
+        """
+        with self._commit_lock:
+            return self._commit()
+
+    def _commit(self) -> bool:
         with self.lock:
             self._evict_over_budget()
             fds: list[int] = []
