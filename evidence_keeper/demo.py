@@ -15,9 +15,11 @@ and the ``PAYMENT_FAILED`` lines are printed from the export.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -30,7 +32,6 @@ from evidence_keeper.api.client import call
 from evidence_keeper.archive.export import export_stream, find_streams
 from evidence_keeper.cli import format_gaps
 from evidence_keeper.cli import main as cli_main
-from evidence_keeper.formats import line_message
 from evidence_keeper.logs import configure_logging
 from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings, load_settings
@@ -115,7 +116,7 @@ class LocalS3:
 
 
 async def _run_agent_during(agent: Agent, sim: KubeletSim, steps: list[ScenarioStep],
-                            speed: float, dns: Nov10DNS) -> None:
+                            speed: float, dns: Nov10DNS, archive_ids: list[str]) -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop), name="agent")
     try:
@@ -138,16 +139,27 @@ async def _run_agent_during(agent: Agent, sim: KubeletSim, steps: list[ScenarioS
                   flush=True)
 
         await asyncio.to_thread(play, sim, steps, speed=speed, on_step=on_step)
-        # Let the last lines be captured and the flush timer seal them, and DNS recover.
-        await asyncio.sleep(agent.settings.flush_interval_s + 1.5)
+        # Let the DNS recovery be probed; the archive seals and ships what is still open.
+        await asyncio.sleep(2 * agent.settings.probe_interval_s + 0.5)
         await asyncio.to_thread(_show_gaps, url, "After the DNS fix")
+        assert agent.settings.archive_token_file is not None
+        args = ["archive", "--url", url, "--token-file", str(agent.settings.archive_token_file),
+                "--namespace", NAMESPACE, "--since", "2025-11-10T12:00:00Z",
+                "--reason", "Nov 10 chaos test: orders failing with PAYMENT_FAILED",
+                "--label", "nov10-chaos", "--wait"]
+        _h("Right after the test: evidence-keeper archive --namespace sock-shop --wait ...")
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = await asyncio.to_thread(cli_main, args)
+        archive_ids.append(out.getvalue().strip())
+        print(f"  archive id: {archive_ids[-1]} (exit {rc})")
     finally:
         stop.set()
         await task
 
 
 def _report(settings: Settings, agent: Agent, sim: KubeletSim, store: Store,
-            unseen: set[StreamId]) -> int:
+            unseen: set[StreamId], archive_ids: list[str], cfg: Path) -> int:
     _h("Gaps in the ledger after shutdown")
     gaps = agent.ledger.gaps()
     losses = [g for g in gaps if g.kind == "loss"]
@@ -196,16 +208,23 @@ def _report(settings: Settings, agent: Agent, sim: KubeletSim, store: Store,
             failed_lines += [ln for ln in buf.getvalue().splitlines()
                              if PAYMENT_FAILED_MARKER in ln]
 
-    _h("Did PAYMENT_FAILED happen on Nov 10? (read back from the store)")
-    for ln in failed_lines:
-        ts = ln.split(b" ", 1)[0].decode()
-        msg = line_message(ln).decode("utf-8", "replace")
-        print(f"  {ts}  ...{msg[-76:]}")
-    print(f"\n  {len(failed_lines)} PAYMENT_FAILED lines preserved;"
-          f" every stream byte-exact: {'yes' if exact else 'NO'}")
-    print(f"\n  Try: evidence-keeper export --config {settings.spool_dir}/demo.yaml"
-          " --namespace sock-shop --pod <pod> --container <container>")
-    return 0 if exact and failed_lines else 1
+    verified = 1
+    if archive_ids and archive_ids[0]:
+        _h(f"evidence-keeper verify {archive_ids[0]}  (hashes, chain, presence, digest)")
+        verified = cli_main(["verify", archive_ids[0], "--config", str(cfg)])
+    _h("Did PAYMENT_FAILED happen on Nov 10?  evidence-keeper search PAYMENT_FAILED"
+       " --namespace sock-shop -F")
+    sys.stdout.flush()
+    searched = cli_main(["search", "PAYMENT_FAILED", "--namespace", NAMESPACE, "-F",
+                      "--config", str(cfg)])
+    sys.stdout.flush()
+    print(f"\n  {len(failed_lines)} PAYMENT_FAILED lines preserved, the lines Datadog never"
+          f" received; every stream byte-exact: {'yes' if exact else 'NO'};"
+          f" archive verified: {'yes' if verified == 0 else 'NO'}")
+    print(f"\n  Try: evidence-keeper export --config {cfg} --namespace sock-shop"
+          " --pod <pod> --container <container>")
+    ok = exact and bool(failed_lines) and verified == 0 and searched == 0
+    return 0 if ok else 1
 
 
 def run_demo(*, workdir: str | None = None, speed: float = 1.0) -> int:
@@ -223,6 +242,10 @@ def run_demo(*, workdir: str | None = None, speed: float = 1.0) -> int:
     except ImportError:
         print("(moto is not installed: using a file:// store; `make demo` installs it)")
     try:
+        token = work / "archive-token"
+        token.write_text(secrets.token_hex(16))
+        token.chmod(0o600)
+        overrides["archive_token_file"] = str(token)
         return _demo(work, demo_settings(work, **overrides), speed, s3)
     finally:
         if s3 is not None:
@@ -249,8 +272,9 @@ def _demo(work: Path, settings: Settings, speed: float, s3: LocalS3 | None) -> i
     unseen = {sid for sid in sim.streams() if not sim.files_of(sid)}
     dns = Nov10DNS()
     agent = Agent(settings, resolver=dns)
+    archive_ids: list[str] = []
     try:
-        asyncio.run(_run_agent_during(agent, sim, steps, speed, dns))
-        return _report(settings, agent, sim, agent.store, unseen)
+        asyncio.run(_run_agent_during(agent, sim, steps, speed, dns, archive_ids))
+        return _report(settings, agent, sim, agent.store, unseen, archive_ids, cfg)
     finally:
         agent.close()
