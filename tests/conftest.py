@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from evidence_keeper.archive.export import export_stream, find_streams
+from evidence_keeper.fsio import FileSystem
 from evidence_keeper.health.ledger import GapRow, Ledger
 from evidence_keeper.model import SegmentKey, StreamId, parse_segment_key
 from evidence_keeper.settings import Settings, load_settings
@@ -238,3 +240,33 @@ class AgentThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class AliasedInodes(FileSystem):
+    """Reports a chosen inode number for some files (``alias[(dev, ino)] = other_ino``).
+
+    A busy file system gives a deleted file's inode number to the next new file; whether it
+    does in a test run depends on the allocator. Aliasing makes that reuse deterministic as
+    far as the agent can see (hold the old file open so its real number is not reused too).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alias: dict[tuple[int, int], int] = {}
+
+    def _aliased(self, st: os.stat_result) -> os.stat_result:
+        ino = self.alias.get((st.st_dev, st.st_ino))
+        if ino is None:
+            return st
+        fields = list(st[:10])
+        fields[1] = ino
+        extra = {k: getattr(st, k) for k in (
+            "st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
+            "st_blksize", "st_blocks")}
+        return os.stat_result(fields, extra)
+
+    def stat(self, path: str) -> os.stat_result:
+        return self._aliased(super().stat(path))
+
+    def fstat(self, fd: int) -> os.stat_result:
+        return self._aliased(super().fstat(fd))

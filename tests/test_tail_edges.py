@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gzip
 import json
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
-
-import pytest
 
 from evidence_keeper.fsio import FileSystem
 from evidence_keeper.model import StreamId
@@ -28,6 +27,7 @@ from evidence_keeper.ship.store import FileStore, StoreError
 from evidence_keeper.sim import KubeletSim
 from evidence_keeper.supervisor import Agent
 from tests.conftest import (
+    AliasedInodes,
     assert_bytes_equal,
     check_segments,
     export_bytes,
@@ -91,10 +91,10 @@ class HeldBackReads(FileSystem):
 
 
 class GatedReads(FileSystem):
-    """Reads of container log files wait at a gate the test closes and opens.
+    """Looks at open container log files (fstat, pread) wait at a gate the test controls.
 
-    A closed gate parks the tailer inside ``pread`` (``parked`` is set), so the test can change
-    the file between the tailer's decision to read and the read itself.
+    A closed gate parks the tailer in its next look at a file (``parked`` is set), so the test
+    can change the file between the tailer's decision to read and what it then sees.
     """
 
     def __init__(self, log_root: Path) -> None:
@@ -115,11 +115,18 @@ class GatedReads(FileSystem):
         self._log_fds.discard(fd)
         super().close(fd)
 
-    def pread(self, fd: int, n: int, pos: int) -> bytes:
+    def _wait_at_gate(self, fd: int) -> None:
         if fd in self._log_fds and not self.gate.is_set():
             self.parked.set()
             if not self.gate.wait(timeout=30):
                 raise OSError(errno.EIO, "test gate left closed")
+
+    def fstat(self, fd: int) -> os.stat_result:
+        self._wait_at_gate(fd)
+        return super().fstat(fd)
+
+    def pread(self, fd: int, n: int, pos: int) -> bytes:
+        self._wait_at_gate(fd)
         return super().pread(fd, n, pos)
 
 
@@ -127,7 +134,7 @@ class HookOnStat(FileSystem):
     """Runs ``hook`` once, right before the first ``stat`` of ``path``: the test can change the
     tree between a directory listing and the agent's look at one file of it."""
 
-    def __init__(self, path: Path, hook: Callable[[], object]) -> None:
+    def __init__(self, path: Path, hook: Callable[[], object] | None = None) -> None:
         super().__init__()
         self.path = str(path)
         self.hook: Callable[[], object] | None = hook
@@ -192,6 +199,11 @@ def queued_files(agent: Agent, sid: StreamId) -> list[tuple[str | None, bool]]:
     return [] if t is None else [(f.ts, f.is_open) for f in t.queue]
 
 
+def sim_file_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    return gzip.decompress(data) if path.name.endswith(".gz") else data
+
+
 def gap_tuples(agent: Agent, sid: StreamId) -> list[tuple[int, int | None, str]]:
     return [(g.fields["offset"], g.fields["bytes"], g.fields["reason"])
             for g in loss_gaps(agent.ledger, sid)]
@@ -199,14 +211,6 @@ def gap_tuples(agent: Agent, sid: StreamId) -> list[tuple[int, int | None, str]]
 
 # ----------------------------------------------------------------------------- (a) overrun
 
-_REOPEN_MUTATES = (
-    "bug: Tailer._reopen (tail/tailer.py) probes candidate files with _open_plain/_open_gz,"
-    " which overwrite the checkpointed TailFile (size, dev/ino, gz, final, name, ts) before the"
-    " identity check; a rejected candidate leaves the file mislabeled, so _recover computes a"
-    " wrong known-length hole and advances consumed_ts past a .gz still on disk, skipping it")
-
-
-@pytest.mark.xfail(strict=True, reason=_REOPEN_MUTATES)
 async def test_rotation_overrun_while_stopped_is_one_unknown_hole_at_the_stop_offset(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
@@ -246,7 +250,6 @@ async def test_rotation_overrun_while_stopped_is_one_unknown_hole_at_the_stop_of
     check_segments(stored_segments(store, sid))
 
 
-@pytest.mark.xfail(strict=True, reason=_REOPEN_MUTATES)
 async def test_rotation_overrun_after_reads_fell_behind_gives_a_hole_of_known_length(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
@@ -294,10 +297,6 @@ async def test_rotation_overrun_after_reads_fell_behind_gives_a_hole_of_known_le
 # ----------------------------------------------------------------------------- (b) held back
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: Tailer._reopen (tail/tailer.py) accepts any .gz newer than consumed_ts for a"
-    " checkpointed file with fp_len == 0 (the empty live file): here the previous rotated"
-    " file, whose bytes are then exported twice"))
 async def test_held_back_rotated_file_and_empty_live_file_both_gzipped_while_stopped(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
@@ -338,11 +337,6 @@ async def test_held_back_rotated_file_and_empty_live_file_both_gzipped_while_sto
     assert_bytes_equal(data, sim.record(sid))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: Tailer._recover/_reopen (tail/tailer.py) look for checkpointed files only among the"
-    " names of the scan's listing; a rotation between that listing and the stat makes the"
-    " file look gone: a false rotated_away loss, then the file reappears under its rotated"
-    " name, is taken for a new file and read again from offset 0 after the newer live file"))
 async def test_rotation_between_the_recovery_listing_and_the_reopen(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
@@ -368,6 +362,110 @@ async def test_rotation_between_the_recovery_listing_and_the_reopen(
         await asyncio.sleep(0.5)
         gaps = gap_tuples(agent, sid)
     assert gaps == []
+    data, holes = export_bytes(store, sid)
+    assert holes == []
+    assert_bytes_equal(data, sim.record(sid))
+
+
+async def test_rotation_between_a_listing_and_the_refresh_keeps_stream_order(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings()
+    store = FileStore(tmp_path / "store")
+    sim = KubeletSim(tmp_path / "pods")
+    sim.add_pod(NS, POD)
+    sid = sim.stream_of(NS, POD, APP)
+    hooked = HookOnStat(sim.path_of(NS, POD, APP))
+
+    def second_rotation() -> None:
+        lines(sim, 7, "between")
+        sim.rotate(NS, POD, APP)
+
+    async with running_agent(settings, fs=hooked) as agent:
+        lines(sim, 20, "first")
+        await wait_exported(store, sid, sim.record(sid))
+        hooked.hook = second_rotation  # runs when the agent looks at the new live file
+        sim.rotate(NS, POD, APP)
+        lines(sim, 5, "second")
+        await wait_until(lambda: hooked.hook is None, within=10, what="the refresh")
+        lines(sim, 10, "third")
+        sim.rotate(NS, POD, APP)
+        lines(sim, 5, "last")
+        await wait_until(lambda: len(export_bytes(store, sid)[0]) >= sim.record_len(sid),
+                         within=10, what="the whole stream to be stored")
+        gaps = gap_tuples(agent, sid)
+    data, holes = export_bytes(store, sid)
+    assert holes == []
+    assert_bytes_equal(data, sim.record(sid))
+    assert gaps == []
+
+
+async def test_checkpointed_file_with_a_short_head_is_not_mistaken_for_another(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings()
+    store = FileStore(tmp_path / "store")
+    sim = KubeletSim(tmp_path / "pods", max_files=3)
+    sim.add_pod(NS, POD)
+    sid = sim.stream_of(NS, POD, APP)
+    async with running_agent(settings) as agent:
+        lines(sim, 10, "first")
+        sim.rotate(NS, POD, APP)  # a new, empty live file
+        line = sim.render(NS, POD, APP, "a line the runtime flushed in two writes")
+        head = line[:18]  # "2025-11-10T12:27:0": the timestamp prefix of every line here
+        sim.write_raw(NS, POD, APP, head)
+        await wait_until(lambda: spool_offset(agent, sid) == sim.record_len(sid), within=10,
+                         what="the short head to be captured")
+    stopped_at = sim.record_len(sid)
+    sim.write_raw(NS, POD, APP, line[18:])
+    for r in range(4):  # the file with the short head is rotated, compressed and deleted
+        lines(sim, 10, f"down-{r}")
+        sim.rotate(NS, POD, APP)
+    lines(sim, 5, "after")
+    disk = sim.disk_bytes(sid)
+    files = sim.files_of(sid)
+    assert files[0].name.endswith(".gz")
+    assert all(sim_file_bytes(f).startswith(head) for f in files), "scenario: same heads"
+
+    async with running_agent(settings) as agent:
+        await wait_until(lambda: export_bytes(store, sid)[0].endswith(disk[-200:]),
+                         within=10, what="the last bytes on disk to be stored")
+        gaps = gap_tuples(agent, sid)
+    assert gaps == [(stopped_at, None, "rotated_away")]
+    data, holes = export_bytes(store, sid)
+    assert holes == []
+    assert_bytes_equal(data, sim.record(sid)[:stopped_at] + disk)
+
+
+async def test_checkpointed_empty_file_whose_inode_number_was_reused(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings()
+    store = FileStore(tmp_path / "store")
+    sim = KubeletSim(tmp_path / "pods", max_files=10)
+    sim.add_pod(NS, POD)
+    sid = sim.stream_of(NS, POD, APP)
+    async with running_agent(settings):
+        lines(sim, 10, "first")
+        sim.rotate(NS, POD, APP)  # a new, empty live file
+        await wait_exported(store, sid, sim.record(sid))
+    with sim.path_of(NS, POD, APP).open("rb") as empty:
+        was = os.fstat(empty.fileno())
+        lines(sim, 10, "second")
+        sim.rotate(NS, POD, APP)
+        lines(sim, 10, "third")
+        sim.rotate(NS, POD, APP)  # compresses (deletes) the file that was empty; a new 0.log
+        lines(sim, 10, "fourth")
+        assert sim.disk_bytes(sid) == sim.record(sid)
+        reused = AliasedInodes()  # the new 0.log gets the deleted file's inode number
+        now = sim.path_of(NS, POD, APP).stat()
+        reused.alias[(now.st_dev, now.st_ino)] = was.st_ino
+        async with running_agent(settings, fs=reused) as agent:
+            sim.rotate(NS, POD, APP)  # everything is final now
+            await wait_until(lambda: len(export_bytes(store, sid)[0]) >= sim.record_len(sid),
+                             within=10, what="the whole stream to be stored")
+            gaps = gap_tuples(agent, sid)
+    assert {b for _, b, _ in gaps} <= {None}  # nothing was deleted
     data, holes = export_bytes(store, sid)
     assert holes == []
     assert_bytes_equal(data, sim.record(sid))
@@ -402,10 +500,6 @@ async def test_copytruncate_records_a_truncated_gap_and_keeps_the_new_bytes(
     check_segments(stored_segments(store, sid))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: tailer._read checks for truncation only after a short read; a truncated file that"
-    " grew past read position + CHUNK before the next read is read from the old position:"
-    " the first bytes of the new content are lost silently and no truncated gap is recorded"))
 async def test_copytruncate_followed_by_a_burst_larger_than_one_read(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:

@@ -50,6 +50,9 @@ from evidence_keeper.spool.spool import Spool, SpoolStream, SpoolWriteError
 log = get_logger("evidence_keeper.tail")
 
 FP_MAX: Final = 4096
+# Below this many bytes a head identifies nothing: every CRI line of a second starts with the
+# same 18-byte timestamp prefix. 48 bytes cover a full RFC3339Nano timestamp and the tag.
+FP_MIN: Final = 48
 CHUNK: Final = 1 << 20
 CONSUMED_KEEP: Final = 16
 
@@ -69,6 +72,7 @@ class TailFile:
     ino: int = 0
     pos: int = 0  # bytes of this file (uncompressed) already in the stream
     size: int = -1  # last observed size of a plain file, -1 unknown
+    size_final: int = -1  # size observed after the file became final, -1 unknown
     final: bool = False
     fp_len: int = 0
     fp: str = ""
@@ -81,7 +85,7 @@ class TailFile:
         return {
             "name": self.name, "ts": self.ts, "gz": self.gz, "dev": self.dev, "ino": self.ino,
             "pos": self.pos, "size": self.size, "final": self.final, "fp_len": self.fp_len,
-            "fp": self.fp,
+            "fp": self.fp, "size_final": self.size_final,
         }
 
     @classmethod
@@ -89,6 +93,7 @@ class TailFile:
         return cls(
             name=d["name"], ts=d["ts"], gz=d["gz"], dev=d["dev"], ino=d["ino"], pos=d["pos"],
             size=d["size"], final=d["final"], fp_len=d["fp_len"], fp=d["fp"],
+            size_final=d.get("size_final", -1),
         )
 
     @property
@@ -104,7 +109,8 @@ class StreamTail:
     dir: str
     queue: list[TailFile] = field(default_factory=list)
     consumed_ts: str = ""  # newest rotation timestamp fully consumed
-    consumed: list[tuple[int, int, int, str]] = field(default_factory=list)  # dev, ino, fp
+    # Files read to their end: dev, ino, fingerprint length and hash, length (-1 unknown).
+    consumed: list[tuple[int, int, int, str, int]] = field(default_factory=list)
     listing: StreamListing | None = None
     gone: bool = False  # the stream's files vanished from the tree
     ended_at: int = -1  # Tailer.syncs when the API reported the container exited, else -1
@@ -179,12 +185,26 @@ class Tailer:
                  listing: StreamListing) -> None:
         """Find the checkpointed files again after a restart of the agent."""
         t.consumed_ts = saved.get("consumed_ts", "")
-        t.consumed = [(c[0], c[1], c[2], c[3]) for c in saved.get("consumed", [])]
+        t.consumed = [(c[0], c[1], c[2], c[3], c[4] if len(c) > 4 else -1)
+                      for c in saved.get("consumed", [])]
         fresh = self.relist(listing) or listing
         unknown: list[TailFile] = []
-        for d in saved.get("queue", []):
+        saved_queue = saved.get("queue", [])
+        known = max([t.consumed_ts, *(d["ts"] for d in saved_queue if d["ts"])])
+        for d in saved_queue:
             f = TailFile.from_json(d)
-            if self._reopen(t, f, fresh):
+            found = self._reopen(t, f, fresh, known)
+            for _ in range(5):
+                # A miss may be a rotation between the listing and the stats: only a miss
+                # that two listings agree on is a file really gone.
+                if found:
+                    break
+                again = self.relist(listing)
+                if again is None or again == fresh:
+                    break
+                fresh = again
+                found = self._reopen(t, f, fresh, known)
+            if found:
                 t.queue.append(f)
             elif f.pos == 0 and f.fp_len == 0 and not f.final:
                 unknown.append(f)  # nothing read, nothing to recognise it by: see below
@@ -242,7 +262,8 @@ class Tailer:
             s.cursor = t
             self.tails[sid] = t
 
-    def _reopen(self, t: StreamTail, f: TailFile, listing: StreamListing) -> bool:
+    def _reopen(self, t: StreamTail, f: TailFile, listing: StreamListing,
+                known_ts: str = "") -> bool:
         """Open a checkpointed file again: by inode and head while plain, by its rotation
         name once compressed, or by its head fingerprint if it was compressed before the
         agent learnt that name. Candidates are probed on scratch records, so a rejected one
@@ -253,6 +274,13 @@ class Tailer:
             # from its first byte, in rotation order (see _recover). A rotated file keeps its
             # unique rotation name, which identifies it even unread.
             return False
+        # A file live at the checkpoint was renamed at the first rotation after everything the
+        # checkpoint knew (``known_ts``). With a short head (every CRI head starts with the same
+        # timestamp prefix) only that one candidate is considered, and only while a file older
+        # than it is still on disk: kubelet deletes oldest first, so the file was not deleted.
+        newer = sorted(r.ts for r in listing.rotated if r.ts and r.ts > known_ts)
+        older_on_disk = any(r.ts and r.ts <= known_ts for r in listing.rotated)
+        short_candidate = newer[0] if newer and older_on_disk and known_ts else None
         plain = [(listing.path(r), r) for r in listing.rotated if not r.gz]
         if listing.live:
             plain.append((listing.live_path, Listed(f"{t.id.restart}.log", None, False)))
@@ -265,6 +293,9 @@ class Tailer:
                 if (st.st_dev, st.st_ino) != (f.dev, f.ino) or (
                         f.fp_len == 0 and r.ts != f.ts):
                     continue
+                if f.ts is None and f.fp_len < FP_MIN and not (
+                        (r.ts is None and not newer) or r.ts == short_candidate):
+                    continue  # a reused inode number with a look-alike short head
                 probe = TailFile(name=r.name, ts=r.ts, gz=False)
                 if not self._open_plain(t, probe, path):
                     continue
@@ -284,6 +315,8 @@ class Tailer:
                     continue
             elif not f.fp_len or (r.ts is not None and r.ts <= t.consumed_ts):
                 continue  # nothing to recognise it by: never guess
+            elif f.fp_len < FP_MIN and r.ts != short_candidate:
+                continue
             probe = TailFile(name=r.name, ts=r.ts, gz=True)
             if not self._open_gz(t, probe, listing.path(r), r):
                 continue
@@ -383,9 +416,13 @@ class Tailer:
 
     def _was_consumed(self, t: StreamTail, f: TailFile) -> bool:
         """Same inode and same head as a file read to its end before (inodes get reused)."""
-        for dev, ino, fp_len, fp in t.consumed:
-            if (dev, ino) == (f.dev, f.ino) and fp_len <= f.size and f.fd is not None and (
-                self._head_fp(f, fp_len) == fp
+        for dev, ino, fp_len, fp, size in t.consumed:
+            if (dev, ino) != (f.dev, f.ino) or f.fd is None:
+                continue
+            # A consumed file was final: the same file has exactly its length. Without a
+            # recorded length only a long head can tell (short heads are all timestamps).
+            if (size == f.size if size >= 0 else fp_len >= FP_MIN) and (
+                fp_len <= f.size and self._head_fp(f, fp_len) == fp
             ):
                 return True
         return False
@@ -402,12 +439,12 @@ class Tailer:
         if head is None:
             return None
         for q in t.queue:
-            if q.gz or q.ts is not None or not q.fp_len:
+            if q.gz or q.ts is not None or q.fp_len < FP_MIN:
                 continue
             if len(head) >= q.fp_len and fingerprint(head[: q.fp_len]) == q.fp:
                 return q
-        for _dev, _ino, fp_len, fp in t.consumed:
-            if fp_len and len(head) >= fp_len and fingerprint(head[:fp_len]) == fp:
+        for _dev, _ino, fp_len, fp, _size in t.consumed:
+            if fp_len >= FP_MIN and len(head) >= fp_len and fingerprint(head[:fp_len]) == fp:
                 return "consumed"
         return None
 
@@ -607,19 +644,24 @@ class Tailer:
                     if f.pos:
                         self._skip_gz(f, f.pos)
                     return True
+                if f.ts is not None and r.ts != f.ts:
+                    continue  # a rotated file keeps its unique name; its inode may be reused
                 try:
                     st = self.fs.stat(path)
                 except OSError:
                     continue
                 if f.ino and (st.st_dev, st.st_ino) != (f.dev, f.ino):
                     continue
+                if f.final:
+                    f.size_final = st.st_size
                 if not self._open_plain(t, f, path):
                     return False
                 if r.ts is not None:
                     f.ts, f.name = r.ts, r.name
                 return True
-        # Vanished before it could ever be read.
-        known = f.size - f.pos if (f.final and f.size >= 0 and not f.gz) else None
+        # Vanished before it could ever be read. Its length is known only if it was seen
+        # after it became final (no writer could append any more).
+        known = f.size_final - f.pos if (f.size_final >= 0 and not f.gz) else None
         self.spool.record_loss(
             s, known, "unreadable",
             f"{f.name} could not be read and then disappeared"
@@ -634,7 +676,7 @@ class Tailer:
         t.queue.pop(0)
         if f.ts:
             t.consumed_ts = max(t.consumed_ts, f.ts)
-        t.consumed.append((f.dev, f.ino, f.fp_len, f.fp))
+        t.consumed.append((f.dev, f.ino, f.fp_len, f.fp, f.pos))
         del t.consumed[:-CONSUMED_KEEP]
         self.spool.dirty = True
 
