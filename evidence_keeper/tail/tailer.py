@@ -191,9 +191,13 @@ class Tailer:
         unknown: list[TailFile] = []
         saved_queue = saved.get("queue", [])
         known = max([t.consumed_ts, *(d["ts"] for d in saved_queue if d["ts"])])
+        # Kubelet deletes oldest first: while a file from before the checkpoint is still on
+        # disk, no file that was queued at the checkpoint can have been deleted.
+        nothing_deleted = any(r.ts and r.ts <= known for r in fresh.rotated)
+        after = known  # files live at the checkpoint follow, in queue order, after this
         for d in saved_queue:
             f = TailFile.from_json(d)
-            found = self._reopen(t, f, fresh, known)
+            found = self._reopen(t, f, fresh, after, nothing_deleted)
             for _ in range(5):
                 # A miss may be a rotation between the listing and the stats: only a miss
                 # that two listings agree on is a file really gone.
@@ -203,9 +207,11 @@ class Tailer:
                 if again is None or again == fresh:
                     break
                 fresh = again
-                found = self._reopen(t, f, fresh, known)
+                found = self._reopen(t, f, fresh, after, nothing_deleted)
             if found:
                 t.queue.append(f)
+                if d["ts"] is None and f.ts is not None:
+                    after = max(after, f.ts)
             elif f.pos == 0 and f.fp_len == 0 and not f.final:
                 unknown.append(f)  # nothing read, nothing to recognise it by: see below
             else:
@@ -263,7 +269,7 @@ class Tailer:
             self.tails[sid] = t
 
     def _reopen(self, t: StreamTail, f: TailFile, listing: StreamListing,
-                known_ts: str = "") -> bool:
+                known_ts: str = "", nothing_deleted: bool = False) -> bool:
         """Open a checkpointed file again: by inode and head while plain, by its rotation
         name once compressed, or by its head fingerprint if it was compressed before the
         agent learnt that name. Candidates are probed on scratch records, so a rejected one
@@ -275,12 +281,11 @@ class Tailer:
             # unique rotation name, which identifies it even unread.
             return False
         # A file live at the checkpoint was renamed at the first rotation after everything the
-        # checkpoint knew (``known_ts``). With a short head (every CRI head starts with the same
-        # timestamp prefix) only that one candidate is considered, and only while a file older
-        # than it is still on disk: kubelet deletes oldest first, so the file was not deleted.
+        # checkpoint knew before it (``known_ts``, advanced by the caller in queue order). With
+        # a short head (every CRI head starts with the same timestamp prefix) only that one
+        # candidate is considered, and only when no file can have been deleted meanwhile.
         newer = sorted(r.ts for r in listing.rotated if r.ts and r.ts > known_ts)
-        older_on_disk = any(r.ts and r.ts <= known_ts for r in listing.rotated)
-        short_candidate = newer[0] if newer and older_on_disk and known_ts else None
+        short_candidate = newer[0] if newer and nothing_deleted else None
         plain = [(listing.path(r), r) for r in listing.rotated if not r.gz]
         if listing.live:
             plain.append((listing.live_path, Listed(f"{t.id.restart}.log", None, False)))
@@ -434,17 +439,25 @@ class Tailer:
         t.queue.append(f)
 
     def _gz_twin(self, t: StreamTail, f: TailFile) -> TailFile | str | None:
-        """Is this .gz a compressed copy of a file already queued (no ts yet) or consumed?"""
+        """Is this .gz a compressed copy of a file already queued (no ts yet) or consumed?
+
+        A head of at least FP_MIN bytes identifies a file. A shorter one is the whole file
+        (heads are kept up to 4 KiB), so the .gz must then hold exactly those bytes.
+        """
         head = self._gz_head(f)
         if head is None:
             return None
+
+        def same(fp_len: int, fp: str, size: int) -> bool:
+            if fp_len >= FP_MIN:
+                return len(head) >= fp_len and fingerprint(head[:fp_len]) == fp
+            return 0 < fp_len == size == len(head) and fingerprint(head) == fp
+
         for q in t.queue:
-            if q.gz or q.ts is not None or q.fp_len < FP_MIN:
-                continue
-            if len(head) >= q.fp_len and fingerprint(head[: q.fp_len]) == q.fp:
+            if not q.gz and q.ts is None and q.fp_len and same(q.fp_len, q.fp, q.size):
                 return q
-        for _dev, _ino, fp_len, fp, _size in t.consumed:
-            if fp_len >= FP_MIN and len(head) >= fp_len and fingerprint(head[:fp_len]) == fp:
+        for _dev, _ino, fp_len, fp, size in t.consumed:
+            if same(fp_len, fp, size):
                 return "consumed"
         return None
 
