@@ -28,8 +28,13 @@ lint: venv
 demo: venv
 	$(BIN)/evidence-keeper demo
 
+# The core run rewrites its block of docs/benchmarks.md; the S3, Kubernetes and search runs
+# print their figures (copied into the same document with the date and machine).
 bench: venv
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.s3_bench
+	$(BIN)/python -m bench.kube_bench
+	$(BIN)/python -m bench.search_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
