@@ -479,10 +479,12 @@ def test_archive_api_security(tmp_path: Path, make_settings: Callable[..., Setti
 
 def test_archive_disabled_without_token_file(make_settings: Callable[..., Settings]) -> None:
     with AgentThread(make_settings()) as t:
-        for headers in ({"Authorization": f"Bearer {TOKEN}"}, {}):
-            status, body = raw_http(t.url, "POST", "/archive", body=b'{"namespace": "a"}',
-                                    headers=headers)
-            assert status == 403 and "disabled" in body["error"]
+        # CONTRACT §6: the token is checked first (401), then the endpoint (403).
+        status, body = raw_http(t.url, "POST", "/archive", body=b'{"namespace": "a"}',
+                                headers={"Authorization": f"Bearer {TOKEN}"})
+        assert status == 403 and "disabled" in body["error"]
+        status, body = raw_http(t.url, "POST", "/archive", body=b'{"namespace": "a"}')
+        assert status == 401 and "missing bearer token" in body["error"]
         status, body = raw_http(t.url, "GET", f"/archives/{'0' * 24}")
         assert status == 403
 

@@ -30,7 +30,6 @@ segments of the scope that no reachable agent covered (nodes that are gone).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import re
@@ -244,12 +243,12 @@ class ArchiveService:
         """The request's token if it is the configured one; raises BadRequest otherwise."""
         from evidence_keeper.api.app import BadRequest
 
-        expected = await self._expected_token()
-        for key, value in request.query.items():
-            if _CREDENTIAL_PARAMS.search(key) or hmac.compare_digest(
-                    value.encode(), expected.encode()):
-                raise BadRequest("credentials in the query string are refused (they end up in"
-                                 " logs); send Authorization: Bearer <token>", 401)
+        # CONTRACT §6: a missing or malformed token is a 401, checked before anything else;
+        # a well-formed token is then refused with 403 while the endpoint is disabled.
+        refused = BadRequest("credentials in the query string are refused (they end up in"
+                             " logs); send Authorization: Bearer <token>", 401)
+        if any(_CREDENTIAL_PARAMS.search(key) for key in request.query):
+            raise refused
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if not header:
@@ -258,6 +257,9 @@ class ArchiveService:
                 raise BadRequest("missing bearer token (Authorization: Bearer <token>)", 401)
         elif scheme.lower() != "bearer" or not given.strip():
             raise BadRequest("the Authorization header must be 'Bearer <token>'", 401)
+        expected = await self._expected_token()
+        if any(hmac.compare_digest(v.encode(), expected.encode()) for v in request.query.values()):
+            raise refused
         if not hmac.compare_digest(given.strip().encode(), expected.encode()):
             raise BadRequest("invalid bearer token", 401)
         return expected
@@ -285,7 +287,7 @@ class ArchiveService:
     async def post_archive(self, request: web.Request) -> web.Response:
         from evidence_keeper.api.app import MAX_BODY, BadRequest
 
-        token = await self._authenticate(request)
+        await self._authenticate(request)
         if request.query:
             raise BadRequest(f"unknown parameter {next(iter(request.query))[:40]!r}"
                              " (the request goes in the JSON body)")
@@ -323,7 +325,6 @@ class ArchiveService:
                 "name": req.get("requester"), "address": request.remote,
                 "user_agent": request.headers.get("User-Agent", "")[:200],
                 "forwarded_for": request.headers.get("X-Forwarded-For", "")[:200] or None,
-                "token_sha256_prefix": hashlib.sha256(token.encode()).hexdigest()[:12],
             },
             accepted_at=rfc3339(now) or "")
         self.jobs[job_id] = job
