@@ -387,6 +387,7 @@ class Agent:
 
     def close(self) -> None:
         self.shipper.close()
+        self.sinks.close()
         self.resolvers.close()
         self.tailer.close()
         self.spool.close()

@@ -58,6 +58,7 @@ class Scan:
     streams: dict[StreamId, StreamListing] = field(default_factory=dict)
     root_ok: bool = True
     error: str | None = None
+    complete: bool = True  # False: some directory could not be read (not "gone")
 
 
 class LogTree:
@@ -66,23 +67,32 @@ class LogTree:
         self.fs = fs or FileSystem()
         self._cache: dict[str, tuple[int, list[str]]] = {}
         self._bad_names: set[str] = set()
+        self._stale: dict[str, tuple[int, list[str]]] = {}  # last good listing, racy or not
+        self._incomplete = False
         # Grouped listings of container directories, reused while the cached names are.
         self._groups: dict[str, tuple[list[str], dict[StreamId, StreamListing]]] = {}
 
     def _list(self, path: str, now: float) -> list[str] | None:
+        """Names in ``path``; None only when it is really gone (ENOENT, ENOTDIR).
+
+        Any other error (EIO, EACCES, a stale NFS handle) must not make its streams look
+        deleted, which would end them: the last listing is reused and the scan is marked
+        incomplete, so the tailer forgets nothing because of it.
+        """
         try:
             st = self.fs.stat(path)
-        except OSError:
-            self._cache.pop(path, None)
-            return None
-        cached = self._cache.get(path)
-        if cached is not None and cached[0] == st.st_mtime_ns:
-            return cached[1]
-        try:
+            cached = self._cache.get(path)
+            if cached is not None and cached[0] == st.st_mtime_ns:
+                return cached[1]
             names = self.fs.listdir(path)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             self._cache.pop(path, None)
             return None
+        except OSError:
+            self._incomplete = True
+            kept = self._cache.get(path) or self._stale.get(path)
+            return None if kept is None else kept[1]
+        self._stale[path] = (st.st_mtime_ns, names)
         if now - st.st_mtime_ns / 1e9 >= RACY_S:
             self._cache[path] = (st.st_mtime_ns, names)
         else:
@@ -92,6 +102,7 @@ class LogTree:
     def scan(self) -> Scan:
         now = time.time()
         out = Scan()
+        self._incomplete = False
         pods = self._list(self.root, now)
         if pods is None:
             out.root_ok = False
@@ -125,8 +136,11 @@ class LogTree:
                 self._group(part, StreamId(namespace, pod, uid, container, 0), cpath, names)
                 self._groups[cpath] = (names, part.streams)
                 out.streams.update(part.streams)
+        out.complete = not self._incomplete
         for stale in self._cache.keys() - seen_dirs:
             del self._cache[stale]
+        for stale in self._stale.keys() - seen_dirs:
+            del self._stale[stale]
         for stale in self._groups.keys() - seen_dirs:
             del self._groups[stale]
         return out

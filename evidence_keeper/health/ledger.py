@@ -11,6 +11,7 @@ loss. Calls are blocking and come from worker threads; one connection guarded by
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -113,7 +114,10 @@ class Ledger:
     def record_loss(self, loss: Loss, *, at: datetime) -> bool:
         """Insert a ``loss`` gap; returns False when this exact hole was recorded before."""
         s = loss.stream
-        dedup = f"loss:{s.key}:{loss.offset}:{loss.reason}:{loss.bytes}"
+        # Holes of unknown length consume no offsets, so several can share one: the detail
+        # (which names the file) tells them apart, and is the same when a crash re-detects one.
+        which = hashlib.sha256(loss.detail.encode()).hexdigest()[:16]
+        dedup = f"loss:{s.key}:{loss.offset}:{loss.reason}:{loss.bytes}:{which}"
         when = rfc3339(at)
         with self._tx() as db:
             cur = db.execute(

@@ -21,6 +21,7 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -125,6 +126,11 @@ class SinkMonitor:
                                          (store.check_name,))
         self.rounds = 0
         self._last_flush = time.monotonic()
+        self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ek-store-probe")
+        self._store_check: asyncio.Future[None] | None = None
+
+    def close(self) -> None:
+        self._store_pool.shutdown(wait=False, cancel_futures=True)
 
     def restore(self) -> None:
         """Reattach outages that were open when the agent stopped."""
@@ -141,8 +147,18 @@ class SinkMonitor:
     async def probe(self, st: SinkState) -> ProbeResult:
         if st.name == "store":
             start = time.monotonic()
+            if self._store_check is not None and not self._store_check.done():
+                # The last check is still stuck (a hung endpoint or NFS mount): fail at once
+                # rather than pile up threads that the commit loop's fsync also needs.
+                return ProbeResult(False, st.checks, st.checks[0],
+                                   "the previous store check is still hanging",
+                                   time.monotonic() - start)
+            loop = asyncio.get_running_loop()
+            self._store_check = loop.run_in_executor(self._store_pool, self.store.check)
+            # A check that outlives its deadline still ends; its error is read here.
+            self._store_check.add_done_callback(lambda f: f.cancelled() or f.exception())
             try:
-                await asyncio.wait_for(asyncio.to_thread(self.store.check), self.prober.timeout)
+                await asyncio.wait_for(asyncio.shield(self._store_check), self.prober.timeout)
             except TimeoutError:
                 return ProbeResult(False, st.checks, st.checks[0],
                                    f"store check timed out after {self.prober.timeout:g}s",

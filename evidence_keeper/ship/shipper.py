@@ -34,7 +34,7 @@ from evidence_keeper.logs import get_logger, stream_fields
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import segment_key
 from evidence_keeper.ship.codec import compress, extension
-from evidence_keeper.ship.store import Store, StoreError
+from evidence_keeper.ship.store import Store
 from evidence_keeper.spool.spool import SealedSegment, Spool, SpoolStream
 
 log = get_logger("evidence_keeper.ship")
@@ -58,6 +58,10 @@ class PreparedSegment:
     body: bytes
     meta: dict[str, str]
     sha256: str
+
+
+class SpoolSegmentDamaged(Exception):
+    """A sealed segment's spool file is gone or of the wrong size: its bytes are lost."""
 
 
 class Breaker:
@@ -111,12 +115,14 @@ class Shipper:
 
     def prepare(self, s: SpoolStream, seg: SealedSegment) -> PreparedSegment:
         """Read, hash and compress one sealed segment (blocking: runs in a thread)."""
-        with open(seg.path, "rb") as f:
-            data = f.read()
+        try:
+            with open(seg.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError as exc:
+            raise SpoolSegmentDamaged(f"spool segment {seg.path} is missing") from exc
         if len(data) != seg.length:
-            raise StoreError(
-                f"spool segment {seg.path} has {len(data)} bytes, expected {seg.length}",
-                retryable=False)
+            raise SpoolSegmentDamaged(
+                f"spool segment {seg.path} has {len(data)} bytes, expected {seg.length}")
         sha = hashlib.sha256(data).hexdigest()
         first, last = edge_timestamps(data[:EDGE_WINDOW], data[-EDGE_WINDOW:])
         ext = extension(self.config.compression)
@@ -150,6 +156,11 @@ class Shipper:
         try:
             loop = asyncio.get_running_loop()
             sha = await loop.run_in_executor(self._pool, self._upload, s, seg)
+        except SpoolSegmentDamaged as exc:
+            # The spool lost this segment (disk fault, manual deletion): say so with its
+            # exact range and go on; it is not the store's fault, so no back-off.
+            await asyncio.to_thread(self.spool.drop_damaged, s, seg, str(exc))
+            return
         except Exception as exc:  # any failure of one upload is retried, never fatal
             seg.inflight = False
             self.metrics.ship_errors.labels(op="put").inc()
@@ -203,12 +214,10 @@ class Shipper:
         """Start uploads for ready segments, up to the concurrency limit."""
         started = 0
         now = self.clock()
-        for s, seg in self.spool.ready_segments():
-            if len(self._inflight) >= self.config.concurrency:
-                break
-            if not self.breaker.allows(now, len(self._inflight)):
-                break
-            seg.inflight = True
+        free = self.config.concurrency - len(self._inflight)
+        if self.breaker.failures:
+            free = 1 if self.breaker.allows(now, len(self._inflight)) else 0
+        for s, seg in self.spool.claim_ready(free):
             task = asyncio.create_task(self._ship_one(s, seg), name=f"ship:{s.id.key}@{seg.start}")
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)

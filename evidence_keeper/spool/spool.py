@@ -451,6 +451,11 @@ class Spool:
                 captured += n
                 self._traffic(s.id)[0] += n
                 oseg.synced_size = size
+                if s.open is not oseg:
+                    # Sealed while we fsynced: the sealed record took the old synced size.
+                    for sseg in s.sealed:
+                        if sseg.start == oseg.start:
+                            sseg.synced = max(sseg.synced, size)
             for s, sseg in sealed_now:
                 n = sseg.length - sseg.synced
                 captured += n
@@ -513,6 +518,28 @@ class Spool:
         out.sort(key=lambda p: (not p[0].priority, p[1].captured_at))
         return out
 
+    def claim_ready(self, limit: int) -> list[tuple[SpoolStream, SealedSegment]]:
+        """Up to ``limit`` ready segments, marked in flight under the lock (so eviction can
+        never take a segment an upload has started on)."""
+        if limit <= 0:
+            return []
+        with self.lock:
+            claimed = self.ready_segments()[:limit]
+            for _s, seg in claimed:
+                seg.inflight = True
+        return claimed
+
+    def drop_damaged(self, s: SpoolStream, seg: SealedSegment, detail: str) -> None:
+        """A sealed segment whose spool file is damaged: record its exact range as lost."""
+        with self.lock:
+            seg.inflight = False
+            if seg not in s.sealed:
+                return
+            self._lose(s, seg.start, seg.length, "spool_corrupt", detail)
+            s.sealed.remove(seg)
+            self._deletions.append(seg.path)
+            self.dirty = True
+
     def acknowledge(self, s: SpoolStream, seg: SealedSegment, sha256: str) -> None:
         """The store confirmed ``seg``; its file goes after the next durable checkpoint."""
         with self.lock:
@@ -552,7 +579,8 @@ class Spool:
 
     # ------------------------------------------------------------------ budget
     def total_bytes(self) -> int:
-        return sum(s.pending_bytes() for s in self.streams.values())
+        with self.lock:
+            return sum(s.pending_bytes() for s in self.streams.values())
 
     def _evict_over_budget(self) -> None:
         total = self.total_bytes()

@@ -141,6 +141,7 @@ class Tailer:
         self.per_stream_budget = per_stream_budget
         self.tails: dict[StreamId, StreamTail] = {}
         self.first_scan_done = False
+        self._vanished_checked = False
         self.syncs = 0
 
     # ------------------------------------------------------------------ discovery input
@@ -156,10 +157,11 @@ class Tailer:
                     t = self._attach(sid, listing)
                 if t.listing is not listing and t.listing != listing:
                     self._refresh(t, listing)
-            if not self.first_scan_done:
+            if not self._vanished_checked and scan.complete:
+                self._vanished_checked = True
                 self._recover_vanished(scan)
             for sid, t in self.tails.items():
-                if sid not in scan.streams and not t.gone:
+                if scan.complete and sid not in scan.streams and not t.gone:
                     # Pod directory removed, or kubelet deleted this instance's logs: nothing
                     # will be written again; open descriptors still read to the end.
                     t.gone = True
@@ -328,9 +330,11 @@ class Tailer:
             if f.fp_len and not self._gz_head_is(probe, f.fp_len, f.fp):
                 self._close(probe)
                 continue
+            if not self._skip_gz(probe, f.pos):
+                self._close(probe)
+                continue  # damaged: the caller records the rest of the file as lost
             f.gzf, f.raw, f.gz, f.final = probe.gzf, probe.raw, True, True
             f.name, f.ts, f.dev, f.ino = probe.name, probe.ts, probe.dev, probe.ino
-            self._skip_gz(f, f.pos)
             return True
         return False
 
@@ -510,9 +514,23 @@ class Tailer:
             return False
         return len(head) == want_len and fingerprint(head) == want
 
-    def _skip_gz(self, f: TailFile, n: int) -> None:
+    def _skip_gz(self, f: TailFile, n: int) -> bool:
+        """Position a .gz reader at uncompressed offset ``n``; False if the file is damaged."""
         assert f.gzf is not None
-        f.gzf.seek(n)
+        try:
+            f.gzf.seek(n)
+        except (OSError, EOFError, zlib.error):
+            return False
+        return True
+
+    def _corrupt_gz(self, t: StreamTail, s: SpoolStream, f: TailFile, why: str) -> None:
+        self.spool.record_loss(s, None, "unreadable",
+                               f"{f.name}: corrupt gzip after {f.pos} bytes: {why}")
+        self._close(f)
+        if f in t.queue:
+            t.queue.remove(f)
+        if f.ts:
+            t.consumed_ts = max(t.consumed_ts, f.ts)
 
     def _update_fp(self, f: TailFile) -> None:
         if f.fd is None or f.fp_len >= FP_MAX:
@@ -589,10 +607,14 @@ class Tailer:
                 try:
                     n = self.spool.append(s, data, now_mono=now)
                 except SpoolWriteError:
-                    return False
+                    n = 0
                 f.pos += n
                 budget -= n
                 if n < len(data):
+                    # Plain files are read at f.pos (pread); a decompressor has moved on and
+                    # must be put back to what the spool accepted.
+                    if f.gzf is not None and not self._skip_gz(f, f.pos):
+                        self._corrupt_gz(t, s, f, "cannot seek back after a spool error")
                     return False
                 if f.fp_len < FP_MAX and not f.gz:
                     self._update_fp(f)
@@ -654,8 +676,9 @@ class Tailer:
                         continue
                     if not self._open_gz(t, f, path, r):
                         return False
-                    if f.pos:
-                        self._skip_gz(f, f.pos)
+                    if f.pos and not self._skip_gz(f, f.pos):
+                        self._corrupt_gz(t, s, f, "cannot seek to the read position")
+                        return False
                     return True
                 if f.ts is not None and r.ts != f.ts:
                     continue  # a rotated file keeps its unique name; its inode may be reused
