@@ -63,15 +63,29 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 
 
 @contextlib.asynccontextmanager
-async def running_agent(settings: Settings, **kwargs: Any) -> AsyncIterator[Agent]:
-    """An agent running in this event loop; stopped (ordered shutdown) on exit."""
+async def running_agent(
+    settings: Settings,
+    *,
+    prepare: Callable[[Agent], None] | None = None,
+    ready: Callable[[Agent], bool] | None = None,
+    within: float = 15.0,
+    **kwargs: Any,
+) -> AsyncIterator[Agent]:
+    """An agent running in this event loop; stopped (ordered shutdown) on exit.
+
+    ``prepare`` adjusts the agent before it starts; ``ready`` (default: tailing has begun)
+    must hold within ``within`` seconds before the body runs.
+    """
     agent = Agent(settings, **kwargs)
+    if prepare is not None:
+        prepare(agent)
+    is_ready = ready or (lambda a: a.status.tailing)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop), name="agent")
     try:
-        for _ in range(200):
-            if agent.status.tailing or task.done():
-                break
+        deadline = asyncio.get_running_loop().time() + within
+        while not is_ready(agent) and not task.done():
+            assert asyncio.get_running_loop().time() < deadline, "the agent never got ready"
             await asyncio.sleep(0.02)
         if task.done():
             task.result()

@@ -40,6 +40,7 @@ from tests.conftest import (
     check_segments,
     export_bytes,
     loss_gaps,
+    running_agent,
     stored_segments,
     wait_until,
 )
@@ -97,25 +98,14 @@ def fake(kubeconfig_env: Callable[[FakeKube], None]) -> Iterator[FakeKube]:
 @contextlib.asynccontextmanager
 async def kube_agent(settings: Settings, *, tuning: KubeTuning = FAST) -> AsyncIterator[Agent]:
     """A running agent with the watcher's timings shortened; waits for the first list."""
-    agent = Agent(settings)
-    assert agent.kube is not None, "kubernetes: on must start the watcher"
-    agent.kube.tuning = tuning
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop), name="agent")
-    try:
-        deadline = time.monotonic() + 15
-        while not agent.kube.synced and not task.done():
-            assert time.monotonic() < deadline, "the watcher never listed pods"
-            await asyncio.sleep(0.02)
-        if task.done():
-            task.result()
+
+    def prepare(agent: Agent) -> None:
+        assert agent.kube is not None, "kubernetes: on must start the watcher"
+        agent.kube.tuning = tuning
+
+    async with running_agent(settings, prepare=prepare,
+                             ready=lambda a: a.kube is not None and a.kube.synced) as agent:
         yield agent
-    finally:
-        stop.set()
-        try:
-            await asyncio.wait_for(task, timeout=40)
-        finally:
-            agent.close()
 
 
 def sample(agent: Agent, name: str, **labels: str) -> float:
