@@ -259,6 +259,11 @@ class Agent:
 
     # ------------------------------------------------------------------ API views
     def readiness(self) -> dict[str, Any]:
+        """The /readyz document. Blocking: it reads shared state under the spool lock."""
+        with self.spool.lock:
+            return self._readiness()
+
+    def _readiness(self) -> dict[str, Any]:
         st = self.status
         # The API fallback (no readable log tree) is ready but weaker, and says so in detail:
         # an agent that never turns Ready would hide the evidence it does capture.

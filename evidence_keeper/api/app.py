@@ -11,6 +11,7 @@ and a ``TCPSite``), and stops last so ``/metrics`` and ``/gaps`` answer during t
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -101,7 +102,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
-    detail = agent.readiness()
+    detail = await asyncio.to_thread(agent.readiness)  # takes the spool lock
     return web.json_response(detail, status=200 if detail["ready"] else 503)
 
 

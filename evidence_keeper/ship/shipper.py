@@ -172,7 +172,7 @@ class Shipper:
             self.store_up = False
             self.last_error = str(exc)
             return
-        self.spool.acknowledge(s, seg, sha)
+        await asyncio.to_thread(self.spool.acknowledge, s, seg, sha)
         if self.store_up is False:
             log.info("store reachable again; draining backlog", store=self.store.describe())
         self.store_up = True

@@ -146,17 +146,22 @@ class Tailer:
 
     # ------------------------------------------------------------------ discovery input
     def sync(self, scan: Scan) -> None:
-        """Apply a scan: new streams, new files, finality; streams whose files vanished."""
-        with self.spool.lock:
-            if not scan.root_ok:
-                return
-            self.syncs += 1
-            for sid, listing in scan.streams.items():
+        """Apply a scan: new streams, new files, finality; streams whose files vanished.
+
+        The spool lock is taken per stream (recovery and refreshes do file I/O), so the
+        shipper and the API, which take it briefly, never wait for a whole scan.
+        """
+        if not scan.root_ok:
+            return
+        self.syncs += 1
+        for sid, listing in scan.streams.items():
+            with self.spool.lock:
                 t = self.tails.get(sid)
                 if t is None:
                     t = self._attach(sid, listing)
                 if t.listing is not listing and t.listing != listing:
                     self._refresh(t, listing)
+        with self.spool.lock:
             if not self._vanished_checked and scan.complete:
                 self._vanished_checked = True
                 self._recover_vanished(scan)
