@@ -46,6 +46,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.task_restarts = Counter(
+            "evidence_keeper_task_restarts",
+            "Restarts of the agent's long-lived tasks after a failure or an unexpected finish"
+            " (each one is a bug or a fault worth a look; the log names it).",
+            ["task"],
+            registry=r,
+        )
         self.ship_latency = Histogram(
             "evidence_keeper_ship_latency_seconds",
             "Time from capture of a segment's first byte to the store confirming it.",

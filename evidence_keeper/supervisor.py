@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +37,7 @@ from typing import Any
 
 from aiohttp import web
 
+from evidence_keeper.aiotasks import guard, sleep_until, stop_tasks
 from evidence_keeper.archive.service import install as install_archive
 from evidence_keeper.discover.kube import KubeWatcher, kube_enabled
 from evidence_keeper.discover.logtree import LogTree
@@ -135,28 +136,14 @@ class Agent:
         self.ledger.record_loss(loss, at=datetime.now(UTC))
 
     # ------------------------------------------------------------------ loops
-    async def _guard(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
-        """Run ``loop`` until intake closes; restart it with back-off if it raises."""
-        delay = 1.0
-        while not self.intake_closed.is_set():
-            try:
-                await loop()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("task failed; restarting", task=name, retry_in_s=delay)
-                try:
-                    await asyncio.wait_for(self.intake_closed.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
-                delay = min(delay * 2, 30.0)
+    def _guarded(self, name: str, loop: Callable[[], Awaitable[None]], *,
+                 stop: asyncio.Event | None = None) -> Coroutine[Any, Any, None]:
+        """``loop`` as an eternal, guarded task body (see :mod:`evidence_keeper.aiotasks`)."""
+        return guard(name, loop, stop=stop or self.intake_closed,
+                     restarts=self.metrics.task_restarts)
 
     async def _sleep_or_close(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self.intake_closed.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
+        await sleep_until(self.intake_closed, seconds)
 
     async def _discover_loop(self) -> None:
         warned = False
@@ -336,54 +323,79 @@ class Agent:
             streams=len(self.spool.streams))
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set, then shut down in order."""
+        """Run until ``stop`` is set, then shut down in order.
+
+        The ordered drain runs whatever ended the wait: ``stop``, a root task that finished
+        (impossible while it is guarded, logged as a bug) or the cancellation of ``run``
+        itself. The HTTP server is a root task too; it is stopped last, so ``/metrics``
+        answers during the drain, and its cleanup is shielded from cancellation.
+        """
         await self.start()
-        from evidence_keeper.api.app import serve
+        from evidence_keeper.api.app import serve  # until the API takes narrow views (issue 11)
 
         try:
             runner = await serve(self, self.settings.listen_host, self.settings.listen_port)
         except OSError as exc:
             raise StartupError(f"cannot listen on {self.settings.listen}: {exc}") from exc
-        ship_stop = asyncio.Event()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                intake = [
-                    tg.create_task(self._guard("discover", self._discover_loop),
-                                   name="discover"),
-                    tg.create_task(self._guard("tail", self._tail_loop), name="tail"),
-                    tg.create_task(self._guard("commit", self._commit_loop), name="commit"),
-                    tg.create_task(self._guard("monitor", self._monitor_loop), name="monitor"),
-                    tg.create_task(self._guard("sinks", self._sinks_loop), name="sinks"),
-                ]
-                if self.kube is not None:
-                    intake.append(tg.create_task(self._guard("kube", self.kube.run), name="kube"))
-                ship = tg.create_task(self.shipper.run(stop=ship_stop), name="ship")
-                await stop.wait()
+        ship_stop, http_stop = asyncio.Event(), asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            http = tg.create_task(self._serve_until(runner, http_stop), name="http")
+            try:
+                intake = [tg.create_task(self._guarded(name, loop), name=name)
+                          for name, loop in self._intake_loops()]
+                ship = tg.create_task(
+                    self._guarded("ship", lambda: self.shipper.run(stop=ship_stop),
+                                  stop=ship_stop), name="ship")
+                await self._wait_stop(stop, [*intake, ship])
                 await self.shutdown(intake, ship, ship_stop)
+            finally:
+                http_stop.set()
+                await asyncio.shield(http)
+
+    def _intake_loops(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+        loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("discover", self._discover_loop), ("tail", self._tail_loop),
+            ("commit", self._commit_loop), ("monitor", self._monitor_loop),
+            ("sinks", self._sinks_loop),
+        ]
+        if self.kube is not None:
+            loops.append(("kube", self.kube.run))
+        return loops
+
+    @staticmethod
+    async def _wait_stop(stop: asyncio.Event, roots: list[asyncio.Task[None]]) -> None:
+        """Until ``stop`` is set or a root task ends (a bug: guarded tasks end only on stop)."""
+        stopper = asyncio.create_task(stop.wait(), name="stop-signal")
+        try:
+            done, _ = await asyncio.wait([stopper, *roots], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await runner.cleanup()
+            stopper.cancel()
+        for t in done:
+            if t is not stopper:
+                log.error("root task ended before shutdown; draining", task=t.get_name())
+
+    @staticmethod
+    async def _serve_until(runner: web.AppRunner, http_stop: asyncio.Event) -> None:
+        try:
+            await http_stop.wait()
+        finally:
+            await asyncio.shield(runner.cleanup())
 
     async def shutdown(self, intake: list[asyncio.Task[None]], ship: asyncio.Task[None],
                        ship_stop: asyncio.Event) -> None:
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
         log.info("shutting down: closing intake")
         self.intake_closed.set()
-        _, pending = await asyncio.wait(intake, timeout=max(0.1, deadline - time.monotonic()))
-        for t in pending:
-            log.error("task did not stop in time; cancelling", task=t.get_name())
-            t.cancel()
+        # Intake loops finish their current pass (a cancelled to_thread would leave its thread
+        # running against the state): they are cancelled only past the deadline.
+        await stop_tasks(intake, within=max(0.1, deadline - time.monotonic()), cancel=False)
         await asyncio.to_thread(self.spool.seal_all)
         await asyncio.to_thread(self.spool.commit)
         self.shipper.wakeup.set()
         drained = await self.shipper.drain(deadline)
         ship_stop.set()
         self.shipper.wakeup.set()
-        try:
-            left_s = max(0.1, deadline - time.monotonic())
-            await asyncio.wait_for(asyncio.shield(ship), timeout=left_s)
-        except TimeoutError:
-            log.error("uploads still running at the deadline; cancelling", task="ship")
-            ship.cancel()
+        await stop_tasks([ship], within=max(0.1, deadline - time.monotonic()), cancel=False)
         await asyncio.to_thread(self.spool.commit)
         await asyncio.to_thread(self.sinks.flush_coverage)
         await asyncio.to_thread(self.ledger.set_meta, "stopped_at", rfc3339(datetime.now(UTC)))

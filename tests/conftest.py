@@ -9,7 +9,7 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,8 @@ from evidence_keeper.ship.codec import decompress
 from evidence_keeper.ship.store import Store
 from evidence_keeper.supervisor import Agent
 
-
-@pytest.fixture(autouse=True)
-def _no_leaked_tasks() -> Iterator[None]:
-    """Fail a test that leaves asyncio tasks running behind it (kopf's conftest habit)."""
-    yield
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return
-    current = asyncio.current_task(loop)
-    leaked = [t for t in asyncio.all_tasks(loop) if t is not current and not t.done()]
-    assert not leaked, f"leaked tasks: {leaked}"
+# The leaked-task check (an async autouse fixture) and pytester for the test that proves it.
+pytest_plugins = ["tests.leakcheck", "pytester"]
 
 
 @pytest.fixture
