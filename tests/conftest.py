@@ -164,6 +164,26 @@ async def wait_until(cond: Callable[[], bool], *, within: float, what: str,
         await asyncio.sleep(interval)
 
 
+def read_offset(agent: Agent, store: Store, sid: StreamId) -> int:
+    """How far the agent has read ``sid``: its spool offset, or once the spool forgot the
+    finished stream, what the store holds of it."""
+    s = agent.spool.streams.get(sid)
+    if s is not None:
+        return s.next_offset
+    data, _ = export_bytes(store, sid)
+    return len(data)
+
+
+async def wait_read(agent: Agent, store: Store, records: dict[StreamId, bytes], *,
+                    within: float = 30.0) -> None:
+    """Wait until the agent has read every byte of every stream in ``records``."""
+    def done() -> bool:
+        return all(read_offset(agent, store, sid) >= len(rec) for sid, rec in records.items())
+
+    await wait_until(done, within=within,
+                     what=f"the agent to read all {len(records)} streams to their end")
+
+
 async def wait_exported(store: Store, sid: StreamId, expected: bytes, *,
                         within: float = 15.0) -> None:
     """Wait until the store holds exactly ``expected`` for ``sid`` (then check it strictly)."""

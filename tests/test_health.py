@@ -23,7 +23,7 @@ from evidence_keeper.cli import main as cli_main
 from evidence_keeper.health.probes import Prober, ResolverPool
 from evidence_keeper.settings import Settings
 from evidence_keeper.sim import KubeletSim
-from tests.conftest import AgentThread, running_agent
+from tests.conftest import AgentThread, running_agent, wait_until
 
 SINK_HOST = "agent-http-intake.logs.datadoghq.test"
 
@@ -36,9 +36,17 @@ class FlakyDNS:
         self.hang: set[str] = set()
         self.release = threading.Event()
         self.calls = 0
+        # Per-call outcomes for chosen hosts (True = fail), consumed in order, then repeated.
+        self.pattern: dict[str, list[bool]] = {}
+        self.pattern_calls: dict[str, int] = {}
 
     def __call__(self, host: str, port: Any, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
         self.calls += 1
+        if host in self.pattern:
+            n = self.pattern_calls[host] = self.pattern_calls.get(host, 0) + 1
+            outcomes = self.pattern[host]
+            if outcomes[(n - 1) % len(outcomes)]:
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         if host in self.hang:
             self.release.wait(30)
         if host in self.broken or host in self.hang:
@@ -179,10 +187,9 @@ async def test_dns_outage_opens_and_closes_gap_with_coverage(
         assert _gauge(agent, "evidence_keeper_sink_up", sink="datadog", check="dns") == 1
         broken_at = datetime.now().astimezone()
         dns.broken.add(SINK_HOST)
-        for _ in range(30):  # down within 3 probe intervals (+ one interval of phase)
-            await asyncio.sleep(0.1)
-            if agent.ledger.gaps(kind="sink_outage", open_=True):
-                break
+        # Down within 3 probe intervals (+ one interval of phase); the timing is checked below.
+        await wait_until(lambda: bool(agent.ledger.gaps(kind="sink_outage", open_=True)),
+                         within=10, what="the sink_outage gap to open")
         detected = (datetime.now().astimezone() - broken_at).total_seconds()
         assert detected <= 4 * 0.2 + 0.5
         assert _gauge(agent, "evidence_keeper_sink_up", sink="datadog", check="dns") == 0
@@ -199,10 +206,8 @@ async def test_dns_outage_opens_and_closes_gap_with_coverage(
         assert gap["coverage"]["shipped_bytes"] == gap["coverage"]["captured_bytes"]
         fixed_at = datetime.now().astimezone()
         dns.broken.discard(SINK_HOST)
-        for _ in range(30):
-            await asyncio.sleep(0.1)
-            if not agent.ledger.gaps(kind="sink_outage", open_=True):
-                break
+        await wait_until(lambda: not agent.ledger.gaps(kind="sink_outage", open_=True),
+                         within=10, what="the sink_outage gap to close")
         closed = await agent.gap_rows(kind="sink_outage")
         assert len(closed) == 1 and not closed[0]["open"]
         end = datetime.fromisoformat(closed[0]["end"].replace("Z", "+00:00"))
@@ -218,14 +223,27 @@ async def test_dns_outage_opens_and_closes_gap_with_coverage(
 async def test_flapping_is_debounced(
     tmp_path: Path, make_settings: Callable[..., Settings], dns: FlakyDNS
 ) -> None:
+    """Two failed probes in every three, never three in a row: no outage, sink stays up.
+
+    Driven by probe calls, not by the clock: the test waits until enough probes really ran
+    (it fails if they never do), so it cannot pass by probing nothing.
+    """
     settings = _settings(make_settings, probe_failures_before_down=3)
+    dns.pattern[SINK_HOST] = [False, True, True]
     async with running_agent(settings, resolver=dns) as agent:
-        for _ in range(6):  # one failed probe at a time, never three in a row
-            dns.broken.add(SINK_HOST)
-            await asyncio.sleep(0.2)
-            dns.broken.discard(SINK_HOST)
-            await asyncio.sleep(0.45)
+        seen_down = False
+
+        def enough_probes() -> bool:
+            nonlocal seen_down
+            seen_down |= _gauge(agent, "evidence_keeper_sink_up", sink="datadog",
+                                check="dns") == 0
+            return dns.pattern_calls.get(SINK_HOST, 0) >= 3 * 6
+
+        await wait_until(enough_probes, within=60, what="18 DNS probes of the sink",
+                         interval=0.02)
+        assert not seen_down
         assert agent.ledger.gaps(kind="sink_outage") == []
+        assert _gauge(agent, "evidence_keeper_sink_up", sink="datadog", check="dns") == 1
 
 
 def test_restart_records_agent_down_and_ledger_survives(

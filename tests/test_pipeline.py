@@ -13,7 +13,7 @@ from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings
 from evidence_keeper.ship.store import FileStore, Store
 from evidence_keeper.sim import KubeletSim, churn
-from tests.conftest import running_agent
+from tests.conftest import running_agent, wait_read
 
 
 def exported(store: Store, sid: StreamId, cluster: str = "default") -> bytes:
@@ -33,20 +33,24 @@ async def test_simple_stream_round_trip(
     settings = make_settings()
     sim = KubeletSim(tmp_path / "pods")
     sim.add_pod("shop", "orders-1", containers=("app",))
+    store = FileStore(tmp_path / "store")
+
+    async def caught_up() -> None:
+        await wait_read(agent, store, {sid: sim.record(sid) for sid in sim.streams()})
+
     async with running_agent(settings) as agent:
         for i in range(50):
             sim.write("shop", "orders-1", "app", f"order {i} PAYMENT_FAILED")
-        await asyncio.sleep(0.5)
+        await caught_up()
         sim.rotate("shop", "orders-1", "app", late_write=b"2025-11-10T00:00:00Z stdout F hal",
                    then_write=b"f line\n")
         for i in range(50):
             sim.write("shop", "orders-1", "app", f"order {i} again")
-        await asyncio.sleep(0.5)
+        await caught_up()
         sim.restart("shop", "orders-1", "app")
         sim.write("shop", "orders-1", "app", "after restart")
-        await asyncio.sleep(2.5)
+        await caught_up()
         assert agent.spool.streams
-    store = FileStore(tmp_path / "store")
     for sid in sim.streams():
         assert exported(store, sid) == sim.record(sid), sid
 
@@ -56,13 +60,14 @@ async def test_churn_byte_exact(tmp_path: Path, make_settings: Callable[..., Set
     sim = KubeletSim(tmp_path / "pods", max_files=4)
     rng = random.Random(20251110)
     churn(sim, rng, pods=12, steps=0)
-    async with running_agent(settings):
+    store = FileStore(tmp_path / "store")
+    async with running_agent(settings) as agent:
         for _ in range(30):
             churn(sim, rng, pods=12, steps=40, rotate_p=0.08, restart_p=0.02)
-            await asyncio.sleep(0.15)
+            await asyncio.sleep(0.15)  # pacing: the agent reads while kubelet rotates
         churn(sim, rng, pods=12, steps=3, big_line_every=1)
-        await asyncio.sleep(3)
-    store = FileStore(tmp_path / "store")
+        await wait_read(agent, store, {sid: sim.record(sid) for sid in sim.streams()},
+                        within=60)
     assert len(sim.streams()) >= 20
     for sid in sim.streams():
         assert exported(store, sid) == sim.record(sid), sid

@@ -16,7 +16,7 @@ from evidence_keeper.settings import Settings
 from evidence_keeper.sim import KubeletSim
 from evidence_keeper.spool.spool import Spool
 from evidence_keeper.tail.tailer import Tailer
-from tests.conftest import running_agent
+from tests.conftest import running_agent, wait_until
 
 
 class Faults(FileSystem):
@@ -113,19 +113,17 @@ async def test_a_damaged_spool_segment_is_recorded_and_does_not_stop_shipping(
         sim.write("shop", "orders-1", "app", "this segment will be damaged on disk")
         sim.write("shop", "payment-1", "app", "this one ships")
         orders = sim.stream_of("shop", "orders-1", "app")
-        for _ in range(100):
-            await asyncio.sleep(0.05)
+        def committed() -> bool:
             s = agent.spool.streams.get(orders)
-            if s is not None and s.sealed and s.sealed[0].committed:
-                break
+            return s is not None and bool(s.sealed) and s.sealed[0].committed
+
+        await wait_until(committed, within=20, what="the orders segment to be committed")
         seg = agent.spool.streams[orders].sealed[0]
         os.unlink(seg.path)
         agent.shipper.breaker.succeeded()
         gate.set()
-        for _ in range(100):
-            await asyncio.sleep(0.05)
-            if agent.spool.total_bytes() == 0:
-                break
+        await wait_until(lambda: agent.spool.total_bytes() == 0, within=20,
+                         what="the spool to drain")
         losses = agent.ledger.gaps(kind="loss")
         assert [(g.fields["reason"], g.fields["offset"], g.fields["bytes"]) for g in losses] == [
             ("spool_corrupt", seg.start, seg.length)]

@@ -30,7 +30,7 @@ from evidence_keeper.ship.codec import decompress
 from evidence_keeper.ship.s3 import S3Store
 from evidence_keeper.ship.store import StoreError
 from evidence_keeper.sim import KubeletSim, churn
-from tests.conftest import running_agent
+from tests.conftest import running_agent, wait_read, wait_until
 from tests.netproxy import Proxy
 
 REGION = "us-east-1"
@@ -106,12 +106,14 @@ async def test_byte_exact_to_s3(tmp_path: Path, make_settings: Callable[..., Set
     sim = KubeletSim(tmp_path / "pods", max_files=4)
     rng = random.Random(3)
     churn(sim, rng, pods=10, steps=0)
+    store = S3Store(bucket, "evidence", endpoint_url=moto_url)
     async with running_agent(settings) as agent:
         for _ in range(15):
             churn(sim, rng, pods=10, steps=40, rotate_p=0.08, restart_p=0.02)
-            await asyncio.sleep(0.15)
+            await asyncio.sleep(0.15)  # pacing: the agent reads while kubelet rotates
         churn(sim, rng, pods=10, steps=2, big_line_every=1)
-        await asyncio.sleep(2.5)
+        await wait_read(agent, store, {sid: sim.record(sid) for sid in sim.streams()},
+                        within=60)
         assert agent.metrics.registry.get_sample_value(
             "evidence_keeper_sink_up", {"sink": "store", "check": "s3"}) == 1
     store = S3Store(bucket, "evidence", endpoint_url=moto_url)
@@ -163,11 +165,11 @@ async def test_outage_nothing_lost_backlog_recorded(
             errors = reg.get_sample_value("evidence_keeper_ship_errors_total", {"op": "put"})
             assert 2 <= errors < 40
             proxy.up()
-            for _ in range(150):
-                await asyncio.sleep(0.2)
-                if not agent.ledger.gaps(kind="backlog", open_=True) and reg.get_sample_value(
-                        "evidence_keeper_sink_up", {"sink": "store", "check": "s3"}) == 1:
-                    break
+            await wait_until(
+                lambda: not agent.ledger.gaps(kind="backlog", open_=True)
+                and reg.get_sample_value(
+                    "evidence_keeper_sink_up", {"sink": "store", "check": "s3"}) == 1,
+                within=60, what="the backlog to close and the store to be up again")
             assert reg.get_sample_value("evidence_keeper_sink_up",
                                         {"sink": "store", "check": "s3"}) == 1
             closed = agent.ledger.gaps(kind="backlog")
@@ -315,9 +317,10 @@ async def test_object_lock_through_the_agent(
     settings = s3_settings(make_settings, moto_url, name, object_lock_days=7)
     sim = KubeletSim(tmp_path / "pods")
     sim.add_pod("shop", "orders-1", containers=("app",))
-    async with running_agent(settings):
+    async with running_agent(settings) as agent:
         sim.write("shop", "orders-1", "app", "locked evidence")
-        await asyncio.sleep(2.5)
+        store = S3Store(name, "evidence", endpoint_url=moto_url)
+        await wait_read(agent, store, {sid: sim.record(sid) for sid in sim.streams()})
     objs = client.list_objects_v2(Bucket=name)["Contents"]
     assert objs
     for o in objs:
