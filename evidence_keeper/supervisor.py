@@ -53,6 +53,7 @@ from evidence_keeper.ship.shipper import ShipConfig, Shipper
 from evidence_keeper.ship.store import Store, StoreError, open_store
 from evidence_keeper.spool.spool import Spool
 from evidence_keeper.tail.tailer import Tailer
+from evidence_keeper.views import PipelineControl, api_fallback
 
 log = get_logger("evidence_keeper.supervisor")
 HEARTBEAT_S = 5.0
@@ -124,9 +125,12 @@ class Agent:
         self.kube: KubeWatcher | None = None
         if kube_enabled(settings):
             self.kube = KubeWatcher(
-                settings=settings, spool=self.spool, tailer=self.tailer, ledger=self.ledger,
-                store=self.store, metrics=self.metrics, status=self.status,
-                stop=self.intake_closed, fs=self.fs)
+                settings=settings,
+                control=PipelineControl(tailer=self.tailer, spool=self.spool,
+                                        ledger=self.ledger, store=self.store,
+                                        cluster=settings.cluster),
+                fallback=api_fallback(self.spool), store=self.store, metrics=self.metrics,
+                status=self.status, stop=self.intake_closed, fs=self.fs)
         self.api_extensions: list[Callable[[web.Application], None]] = []
         self.api_address: tuple[str, int] | None = None
         self._backlog_gap: int | None = None

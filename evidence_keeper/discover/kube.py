@@ -53,7 +53,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
 import aiohttp
 
@@ -61,15 +61,10 @@ from evidence_keeper.discover.apilogs import WEAKER_DETAIL, ApiError, ApiLogs, B
 from evidence_keeper.discover.lifecycle import LifecycleLedger, PodView, observe, parse_pod
 from evidence_keeper.fsio import FileSystem
 from evidence_keeper.logs import get_logger, stream_fields
+from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss, StreamId
-
-if TYPE_CHECKING:  # the supervisor hands these in; discover does not depend on them
-    from evidence_keeper.health.ledger import Ledger
-    from evidence_keeper.metrics import Metrics
-    from evidence_keeper.settings import Settings
-    from evidence_keeper.ship.store import Store
-    from evidence_keeper.spool.spool import Spool
-    from evidence_keeper.tail.tailer import Tailer
+from evidence_keeper.settings import Settings
+from evidence_keeper.ship.store import Store
 
 log = get_logger("evidence_keeper.kube")
 
@@ -101,6 +96,53 @@ class Expired(Exception):
 class StatusLike(Protocol):
     kube_mode: str
     kube_detail: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamProgress:
+    """What capture knows of one stream (see :class:`StreamControl`)."""
+
+    size: int | None  # bytes read so far (None: files found, nothing in the spool yet)
+    finished: bool  # read to its end, sealed and every segment stored
+
+
+class StreamControl(Protocol):
+    """What the watcher may ask of, and tell, the capture pipeline; nothing else.
+
+    The supervisor builds it over the tailer, the spool, the gap ledger and the store, so the
+    watcher depends on none of them: it *emits* decisions (end these streams, ship these first)
+    and *asks* narrow questions (how far is this stream, is it in the store, what was lost).
+    Every method blocks (locks, SQLite, the store) and is called from a worker thread.
+    """
+
+    def end_streams(self, streams: list[StreamId]) -> set[StreamId]:
+        """The instances exited: read their files to EOF, then finish them. Returns those
+        the tailer knew."""
+        ...
+
+    def prioritise(self, *, pods: set[str], streams: set[StreamId]) -> set[str]:
+        """Ship what is left of these pods' and streams' data first. Returns the pods that
+        still have data in the spool."""
+        ...
+
+    def progress(self, sid: StreamId) -> StreamProgress | None:
+        """None when capture has no stream (and no file) for ``sid``."""
+        ...
+
+    def in_store(self, sid: StreamId) -> bool: ...
+
+    def loss_gap_ids(self, sid: StreamId) -> list[int]: ...
+
+    def record_loss(self, loss: Loss) -> bool:
+        """Record a ``loss`` gap; False when this exact hole was recorded before."""
+        ...
+
+
+class FallbackFactory(Protocol):
+    """Builds the ``pods/log`` fallback (it writes to the spool, which the watcher never sees)."""
+
+    def __call__(self, *, core: Callable[[], Awaitable[Any]], stop: asyncio.Event,
+                 tuning: KubeTuning) -> ApiLogs: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +211,8 @@ class KubeWatcher:
         self,
         *,
         settings: Settings,
-        spool: Spool,
-        tailer: Tailer,
-        ledger: Ledger,
+        control: StreamControl,
+        fallback: FallbackFactory,
         store: Store,
         metrics: Metrics,
         status: StatusLike,
@@ -184,10 +225,9 @@ class KubeWatcher:
         self.settings = settings
         self.node = settings.node_name
         self.cluster = settings.cluster
-        self.spool = spool
-        self.tailer = tailer
-        self.ledger = ledger
-        self.store = store
+        self.control = control
+        self.fallback = fallback
+        self.store = store  # lifecycle records only
         self.metrics = metrics
         self.status = status
         self.stop = stop
@@ -289,13 +329,7 @@ class KubeWatcher:
             self._root_problem = error
             log.warning("log_root is not readable: falling back to the Kubernetes API (weaker)",
                         log_root=str(self.settings.log_root), error=error, detail=WEAKER_DETAIL)
-            self.apilogs = ApiLogs(
-                spool=self.spool, core=self._core, stop=self.stop,
-                request_timeout_s=self.tuning.request_timeout_s,
-                follow_timeout_s=self.tuning.follow_timeout_s,
-                eof_settle_s=self.tuning.eof_settle_s,
-                backoff_initial_s=self.tuning.backoff_initial_s,
-                backoff_max_s=self.tuning.backoff_max_s)
+            self.apilogs = self.fallback(core=self._core, stop=self.stop, tuning=self.tuning)
             for view in self.pods.values():
                 self.apilogs.pod_changed(view)
             if self.synced:
@@ -553,18 +587,9 @@ class KubeWatcher:
                   ) -> tuple[list[Outcome], set[StreamId], set[str]]:
         """Blocking: end streams in the tailer, mark priority, judge previous-log jobs."""
         with self._eval_lock:
-            ended = self.tailer.end_streams(ending) if ending else set()
-            job_streams = {j.stream for j in jobs}
-            seen_pods: set[str] = set()
-            with self.spool.lock:
-                for sid, s in self.spool.streams.items():
-                    if sid.pod_uid in priority_pods:
-                        seen_pods.add(sid.pod_uid)
-                    elif sid not in job_streams:
-                        continue
-                    if not s.priority and (s.open is not None or s.sealed or not s.finished):
-                        s.priority = True
-                        self.spool.dirty = True
+            ended = self.control.end_streams(ending) if ending else set()
+            seen_pods = self.control.prioritise(pods=priority_pods,
+                                                streams={j.stream for j in jobs})
             done = []
             for job in jobs:
                 outcome = self._judge(job, now)
@@ -575,15 +600,12 @@ class KubeWatcher:
 
     def _judge(self, job: PreviousLogJob, now: float) -> Outcome | None:
         sid = job.stream
-        with self.spool.lock:
-            s = self.spool.streams.get(sid)
-            present = s is not None or sid in self.tailer.tails
-            finished = s is not None and s.finished and s.open is None and not s.sealed
-            if s is not None:
-                job.size = s.next_offset
-        if present:
+        progress = self.control.progress(sid)
+        if progress is not None:
+            if progress.size is not None:
+                job.size = progress.size
             job.seen = True
-            if not finished:
+            if not progress.finished:
                 return None
         elif not job.seen:
             api_state = self.apilogs.state(sid) if self.apilogs is not None else None
@@ -591,19 +613,11 @@ class KubeWatcher:
                 return None
             if api_state is None and now - job.created < self.tuning.missing_after_s:
                 return None
-            if not self._in_store(sid):
+            if not self.control.in_store(sid):
                 return Outcome(job, "missing")
             job.seen = True
-        gaps = [g.id for g in self.ledger.gaps(kind="loss", namespace=sid.namespace)
-                if (g.fields.get("pod_uid"), g.fields.get("container"), g.fields.get("restart"))
-                == (sid.pod_uid, sid.container, sid.restart)]
+        gaps = self.control.loss_gap_ids(sid)
         return Outcome(job, "partial" if gaps else "complete", gaps)
-
-    def _in_store(self, sid: StreamId) -> bool:
-        try:
-            return next(iter(self.store.list(f"{sid.store_dir(self.cluster)}/")), None) is not None
-        except Exception:
-            return False
 
     def _resolve(self, o: Outcome) -> None:
         sid = o.job.stream
@@ -621,13 +635,9 @@ class KubeWatcher:
                           " open them (an instance shorter than the discovery interval, or one"
                           " that ended while the agent was not running); its length is unknown")
             loss = Loss(stream=sid, offset=0, bytes=None, reason=reason, detail=detail)
-            if self.ledger.record_loss(loss, at=datetime.now(UTC)):
+            if self.control.record_loss(loss):
                 self.metrics.loss_events.labels(reason=reason).inc()
-            gaps = [g.id for g in self.ledger.gaps(kind="loss", namespace=sid.namespace)
-                    if g.fields.get("pod_uid") == sid.pod_uid
-                    and g.fields.get("container") == sid.container
-                    and g.fields.get("restart") == sid.restart]
-            o.gaps = gaps
+            o.gaps = self.control.loss_gap_ids(sid)
         self.metrics.previous_logs.labels(outcome=o.outcome).inc()
         self.outcomes.append((sid, o.outcome))
         latency = round(time.monotonic() - o.job.created, 3)

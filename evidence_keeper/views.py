@@ -1,0 +1,91 @@
+"""Narrow views of the pipeline, built by the supervisor for the components that need them.
+
+A component never receives the supervisor (or the tailer, the spool and the ledger together)
+to reach into: it declares the few operations it needs as a ``Protocol`` next to its own code,
+and this module implements each over the real parts. The watcher's :class:`StreamControl` is
+the first; keeping these adapters here (the supervisor's layer) is what lets ``discover/`` sit
+below ``tail/``, ``spool/``' users and ``health/`` without importing any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from evidence_keeper.discover.apilogs import ApiLogs
+from evidence_keeper.discover.kube import KubeTuning, StreamProgress
+from evidence_keeper.health.ledger import Ledger
+from evidence_keeper.model import Loss, StreamId
+from evidence_keeper.ship.store import Store
+from evidence_keeper.spool.spool import Spool
+from evidence_keeper.tail.tailer import Tailer
+
+
+class PipelineControl:
+    """:class:`evidence_keeper.discover.kube.StreamControl` over the tailer, spool, ledger and
+    store (blocking: called from the watcher's worker thread)."""
+
+    def __init__(self, *, tailer: Tailer, spool: Spool, ledger: Ledger, store: Store,
+                 cluster: str) -> None:
+        self._tailer = tailer
+        self._spool = spool
+        self._ledger = ledger
+        self._store = store
+        self._cluster = cluster
+
+    def end_streams(self, streams: list[StreamId]) -> set[StreamId]:
+        return self._tailer.end_streams(streams)
+
+    def prioritise(self, *, pods: set[str], streams: set[StreamId]) -> set[str]:
+        seen: set[str] = set()
+        with self._spool.lock:
+            for sid, s in self._spool.streams.items():
+                if sid.pod_uid in pods:
+                    seen.add(sid.pod_uid)
+                elif sid not in streams:
+                    continue
+                if not s.priority and (s.open is not None or s.sealed or not s.finished):
+                    s.priority = True
+                    self._spool.dirty = True
+        return seen
+
+    def progress(self, sid: StreamId) -> StreamProgress | None:
+        with self._spool.lock:
+            s = self._spool.streams.get(sid)
+            if s is None:
+                return StreamProgress(None, False) if sid in self._tailer.tails else None
+            # Finished, sealed, and every sealed segment shipped (and so dropped).
+            return StreamProgress(s.next_offset,
+                                  s.finished and s.open is None and not s.sealed)
+
+    def in_store(self, sid: StreamId) -> bool:
+        try:
+            prefix = f"{sid.store_dir(self._cluster)}/"
+            return next(iter(self._store.list(prefix)), None) is not None
+        except Exception:
+            return False  # unknown counts as absent: the outcome says "missing", not more
+
+    def loss_gap_ids(self, sid: StreamId) -> list[int]:
+        return [g.id for g in self._ledger.gaps(kind="loss", namespace=sid.namespace)
+                if (g.fields.get("pod_uid"), g.fields.get("container"),
+                    g.fields.get("restart")) == (sid.pod_uid, sid.container, sid.restart)]
+
+    def record_loss(self, loss: Loss) -> bool:
+        return self._ledger.record_loss(loss, at=datetime.now(UTC))
+
+
+def api_fallback(spool: Spool) -> Callable[..., ApiLogs]:
+    """The watcher's :class:`~evidence_keeper.discover.kube.FallbackFactory` over ``spool``."""
+
+    def build(*, core: Callable[[], Awaitable[Any]], stop: asyncio.Event,
+              tuning: KubeTuning) -> ApiLogs:
+        return ApiLogs(spool=spool, core=core, stop=stop,
+                       request_timeout_s=tuning.request_timeout_s,
+                       follow_timeout_s=tuning.follow_timeout_s,
+                       eof_settle_s=tuning.eof_settle_s,
+                       backoff_initial_s=tuning.backoff_initial_s,
+                       backoff_max_s=tuning.backoff_max_s)
+
+    return build
