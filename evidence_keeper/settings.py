@@ -458,37 +458,44 @@ def _parse_probe(name: str, target: str) -> SinkProbe:
     return SinkProbe(name, "tcp", _join_host_port(host, port), host, port)
 
 
-def _sink_probes(value: object) -> tuple[SinkProbe, ...]:
-    entries: list[tuple[object, str, str]] = []  # (shown entry, name, target)
-    if _blank(value):
-        return ()
+def _probe_entry(item: object) -> tuple[object, str, str] | None:
+    """One element of a list of probes as (shown entry, name, target); None to skip it."""
+    parsed: Mapping[Any, Any] | None = None
+    if isinstance(item, SinkProbe):  # re-validating a Settings or its model_dump()
+        parsed = {"name": item.name, "kind": item.kind, "target": item.target}
+    elif isinstance(item, Mapping) and {"name", "kind", "target"} <= item.keys():
+        parsed = item
+    if parsed is not None:
+        name, target = str(parsed["name"]), str(parsed["target"])
+        return name, name, f"dns:{target}" if parsed["kind"] == "dns" else target
+    if not isinstance(item, str) or "=" not in item:
+        if isinstance(item, str) and not item.strip():
+            return None  # "a=x:1," tolerates the trailing comma
+        raise _invalid(item, f"is not a probe {_PROBE_EXPECTED}")
+    name, _, target = item.partition("=")
+    return item.strip(), name, target
+
+
+def _probe_entries(value: object) -> list[tuple[object, str, str]]:
+    """``sink_probes`` as written (a mapping, a comma list or a list) as entries."""
     if isinstance(value, Mapping):
+        entries: list[tuple[object, str, str]] = []
         for name, target in value.items():
             if not isinstance(name, str) or not isinstance(target, str):
                 raise _invalid({name: target}, f"is not a probe {_PROBE_EXPECTED}")
             entries.append((f"{name}={target}", name, target))
-    elif isinstance(value, str | list | tuple):
+        return entries
+    if isinstance(value, str | list | tuple):
         items = value.split(",") if isinstance(value, str) else list(value)
-        for item in items:
-            parsed: Mapping[Any, Any] | None = None
-            if isinstance(item, SinkProbe):  # re-validating a Settings or its model_dump()
-                parsed = {"name": item.name, "kind": item.kind, "target": item.target}
-            elif isinstance(item, Mapping) and {"name", "kind", "target"} <= item.keys():
-                parsed = item
-            if parsed is not None:
-                name, target = str(parsed["name"]), str(parsed["target"])
-                entries.append((name, name, f"dns:{target}" if parsed["kind"] == "dns" else target))
-                continue
-            if not isinstance(item, str) or "=" not in item:
-                if isinstance(item, str) and not item.strip():
-                    continue  # "a=x:1," tolerates the trailing comma
-                raise _invalid(item, f"is not a probe {_PROBE_EXPECTED}")
-            name, _, target = item.partition("=")
-            entries.append((item.strip(), name, target))
-    else:
-        raise _invalid(value, f"is not a list of probes {_PROBE_EXPECTED}")
+        return [e for e in map(_probe_entry, items) if e is not None]
+    raise _invalid(value, f"is not a list of probes {_PROBE_EXPECTED}")
+
+
+def _sink_probes(value: object) -> tuple[SinkProbe, ...]:
+    if _blank(value):
+        return ()
     probes: list[SinkProbe] = []
-    for shown, name, target in entries:
+    for shown, name, target in _probe_entries(value):
         try:
             probe = _parse_probe(name, target)
         except ValueError as exc:

@@ -334,6 +334,8 @@ class ApiLogs:
 
     # ------------------------------------------------------------------ one step of a feed
     async def _step(self, feed: _Feed) -> bool:
+        """One step of a container's feed: finish an exited instance, or follow the live one.
+        True when it made progress."""
         view = feed.view
         if view is None:
             if feed.deleted:
@@ -348,7 +350,18 @@ class ApiLogs:
         if c.has_run and current not in feed.streams and not feed.deleted:
             # Also an instance that already exited (an init container, a quick crash).
             feed.streams[current] = ApiStream(view.stream(feed.container, current))
-        # Instances that have exited and are not complete: oldest first.
+        if await self._finish_exited(feed, current, exited_now):
+            return True
+        live = feed.streams.get(current)
+        if feed.deleted or not c.has_run or exited_now or live is None or live.done:
+            return False
+        if not await self._follow(feed, live):
+            return False  # not available now (waiting to start, pod gone): wait for a change
+        await self._settle_after_eof(feed, live, current)
+        return True
+
+    async def _finish_exited(self, feed: _Feed, current: int, exited_now: bool) -> bool:
+        """Read (or give up on) the oldest exited instance that is not complete yet."""
         for r in sorted(feed.streams):
             old = feed.streams[r]
             if old.done or (r == current and not (exited_now or feed.deleted)) or r > current:
@@ -366,14 +379,11 @@ class ApiLogs:
                     f"restart {r} is more than one restart old: kubelet no longer serves its"
                     " log"))
             return True
-        live = feed.streams.get(current)
-        if feed.deleted or not c.has_run or exited_now or live is None or live.done:
-            return False
-        st = live
-        if not await self._follow(feed, st):
-            return False  # not available now (waiting to start, pod gone): wait for a change
-        # A clean end of a follow: kubelet ends it when the container exits. Wait for the
-        # status to say so; if it does not, the stream was cut for another reason: resume.
+        return False
+
+    async def _settle_after_eof(self, feed: _Feed, st: ApiStream, current: int) -> None:
+        """A clean end of a follow: kubelet ends it when the container exits. Wait for the
+        status to say so; if it does not, the stream was cut for another reason: resume."""
         deadline = time.monotonic() + self.eof_settle_s
         while time.monotonic() < deadline and not self.stop.is_set():
             v = feed.view
@@ -382,10 +392,9 @@ class ApiLogs:
                 cc.current_terminated is not None
             ):
                 await self._finish(st, None)
-                return True
+                return
             await self._sleep(deadline - time.monotonic(), feed)
             feed.changed.clear()
-        return True
 
     async def _give_up_all(self, feed: _Feed, why: str) -> bool:
         for st in feed.streams.values():
