@@ -135,7 +135,7 @@ class Metrics:
         start time), and no ``_created`` series: they double every counter's series and no
         rule or dashboard reads them. prometheus_client's switch for that is process-wide
         (read at each scrape); the agent is the only exporter in its process."""
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.build_info = Gauge(
             "evidence_keeper_build_info",
             "Always 1; the labels say which build runs (version, source revision).",
