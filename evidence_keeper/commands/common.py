@@ -52,15 +52,16 @@ def when(value: str | None, name: str, *, now: datetime | None = None) -> dateti
         raise CliError(str(exc)) from exc
 
 
-def read_store(cfg: Settings) -> Store:
-    """The configured store, opened to read: a ``file://`` store that does not exist is
-    :class:`NoEvidence` (a reader must never create it, and an empty listing would pass for
-    "no match"); a missing bucket says so on the first listing."""
+def read_store(cfg: Settings, *, scope: bool = True) -> Store:
+    """The configured store, opened to read. For a read of a scope (``search``, ``export``
+    of a pod) a ``file://`` store that does not exist is :class:`NoEvidence` (an empty
+    listing would pass for "no match"); a missing bucket says so on the first listing. A
+    read by archive id (``verify``, ``export --archive``) reports the missing manifest."""
     try:
         store = open_store(cfg.store_url, endpoint_url=cfg.s3_endpoint_url)
     except StoreError as exc:
         raise CliError(str(exc)) from exc
-    if isinstance(store, FileStore) and not store.root.is_dir():
+    if scope and isinstance(store, FileStore) and not store.root.is_dir():
         raise NoEvidence(f"the store {store.describe()} does not exist (check store_url)")
     return store
 

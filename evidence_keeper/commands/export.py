@@ -154,7 +154,7 @@ def export_tar(args: argparse.Namespace, cfg: Settings) -> int:
     """A pod (every container and restart) or a whole archive as a tar."""
     if not args.output and sys.stdout.isatty():
         raise CliError("refusing to write a tar to a terminal: use -o FILE or redirect stdout")
-    store = read_store(cfg)
+    store = read_store(cfg, scope=args.archive is None)
     progress = _progress(args)
     done = [0, 0]  # segments, bytes
 

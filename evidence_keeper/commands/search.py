@@ -152,7 +152,11 @@ def no_evidence(args: argparse.Namespace, cfg: Settings, store: Store, t: Totals
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = settings(args)
+    return search_with(args, settings(args))
+
+
+def search_with(args: argparse.Namespace, cfg: Settings) -> int:
+    """Search with the given settings (the plugin's come from the agents' pod spec)."""
     template = scope_template(args)
     try:
         matcher = Matcher(args.pattern, fixed=args.fixed_strings, ignore_case=args.ignore_case)

@@ -32,7 +32,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     cfg = settings(args)
-    store = read_store(cfg)
+    store = read_store(cfg, scope=False)
     progress = Progress("verified", unit="segments")
     try:
         report = verify_archive(store, cluster=cfg.cluster, archive_id=args.archive_id,
