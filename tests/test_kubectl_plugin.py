@@ -211,6 +211,10 @@ def test_plugin_errors_are_one_line(cluster: Cluster) -> None:
     assert done.stderr.count("\n") == 1 and "HTTP 401" in done.stderr, done.stderr
     none = cluster.kubectl("evidence", "preflight", "--agent-namespace", "elsewhere")
     assert none.returncode == 2 and "no agent pods" in none.stderr
+    nowhere = cluster.kubectl("evidence", "gaps", "--node", "node-z")
+    assert nowhere.returncode == 2 and "no agent on node node-z" in nowhere.stderr
+    one = cluster.kubectl("evidence", "gaps", "--node", "node-a", "-o", "json")
+    assert one.returncode == 0 and json.loads(one.stdout)["nodes"] == 1
     usage = cluster.kubectl("evidence", "search", "x")
     assert usage.returncode == 2 and "exactly one of -n NAMESPACE and -A" in usage.stderr
 

@@ -74,6 +74,14 @@ def agents(api: Any, args: argparse.Namespace) -> list[AgentPod]:
     return pods
 
 
+def on_node(pods: Sequence[AgentPod], node: str | None) -> list[AgentPod]:
+    """``--node``: the agent of one node (all without it)."""
+    chosen = [p for p in pods if node in (None, p.node)]
+    if not chosen:
+        raise CliError(f"no agent on node {node} (agents on: {', '.join(p.node for p in pods)})")
+    return chosen
+
+
 def agent_env(api: Any, args: argparse.Namespace) -> dict[str, str]:
     """The literal ``EK_*`` values of the agent container in the first agent pod's spec."""
     core: Any = client.CoreV1Api(api)

@@ -13,6 +13,7 @@ from evidence_keeper.commands.kubectl.cluster import (
     agents,
     ask_all,
     connect,
+    on_node,
     warn,
 )
 from evidence_keeper.commands.render import format_gaps, json_doc
@@ -37,7 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     api = connect(args)
-    pods = [p for p in agents(api, args) if args.node in (None, p.node)]
+    pods = on_node(agents(api, args), args.node)
     answers = ask_all(api, args, pods, "/gaps", params=local.params(args),
                       port=agent_port(args, api))
     rows: list[dict[str, Any]] = []

@@ -15,6 +15,7 @@ from evidence_keeper.commands.kubectl.cluster import (
     ask_all,
     cluster_settings,
     connect,
+    on_node,
 )
 from evidence_keeper.commands.render import Check
 
@@ -33,7 +34,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     api = connect(args)
-    pods = [p for p in agents(api, args) if args.node in (None, p.node)]
+    pods = on_node(agents(api, args), args.node)
     max_backlog = args.max_backlog_s
     if max_backlog is None:
         max_backlog = cluster_settings(api, args).backlog_threshold_s
