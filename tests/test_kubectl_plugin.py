@@ -30,6 +30,7 @@ from tests.fakekube import FakeKube, Pod, PodProxyFront
 
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 PLUGIN = Path(sys.executable).parent / "kubectl-evidence"
+COMPLETER = Path(sys.executable).parent / "kubectl_complete-evidence"
 NS = "sock-shop"
 TOKEN = "ek-plugin-token-0123456789abcdef"
 KUBE_TOKEN = "kube-admin-token"
@@ -56,11 +57,12 @@ class Cluster:
 
 @pytest.fixture
 def plugin_bin(tmp_path: Path) -> Path:
-    """A PATH entry holding only the installed entry point (``make venv`` installs it)."""
-    assert PLUGIN.exists(), f"{PLUGIN} missing: reinstall the package (make venv)"
+    """A PATH entry holding only the installed entry points (``make venv`` installs them)."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    (bindir / "kubectl-evidence").symlink_to(PLUGIN)
+    for script in (PLUGIN, COMPLETER):
+        assert script.exists(), f"{script} missing: reinstall the package (make venv)"
+        (bindir / script.name).symlink_to(script)
     return bindir
 
 
@@ -132,6 +134,25 @@ def test_kubectl_discovers_the_plugin(plugin_bin: Path, tmp_path: Path) -> None:
                             text=True, timeout=60, check=False)
     for word in ("gaps", "preflight", "archive", "search", "export", "exit codes:"):
         assert word in helped.stdout
+
+
+def test_kubectl_completes_the_plugin(plugin_bin: Path, tmp_path: Path) -> None:
+    """kubectl's own ``__complete`` asks ``kubectl_complete-evidence`` (cobra's format)."""
+    env = {"PATH": f"{plugin_bin}:/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    def complete(*words: str) -> list[str]:
+        done = subprocess.run([KUBECTL, "__complete", "evidence", *words], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    first = complete("se")
+    assert first[0].startswith("search\t") and first[-1] == ":4"
+    assert [ln.split("\t")[0] for ln in complete("")[:-1]] == [
+        "gaps", "preflight", "archive", "search", "export", "completion"]
+    assert complete("gaps", "-o", "") == ["text", "json", ":4"]
+    assert complete("gaps", "--ki") == ["--kind", ":4"]
+    assert complete("search", "--kubeconfig", "") == [":0"]  # a path: the shell's files
 
 
 def test_gaps_and_preflight_of_every_agent_through_the_pod_proxy(cluster: Cluster) -> None:

@@ -82,6 +82,7 @@ class Totals:
     segments_total: int = 0
     skipped: int = 0
     bytes: int = 0
+    bytes_total: int = 0
     matches: int = 0
     elapsed: float = 0.0
 
@@ -92,6 +93,7 @@ class Totals:
         self.segments_total += st.segments_total
         self.skipped += st.skipped
         self.bytes += st.bytes
+        self.bytes_total += st.bytes_total
         self.matches += st.matches
         self.elapsed += st.elapsed
 
@@ -170,7 +172,8 @@ def search_with(args: argparse.Namespace, cfg: Settings) -> int:
     try:
         for scope in scopes(template, store, cfg):
             def report(st: SearchStats, done: Totals = totals) -> None:
-                progress.update((done.bytes + st.bytes) >> 20, None,
+                progress.update((done.bytes + st.bytes) >> 20,
+                                (done.bytes_total + st.bytes_total) >> 20,
                                 f"{done.segments + st.segments} segments,"
                                 f" {done.matches + st.matches} matches")
 
