@@ -639,12 +639,15 @@ class PodProxyFront:
     token; ``Authorization`` is removed and the request (method, query, body, other headers)
     goes to the URL registered for that pod name in ``targets``; an unknown pod is a 503
     ``Status``. Every proxied request is recorded in :attr:`proxied` as ``(method, pod,
-    path_qs, headers)``. Separate from :class:`FakeKube` so that it adds routes nowhere else.
+    path_qs, headers)``. ``GET /api/v1/namespaces/{ns}/secrets/{name}`` serves
+    :attr:`secrets` (``{(ns, name): {key: text}}``, base64 on the wire; 404 ``Status`` when
+    absent). Separate from :class:`FakeKube` so that it adds routes nowhere else.
     """
 
     def __init__(self, kube: FakeKube, targets: dict[str, str], *, token: str) -> None:
         self.kube, self.targets, self.token = kube, targets, token
         self.proxied: list[tuple[str, str, str, dict[str, str]]] = []
+        self.secrets: dict[tuple[str, str], dict[str, str]] = {}
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -684,6 +687,7 @@ class PodProxyFront:
         app.router.add_get("/api/v1/namespaces/{ns}/pods", self._list)
         app.router.add_route("*", "/api/v1/namespaces/{ns}/pods/{name}/proxy/{path:.*}",
                              self._proxy)
+        app.router.add_get("/api/v1/namespaces/{ns}/secrets/{name}", self._secret)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -707,6 +711,22 @@ class PodProxyFront:
                              for k, v in wanted.items())]
         return web.json_response({"kind": "PodList", "apiVersion": "v1",
                                   "metadata": {"resourceVersion": "1"}, "items": items})
+
+    async def _secret(self, request: web.Request) -> web.Response:
+        import base64
+
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        ns, name = request.match_info["ns"], request.match_info["name"]
+        data = self.secrets.get((ns, name))
+        if data is None:
+            return web.json_response(_status(404, "NotFound",
+                                             f'secrets "{name}" not found'), status=404)
+        return web.json_response({
+            "kind": "Secret", "apiVersion": "v1", "type": "Opaque",
+            "metadata": {"name": name, "namespace": ns},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}})
 
     async def _proxy(self, request: web.Request) -> web.Response:
         from aiohttp import ClientError, ClientSession

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from evidence_keeper.commands.kubectl.cluster import container_env, token_secret
 from evidence_keeper.settings import Settings
 from evidence_keeper.ship.store import FileStore
 from evidence_keeper.sim import KubeletSim
@@ -91,10 +92,18 @@ def cluster(tmp_path: Path, plugin_bin: Path,
                  {"name": "EK_CLUSTER", "value": "default"},
                  {"name": "EK_LISTEN", "value": "0.0.0.0:9095"},
                  {"name": "EK_S3_ENDPOINT_URL", "value": ""},
+                 {"name": "EK_ARCHIVE_TOKEN_FILE",
+                  "value": "/etc/evidence-keeper/archive-token/token"},
                  {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
 
     def with_env(pod: Pod) -> None:
+        """The agent container as deploy/daemonset.yaml has it: env and the token Secret."""
         pod["spec"]["containers"][0]["env"] = agent_env
+        pod["spec"]["containers"][0]["volumeMounts"] = [
+            {"name": "archive-token", "mountPath": "/etc/evidence-keeper/archive-token",
+             "readOnly": True}]
+        pod["spec"]["volumes"] = [{"name": "archive-token", "secret": {
+            "secretName": "evidence-keeper-archive-token", "optional": True}}]
 
     with AgentThread(settings["node-a"]) as a, AgentThread(settings["node-b"]) as b, \
             FakeKube() as kube:
@@ -107,6 +116,8 @@ def cluster(tmp_path: Path, plugin_bin: Path,
             targets[name] = agent.url
         kube.add_pod("evidence-keeper", "unrelated", uid="uid-x", node="node-a")
         with PodProxyFront(kube, targets, token=KUBE_TOKEN) as front:
+            front.secrets[("evidence-keeper", "evidence-keeper-archive-token")] = {
+                "token": TOKEN}
             kubeconfig = front.write_kubeconfig(tmp_path / "kubeconfig")
             env = {"PATH": f"{plugin_bin}:{Path(KUBECTL).parent}:/usr/bin:/bin",
                    "HOME": str(tmp_path), "KUBECONFIG": str(kubeconfig)}
@@ -201,6 +212,16 @@ def test_archive_search_and_export(cluster: Cluster) -> None:
     assert len(posts) == 2
     assert all("Authorization" not in h and h["X-Evidence-Keeper-Token"] == TOKEN
                for h in posts)
+    # Without --token-file the token comes from the Secret the agents mount.
+    again = cluster.kubectl("evidence", "archive", "-n", NS, "--reason", "INC-7",
+                            "--label", "inc-7", "-o", "json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["id"] == doc["id"]  # the same label, the same archive
+    del cluster.front.secrets[("evidence-keeper", "evidence-keeper-archive-token")]
+    missing = cluster.kubectl("evidence", "archive", "-n", NS, "--reason", "INC-7")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "cannot read the archive token from secret evidence-keeper-archive-token" in (
+        missing.stderr) and "HTTP 404" in missing.stderr
     verified = subprocess.run(
         [sys.executable, "-m", "evidence_keeper.cli", "verify", doc["id"], "-o", "json"],
         env={**cluster.env, "EK_STORE_URL": f"file://{cluster.store.root}"},
@@ -248,3 +269,27 @@ def test_plugin_store_settings_come_from_the_agents(cluster: Cluster) -> None:
                            env={**cluster.env, "EK_STORE_URL": f"file://{elsewhere}"})
     assert done.returncode == 1 and f"file://{elsewhere}" in done.stderr
     assert os.listdir(elsewhere) == []
+
+
+def test_token_secret_follows_mounts_items_and_subpaths() -> None:
+    def pod(mount: dict[str, object], secret: dict[str, object], path: str) -> Pod:
+        return {"metadata": {"annotations": {"kubectl.kubernetes.io/default-container": "agent"}},
+                "spec": {"containers": [
+                    {"name": "sidecar", "env": [{"name": "EK_ARCHIVE_TOKEN_FILE",
+                                                 "value": "/elsewhere"}]},
+                    {"name": "agent", "volumeMounts": [{"name": "t", **mount}],
+                     "env": [{"name": "EK_ARCHIVE_TOKEN_FILE", "value": path},
+                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {}}}]}],
+                    "volumes": [{"name": "other", "emptyDir": {}},
+                                {"name": "t", "secret": secret}]}}
+
+    plain = pod({"mountPath": "/etc/t"}, {"secretName": "s"}, "/etc/t/token")
+    assert token_secret(plain) == ("s", "token")
+    assert container_env(plain) == {"EK_ARCHIVE_TOKEN_FILE": "/etc/t/token"}
+    mapped = pod({"mountPath": "/etc/t/"}, {"secretName": "s", "items": [
+        {"key": "archive", "path": "token"}]}, "/etc/t/token")
+    assert token_secret(mapped) == ("s", "archive")
+    sub = pod({"mountPath": "/etc/token", "subPath": "tok"}, {"secretName": "s"}, "/etc/token")
+    assert token_secret(sub) == ("s", "tok")
+    assert token_secret(pod({"mountPath": "/etc/t"}, {"secretName": "s"}, "/run/x")) is None
+    assert token_secret(pod({"mountPath": "/etc/t"}, {}, "/etc/t/token")) is None

@@ -1,6 +1,7 @@
 """``kubectl evidence archive``: ``evidence-keeper archive --all-nodes`` through the API
 server's pod proxy — every agent archives its part, then the cluster manifest is written with
-the caller's store access."""
+the caller's store access. The archive token is read from the Secret the agents mount (like
+``kubectl get secret``), unless ``--token-file`` names one."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from evidence_keeper.commands.base import subcommand
 from evidence_keeper.commands.common import token
 from evidence_keeper.commands.kubectl.cluster import (
     add_kube,
+    archive_token,
     cluster_settings,
     connect,
     readable_store,
@@ -31,6 +33,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     api = connect(args)
     cfg = readable_store(cluster_settings(api, args))
-    secret = token(args, cfg)
+    # --token-file or $EK_ARCHIVE_TOKEN_FILE first; else the Secret the agents mount.
+    secret = (token(args, cfg) if args.token_file or cfg.archive_token_file
+              else archive_token(api, args))
     return local.all_nodes(args, cfg, local.request_body(args), secret, local.scope_of(args),
                            api=api, via="proxy")

@@ -10,6 +10,7 @@ environment still wins over them, so ``EK_S3_ENDPOINT_URL`` can point at a port-
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -84,6 +85,11 @@ def on_node(pods: Sequence[AgentPod], node: str | None) -> list[AgentPod]:
 
 def agent_env(api: Any, args: argparse.Namespace) -> dict[str, str]:
     """The literal ``EK_*`` values of the agent container in the first agent pod's spec."""
+    return container_env(agent_pod_doc(api, args))
+
+
+def agent_pod_doc(api: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The first agent pod, as the API server's JSON."""
     core: Any = client.CoreV1Api(api)
     try:
         resp = core.list_namespaced_pod(args.agent_namespace, label_selector=args.agent_selector,
@@ -97,18 +103,72 @@ def agent_env(api: Any, args: argparse.Namespace) -> dict[str, str]:
     if not items:
         raise CliError(f"no agent pods {args.agent_selector!r} in namespace"
                        f" {args.agent_namespace} (see --agent-namespace, --agent-selector)")
-    return container_env(items[0])
+    doc: dict[str, Any] = items[0]
+    return doc
+
+
+def agent_container(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """The agent's container: kubectl's default-container annotation, else the first."""
+    containers = (pod.get("spec") or {}).get("containers") or [{}]
+    want = ((pod.get("metadata") or {}).get("annotations") or {}).get(
+        DEFAULT_CONTAINER_ANNOTATION)
+    chosen: dict[str, Any] = next((c for c in containers if c.get("name") == want),
+                                  containers[0])
+    return chosen
 
 
 def container_env(pod: Mapping[str, Any]) -> dict[str, str]:
-    containers = (pod.get("spec") or {}).get("containers") or []
-    if not containers:
-        return {}
-    want = ((pod.get("metadata") or {}).get("annotations") or {}).get(
-        DEFAULT_CONTAINER_ANNOTATION)
-    chosen = next((c for c in containers if c.get("name") == want), containers[0])
-    return {str(e["name"]): str(e["value"]) for e in chosen.get("env") or []
+    return {str(e["name"]): str(e["value"]) for e in agent_container(pod).get("env") or []
             if isinstance(e, dict) and "name" in e and isinstance(e.get("value"), str)}
+
+
+def token_secret(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The Secret (name, key) mounted where the agent reads its archive token, if any."""
+    path = container_env(pod).get(f"{ENV_PREFIX}ARCHIVE_TOKEN_FILE")
+    if not path:
+        return None
+    for mount in agent_container(pod).get("volumeMounts") or []:
+        root = str(mount.get("mountPath", "")).rstrip("/")
+        if mount.get("subPath") and path == root:
+            key = str(mount["subPath"])
+        elif path.startswith(root + "/"):
+            key = path[len(root) + 1:]
+        else:
+            continue
+        for volume in (pod.get("spec") or {}).get("volumes") or []:
+            secret = volume.get("secret") if volume.get("name") == mount.get("name") else None
+            if secret and secret.get("secretName"):
+                items = {str(i.get("path")): str(i.get("key"))
+                         for i in secret.get("items") or []}
+                return str(secret["secretName"]), items.get(key, key)
+    return None
+
+
+def archive_token(api: Any, args: argparse.Namespace) -> str:
+    """The agents' archive token, from the Secret their pod mounts (needs ``get secrets``)."""
+    found = token_secret(agent_pod_doc(api, args))
+    if found is None:
+        raise CliError("the agents have no archive token Secret (archive is disabled);"
+                       " pass --token-file if they read it elsewhere")
+    name, key = found
+    core: Any = client.CoreV1Api(api)
+    where = f"secret {name} in {args.agent_namespace}"
+    try:
+        resp = core.read_namespaced_secret(name, args.agent_namespace, _preload_content=False,
+                                           _request_timeout=30)
+        data = json.loads(resp.read()).get("data") or {}
+    except ApiException as exc:
+        raise CliError(f"cannot read the archive token from {where}: HTTP {exc.status}"
+                       f" {exc.reason} (or pass --token-file)") from None
+    except Exception as exc:
+        raise CliError(f"cannot read the archive token from {where}: {exc}") from None
+    try:
+        token = base64.b64decode(data[key], validate=True).decode("utf-8").strip()
+    except (KeyError, ValueError, UnicodeDecodeError):
+        raise CliError(f"{where} has no usable key {key!r}") from None
+    if not token:
+        raise CliError(f"the archive token in {where} is empty")
+    return token
 
 
 def cluster_settings(api: Any, args: argparse.Namespace,
