@@ -53,7 +53,8 @@ exit codes:
   2  error: bad arguments, no token, the agent or the API server cannot be reached"""
 
 
-def add_scope(p: argparse.ArgumentParser) -> None:
+def add_scope(p: argparse.ArgumentParser, *,
+              token_help: str = "default: archive_token_file") -> None:
     """What to archive and why (shared with ``kubectl evidence archive``)."""
     add_namespace(p, required=True, help="the namespace whose evidence is kept")
     p.add_argument("--pod", help="pod name or glob (* ? [...])")
@@ -63,7 +64,7 @@ def add_scope(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reason", required=True, help="why the evidence is kept (in the manifest)")
     p.add_argument("--label", help="idempotency key: the same label gives the same archive")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
-    p.add_argument("--token-file", metavar="PATH", help="default: archive_token_file")
+    p.add_argument("--token-file", metavar="PATH", help=token_help)
     add_output(p, json_help="the final archive document")
 
 

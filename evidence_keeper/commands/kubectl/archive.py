@@ -26,7 +26,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subcommand(subparsers, NAME, help="archive a scope's evidence on every node, then a"
                                            " cluster manifest", exit_codes=local.EXIT_CODES)
     add_kube(p)
-    local.add_scope(p)
+    local.add_scope(p, token_help="default: $EK_ARCHIVE_TOKEN_FILE, else the Secret the"
+                                  " agents mount (needs get on it)")
     return p
 
 
