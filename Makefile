@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench clean promtool
+.PHONY: venv test lint demo bench clean promtool kubectl revision
 
 venv: $(STAMP)
 
@@ -18,7 +18,17 @@ $(STAMP): pyproject.toml
 promtool:
 	(command -v promtool && command -v prometheus) >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus)
 
-test: venv promtool
+# kubectl runs the kubectl-evidence plugin in tests/test_kubectl_plugin.py (Debian's package
+# when none is installed).
+kubectl:
+	command -v kubectl >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends kubernetes-client)
+
+# The source revision for --version and evidence_keeper_build_info in a wheel or an image built
+# from this checkout (an installed package has no .git to ask).
+revision:
+	git rev-parse --short=12 HEAD > evidence_keeper/REVISION
+
+test: venv promtool kubectl
 	$(BIN)/python -m pytest -q
 
 lint: venv

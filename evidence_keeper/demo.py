@@ -30,12 +30,13 @@ from typing import Any
 
 from evidence_keeper.api.client import call
 from evidence_keeper.archive.export import export_stream, find_streams
-from evidence_keeper.cli import format_gaps
-from evidence_keeper.cli import main as cli_main
+from evidence_keeper.commands import archive, export, preflight, search, verify
+from evidence_keeper.commands.base import build_parser, dispatch
+from evidence_keeper.commands.render import format_gaps
 from evidence_keeper.logs import configure_logging
 from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings, load_settings
-from evidence_keeper.ship.store import Store
+from evidence_keeper.ship.store import FileStore, Store
 from evidence_keeper.sim import KubeletSim, nov10_incident, play
 from evidence_keeper.sim.scenario import NAMESPACE, PAYMENT_FAILED_MARKER, ScenarioStep
 from evidence_keeper.supervisor import Agent
@@ -43,6 +44,22 @@ from evidence_keeper.supervisor import Agent
 _TTY = sys.stdout.isatty()
 BOLD, DIM, RED, GREEN, RESET = (
     ("\033[1m", "\033[2m", "\033[31m", "\033[32m", "\033[0m") if _TTY else ("",) * 5)
+
+
+def cli_main(argv: list[str]) -> int:
+    """The commands the demo shows, run exactly as ``evidence-keeper`` runs them."""
+    parser = build_parser(prog="evidence-keeper", description="the demo's commands",
+                          commands=(preflight, archive, verify, search, export))
+    return dispatch(parser, argv)
+
+
+def keep_copy(store: Store, dest: Path) -> FileStore:
+    """A ``file://`` copy of every object in ``store`` (keys and metadata as they are), so the
+    evidence outlives the demo's S3 endpoint and the closing ``Try:`` hint works."""
+    copy = FileStore(dest)
+    for key in store.list(""):
+        copy.put(key, store.get(key), store.head(key) or {})
+    return copy
 
 
 def _h(title: str) -> None:
@@ -159,7 +176,7 @@ async def _run_agent_during(agent: Agent, sim: KubeletSim, steps: list[ScenarioS
 
 
 def _report(settings: Settings, agent: Agent, sim: KubeletSim, store: Store,
-            unseen: set[StreamId], archive_ids: list[str], cfg: Path) -> int:
+            unseen: set[StreamId], archive_ids: list[str], cfg: Path, keep: Path) -> int:
     _h("Gaps in the ledger after shutdown")
     gaps = agent.ledger.gaps()
     losses = [g for g in gaps if g.kind == "loss"]
@@ -185,6 +202,7 @@ def _report(settings: Settings, agent: Agent, sim: KubeletSim, store: Store,
     _h(f"Evidence in the store ({store.describe()})")
     exact = True
     failed_lines: list[bytes] = []
+    witness: StreamId | None = None
     for sid in sorted(sim.streams()):
         found = find_streams(store, cluster=settings.cluster, namespace=sid.namespace,
                              pod=sid.pod, container=sid.container, restart=sid.restart,
@@ -205,8 +223,10 @@ def _report(settings: Settings, agent: Agent, sim: KubeletSim, store: Store,
               f" {len(buf.getvalue()):>7} bytes, {segments:>2} segments, {mark}"
               f"  {DIM}({on_disk}){RESET}")
         if sid.namespace == NAMESPACE:
-            failed_lines += [ln for ln in buf.getvalue().splitlines()
-                             if PAYMENT_FAILED_MARKER in ln]
+            found_here = [ln for ln in buf.getvalue().splitlines()
+                          if PAYMENT_FAILED_MARKER in ln]
+            witness = witness or (sid if found_here else None)
+            failed_lines += found_here
 
     verified = 1
     if archive_ids and archive_ids[0]:
@@ -221,10 +241,27 @@ def _report(settings: Settings, agent: Agent, sim: KubeletSim, store: Store,
     print(f"\n  {len(failed_lines)} PAYMENT_FAILED lines preserved, the lines Datadog never"
           f" received; every stream byte-exact: {'yes' if exact else 'NO'};"
           f" archive verified: {'yes' if verified == 0 else 'NO'}")
-    print(f"\n  Try: evidence-keeper export --config {cfg} --namespace sock-shop"
-          " --pod <pod> --container <container>")
+    _hint(settings, store, keep, witness)
     ok = exact and bool(failed_lines) and verified == 0 and searched == 0
     return 0 if ok else 1
+
+
+def _hint(settings: Settings, store: Store, keep: Path, witness: StreamId | None) -> None:
+    """Leave the evidence where the closing hint can reach it once the demo's S3 is gone."""
+    if isinstance(store, FileStore):
+        copy = store
+    else:
+        if keep.exists():
+            shutil.rmtree(keep)
+        copy = keep_copy(store, keep)
+    cfg = keep.parent / "evidence.yaml"
+    cfg.write_text(f"cluster: {settings.cluster}\nstore_url: {copy.describe()}\n"
+                   "kubernetes: 'off'\n")
+    print(f"\n  The evidence stays in {copy.describe()} ({cfg} points at it).")
+    ns, pod, container = ((witness.namespace, witness.pod, witness.container) if witness
+                          else (NAMESPACE, "<pod>", "<container>"))
+    print(f"  Try: evidence-keeper export --config {cfg} --namespace {ns}"
+          f" --pod {pod} --container {container}")
 
 
 def run_demo(*, workdir: str | None = None, speed: float = 1.0) -> int:
@@ -275,6 +312,7 @@ def _demo(work: Path, settings: Settings, speed: float, s3: LocalS3 | None) -> i
     archive_ids: list[str] = []
     try:
         asyncio.run(_run_agent_during(agent, sim, steps, speed, dns, archive_ids))
-        return _report(settings, agent, sim, agent.store, unseen, archive_ids, cfg)
+        return _report(settings, agent, sim, agent.store, unseen, archive_ids, cfg,
+                       work / "evidence")
     finally:
         agent.close()

@@ -15,6 +15,8 @@ import re
 from datetime import UTC, datetime
 from typing import Final
 
+from evidence_keeper import timefmt
+
 _RFC3339: Final = re.compile(
     rb"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$"
 )
@@ -84,6 +86,5 @@ def edge_timestamps(head: bytes, tail: bytes) -> tuple[datetime | None, datetime
 
 
 def rfc3339(ts: datetime | None) -> str:
-    if ts is None:
-        return ""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Store metadata's form (``ek-first-ts``): "" for no time."""
+    return "" if ts is None else timefmt.rfc3339(ts)

@@ -7,13 +7,24 @@ only when it is really gone, never for an operation that will be retried.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+from evidence_keeper.version import BuildInfo, build_info
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 build: BuildInfo | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._add_process_metrics(r, build or build_info())
         self.captured_bytes = Counter(
             "evidence_keeper_captured_bytes",
             "Bytes of container logs made durable (fsynced) in the local spool.",
@@ -125,3 +136,18 @@ class Metrics:
             "Container instances (streams) tracked.",
             registry=r,
         )
+
+    def _add_process_metrics(self, r: CollectorRegistry, build: BuildInfo) -> None:
+        """``build_info`` and the standard ``process_*`` metrics (CPU, memory, descriptors,
+        start time), and no ``_created`` series: they double every counter's series and no
+        rule or dashboard reads them. prometheus_client's switch for that is process-wide
+        (read at each scrape); the agent is the only exporter in its process."""
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.build_info = Gauge(
+            "evidence_keeper_build_info",
+            "Always 1; the labels say which build runs (version, source revision).",
+            ["version", "revision"],
+            registry=r,
+        )
+        self.build_info.labels(version=build.version, revision=build.revision).set(1)
+        ProcessCollector(registry=r)

@@ -42,7 +42,7 @@ from evidence_keeper.archive.service import install as install_archive
 from evidence_keeper.discover.kube import KubeWatcher, kube_enabled
 from evidence_keeper.discover.logtree import LogTree
 from evidence_keeper.fsio import FileSystem
-from evidence_keeper.health.ledger import Ledger, rfc3339
+from evidence_keeper.health.ledger import Ledger
 from evidence_keeper.health.probes import Prober, Resolver, ResolverPool
 from evidence_keeper.health.sinks import SinkMonitor
 from evidence_keeper.logs import get_logger
@@ -53,6 +53,7 @@ from evidence_keeper.ship.shipper import ShipConfig, Shipper
 from evidence_keeper.ship.store import Store, StoreError, open_store
 from evidence_keeper.spool.spool import Spool
 from evidence_keeper.tail.tailer import Tailer
+from evidence_keeper.timefmt import parse_rfc3339, rfc3339
 from evidence_keeper.views import PipelineControl, api_fallback
 
 log = get_logger("evidence_keeper.supervisor")
@@ -223,10 +224,10 @@ class Agent:
         if last is None:
             return
         stopped = self.ledger.get_meta("stopped_at")
-        start = datetime.fromisoformat(last.replace("Z", "+00:00"))
+        start = parse_rfc3339(last) or datetime.now(UTC)
         clean = stopped is not None and stopped >= last
         if clean and stopped is not None:
-            start = datetime.fromisoformat(stopped.replace("Z", "+00:00"))
+            start = parse_rfc3339(stopped) or start
         now = datetime.now(UTC)
         gap_id = self.ledger.open_gap(
             "agent_down", dedup=f"agent_down:{rfc3339(start)}", at=start,

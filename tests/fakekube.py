@@ -627,3 +627,128 @@ def _abort(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
+
+
+# ------------------------------------------------------------------ pod proxy (kubectl plugin)
+class PodProxyFront:
+    """The API server's authenticated front for the kubectl plugin's tests, before a FakeKube.
+
+    Serves ``GET /api/v1/namespaces/{ns}/pods`` (the FakeKube list, with ``labelSelector``
+    honoured) and the pod proxy subresource ``/api/v1/namespaces/{ns}/pods/{name}[:port]/
+    proxy/{path}`` the way kube-apiserver does: the caller must present the front's bearer
+    token; ``Authorization`` is removed and the request (method, query, body, other headers)
+    goes to the URL registered for that pod name in ``targets``; an unknown pod is a 503
+    ``Status``. Every proxied request is recorded in :attr:`proxied` as ``(method, pod,
+    path_qs, headers)``. ``GET /api/v1/namespaces/{ns}/secrets/{name}`` serves
+    :attr:`secrets` (``{(ns, name): {key: text}}``, base64 on the wire; 404 ``Status`` when
+    absent). Separate from :class:`FakeKube` so that it adds routes nowhere else.
+    """
+
+    def __init__(self, kube: FakeKube, targets: dict[str, str], *, token: str) -> None:
+        self.kube, self.targets, self.token = kube, targets, token
+        self.proxied: list[tuple[str, str, str, dict[str, str]]] = []
+        self.secrets: dict[tuple[str, str], dict[str, str]] = {}
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="pod-proxy")
+        self._runner: web.AppRunner | None = None
+
+    def __enter__(self) -> PodProxyFront:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("pod proxy front did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def write_kubeconfig(self, path: Path, *, token: str | None = None) -> Path:
+        path.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters:\n- name: front\n  cluster:\n    server: http://127.0.0.1:{self.port}\n"
+            f"users:\n- name: front\n  user:\n    token: {token or self.token}\n"
+            "contexts:\n- name: front\n  context:\n    cluster: front\n    user: front\n"
+            "current-context: front\n")
+        return path
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._start())
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/api/v1/namespaces/{ns}/pods", self._list)
+        app.router.add_route("*", "/api/v1/namespaces/{ns}/pods/{name}/proxy/{path:.*}",
+                             self._proxy)
+        app.router.add_get("/api/v1/namespaces/{ns}/secrets/{name}", self._secret)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    def _denied(self, request: web.Request) -> web.Response | None:
+        if request.headers.get("Authorization") == f"Bearer {self.token}":
+            return None
+        return web.json_response(_status(401, "Unauthorized", "Unauthorized"), status=401)
+
+    async def _list(self, request: web.Request) -> web.Response:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        wanted = _parse_selector(request.query.get("labelSelector"))
+        with self.kube._lock:
+            items = [copy.deepcopy(p) for p in self.kube._pods.values()
+                     if p["metadata"]["namespace"] == request.match_info["ns"]
+                     and all(p["metadata"].get("labels", {}).get(k) == v
+                             for k, v in wanted.items())]
+        return web.json_response({"kind": "PodList", "apiVersion": "v1",
+                                  "metadata": {"resourceVersion": "1"}, "items": items})
+
+    async def _secret(self, request: web.Request) -> web.Response:
+        import base64
+
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        ns, name = request.match_info["ns"], request.match_info["name"]
+        data = self.secrets.get((ns, name))
+        if data is None:
+            return web.json_response(_status(404, "NotFound",
+                                             f'secrets "{name}" not found'), status=404)
+        return web.json_response({
+            "kind": "Secret", "apiVersion": "v1", "type": "Opaque",
+            "metadata": {"name": name, "namespace": ns},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}})
+
+    async def _proxy(self, request: web.Request) -> web.Response:
+        from aiohttp import ClientError, ClientSession
+
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        name = request.match_info["name"].partition(":")[0]
+        target = self.targets.get(name)
+        if target is None:
+            return web.json_response(_status(503, "ServiceUnavailable",
+                                             f"no endpoints for pod {name}"), status=503)
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("authorization", "host", "content-length")}
+        path_qs = "/" + request.match_info["path"] + (
+            f"?{request.query_string}" if request.query_string else "")
+        self.proxied.append((request.method, name, path_qs, headers))
+        try:
+            async with ClientSession() as http_, http_.request(
+                    request.method, target.rstrip("/") + path_qs, data=await request.read(),
+                    headers=headers) as resp:
+                return web.Response(status=resp.status, body=await resp.read(),
+                                    content_type=resp.content_type)
+        except ClientError as exc:
+            return web.json_response(_status(503, "ServiceUnavailable", str(exc)), status=503)

@@ -3,11 +3,14 @@ verified and the PAYMENT_FAILED lines found in the store."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
 
+from evidence_keeper.cli import main as cli_main
 from evidence_keeper.demo import run_demo
+from evidence_keeper.sim.scenario import PAYMENT_FAILED_MARKER
 
 
 def test_demo_tells_the_story_end_to_end(tmp_path: Path,
@@ -19,3 +22,19 @@ def test_demo_tells_the_story_end_to_end(tmp_path: Path,
     assert out.count("status updated to PAYMENT_FAILED") == 12  # found by search
     assert "every stream byte-exact: yes; archive verified: yes" in out
     assert "DIFFERS" not in out
+
+    # The closing ``Try: evidence-keeper export --config …`` runs once the demo (and its S3
+    # endpoint) is gone: the demo leaves a file:// copy of its evidence and points at it.
+    # (In the same test: moto's S3 state is per process, a second demo would see the first's.)
+    hint = next(ln for ln in out.splitlines() if ln.strip().startswith("Try: "))
+    argv = shlex.split(hint.strip()[len("Try: "):])
+    assert argv[0] == "evidence-keeper" and "<" not in hint, hint
+    exported = tmp_path / "exported.log"
+    assert cli_main([*argv[1:], "-o", str(exported)]) == 0
+    assert PAYMENT_FAILED_MARKER in exported.read_bytes()
+    config = argv[argv.index("--config") + 1]
+    assert "store_url: file://" in Path(config).read_text()
+    capsys.readouterr()
+    assert cli_main(["search", "--config", config, "-F", "PAYMENT_FAILED", "-n",
+                     "sock-shop"]) == 0
+    assert capsys.readouterr().out.count("status updated to PAYMENT_FAILED") == 12

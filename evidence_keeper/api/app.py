@@ -14,16 +14,15 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from evidence_keeper.health.ledger import rfc3339
+from evidence_keeper import timefmt
 from evidence_keeper.logs import get_logger
 from evidence_keeper.model import GAP_KINDS
-from evidence_keeper.settings import parse_duration
 from evidence_keeper.supervisor import Agent
 
 log = get_logger("evidence_keeper.api")
@@ -61,27 +60,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def parse_time(value: str, name: str, now: datetime) -> datetime:
-    """RFC3339 (``2025-11-10T12:27:00Z``) or a duration back from now (``30m``, ``2h``)."""
-    v = value.strip()
-    if not v:
-        raise BadRequest(f"{name}: empty value")
-    if v[0].isdigit() and not re.fullmatch(r"\d{4}-.*", v):
-        try:
-            seconds = parse_duration(v)
-        except ValueError:
-            raise BadRequest(f"{name}: {value!r} is neither RFC3339 nor a duration"
-                             " like 30m") from None
-        if seconds > 100 * 365 * 86400:
-            raise BadRequest(f"{name}: duration {value!r} is too long")
-        return now - timedelta(seconds=seconds)
+    """:func:`evidence_keeper.timefmt.parse_time`, a bad value as a 400."""
     try:
-        ts = datetime.fromisoformat(v.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise BadRequest(f"{name}: {value!r} is neither RFC3339 nor a duration"
-                         " like 30m") from None
-    if ts.tzinfo is None:
-        raise BadRequest(f"{name}: {value!r} needs a time zone (e.g. Z)")
-    return ts.astimezone(UTC)
+        return timefmt.parse_time(value, name, now)
+    except timefmt.TimeError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def _single(request: web.Request, allowed: set[str]) -> dict[str, str]:
@@ -135,7 +118,7 @@ async def gaps(request: web.Request) -> web.Response:
                                 open_=open_)
     return web.json_response({
         "node": agent.settings.node_name,
-        "generated_at": rfc3339(now),
+        "generated_at": timefmt.rfc3339(now),
         "gaps": rows,
     })
 

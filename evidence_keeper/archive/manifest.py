@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any, Final
 
-from evidence_keeper.formats import rfc3339 as format_ts
 from evidence_keeper.model import SegmentKey, StreamId, parse_segment_key
 from evidence_keeper.ship.codec import decompress
 from evidence_keeper.ship.store import Store
+from evidence_keeper.timefmt import parse_rfc3339
+from evidence_keeper.timefmt import rfc3339_or_none as rfc3339
 
 MANIFEST_VERSION: Final = 1
 MANIFEST_NAME: Final = "manifest.json"
@@ -134,21 +135,6 @@ class Scope:
 
     def window_json(self) -> dict[str, str | None]:
         return {"since": rfc3339(self.since), "until": rfc3339(self.until)}
-
-
-def rfc3339(ts: datetime | None) -> str | None:
-    """The store's timestamp format (``ek-first-ts``), or None (JSON null) for no time."""
-    return format_ts(ts) or None
-
-
-def parse_rfc3339(value: object) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        ts = datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return ts if ts.tzinfo is not None else None
 
 
 # ------------------------------------------------------------------------------ segments

@@ -54,6 +54,7 @@ from evidence_keeper.archive.manifest import (
 from evidence_keeper.formats import line_message, line_ts
 from evidence_keeper.model import StreamId
 from evidence_keeper.ship.store import Store
+from evidence_keeper.timefmt import rfc3339_or_none
 
 CHUNK: Final = 4 << 20  # decompressed bytes handed to the scanner at a time
 PREFETCH: Final = 4  # compressed segments fetched ahead
@@ -393,6 +394,6 @@ def format_json(hit: Hit) -> bytes:
     return json.dumps({
         "namespace": s.namespace, "pod": s.pod, "pod_uid": s.pod_uid, "container": s.container,
         "restart": s.restart, "offset": hit.offset,
-        "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if ts else None,
+        "ts": rfc3339_or_none(ts),
         "message": hit.message.decode("utf-8", "surrogateescape"), "key": hit.key,
     }).encode() + b"\n"

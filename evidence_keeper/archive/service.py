@@ -55,14 +55,14 @@ from evidence_keeper.archive.manifest import (
     load_manifest,
     manifest_key,
     manifest_meta,
-    parse_rfc3339,
-    rfc3339,
     seal,
     select_segments,
 )
 from evidence_keeper.logs import get_logger
 from evidence_keeper.model import StreamId
 from evidence_keeper.ship.store import Store, StoreError
+from evidence_keeper.timefmt import parse_rfc3339
+from evidence_keeper.timefmt import rfc3339_or_none as rfc3339
 
 if TYPE_CHECKING:
     from evidence_keeper.supervisor import Agent

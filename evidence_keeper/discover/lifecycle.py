@@ -44,6 +44,7 @@ from typing import Any, Final
 from evidence_keeper.logs import get_logger
 from evidence_keeper.model import StreamId
 from evidence_keeper.ship.store import ObjectMissing, Store, StoreError
+from evidence_keeper.timefmt import parse_rfc3339, rfc3339
 
 log = get_logger("evidence_keeper.lifecycle")
 
@@ -62,19 +63,10 @@ def lifecycle_key(cluster: str, namespace: str, pod: str, pod_uid: str) -> str:
     return f"{cluster}/{namespace}/{pod}_{pod_uid}/{LIFECYCLE_OBJECT}"
 
 
-def rfc3339(ts: datetime) -> str:
-    """UTC with microseconds and ``Z`` (the gap ledger's format: sorts lexically in time)."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def normalize_time(value: object) -> str | None:
     """An API timestamp (``2025-11-10T12:27:00Z``) in the ledger's sortable format."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return rfc3339(datetime.fromisoformat(value.replace("Z", "+00:00")))
-    except ValueError:
-        return None
+    ts = parse_rfc3339(value)
+    return None if ts is None else rfc3339(ts)
 
 
 # --------------------------------------------------------------------------------------------

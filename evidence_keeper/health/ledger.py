@@ -18,11 +18,12 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from evidence_keeper.model import GAP_KINDS, Loss
+from evidence_keeper.timefmt import rfc3339
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS gaps (
@@ -53,11 +54,6 @@ _COLUMNS = (
     "id", "kind", "start", "end", "sink", "check", "reason", "namespace", "pod", "pod_uid",
     "container", "restart", "offset", "bytes", "detail", "extra",
 )
-
-
-def rfc3339(ts: datetime) -> str:
-    """UTC RFC3339 with microseconds and ``Z``: sorts lexically in time order."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,220 @@
+"""``evidence-keeper archive``: seal and archive the evidence of a scope (``POST /archive``),
+on one agent (``--url``) or on every agent of the DaemonSet (``--all-nodes``, through the API
+server's pod proxy or at the pod IPs), then a cluster manifest."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import socket
+import sys
+import time
+from typing import Any, Final
+
+from evidence_keeper.api.client import call
+from evidence_keeper.archive.manifest import Scope, ScopeError, check_glob, check_namespace
+from evidence_keeper.archive.service import (
+    AgentPod,
+    AgentTransport,
+    ClusterError,
+    ClusterResult,
+    NodeArchive,
+    PodIP,
+    PodProxy,
+    cluster_archive,
+    kube_client,
+    list_agent_pods,
+)
+from evidence_keeper.commands.base import (
+    EXIT_NEGATIVE,
+    EXIT_OK,
+    CliError,
+    subcommand,
+)
+from evidence_keeper.commands.common import (
+    add_config,
+    add_namespace,
+    add_output,
+    agent_url,
+    read_store,
+    settings,
+    token,
+    when,
+)
+from evidence_keeper.commands.render import json_doc
+from evidence_keeper.settings import Settings
+from evidence_keeper.ship.store import StoreError
+
+NAME: Final = "archive"
+EXIT_CODES: Final = """\
+exit codes:
+  0  accepted (without --wait), or the archive is complete (on every node with --all-nodes)
+  1  the archive failed (on at least one node)
+  2  error: bad arguments, no token, the agent or the API server cannot be reached"""
+
+
+def add_scope(p: argparse.ArgumentParser, *,
+              token_help: str = "default: archive_token_file") -> None:
+    """What to archive and why (shared with ``kubectl evidence archive``)."""
+    add_namespace(p, required=True, help="the namespace whose evidence is kept")
+    p.add_argument("--pod", help="pod name or glob (* ? [...])")
+    p.add_argument("--container", help="container name or glob")
+    p.add_argument("--since", help="RFC3339 or a duration back from now, e.g. 30m (default: all)")
+    p.add_argument("--until", help="RFC3339 or a duration back from now (default: now)")
+    p.add_argument("--reason", required=True, help="why the evidence is kept (in the manifest)")
+    p.add_argument("--label", help="idempotency key: the same label gives the same archive")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+    p.add_argument("--token-file", metavar="PATH", help=token_help)
+    add_output(p, json_help="the final archive document")
+
+
+def add_kube(p: argparse.ArgumentParser) -> None:
+    """How to find the agents through the API server (shared with ``kubectl evidence``)."""
+    p.add_argument("--kubeconfig", metavar="PATH", help="default: in-cluster, else $KUBECONFIG")
+    p.add_argument("--agent-namespace", default="evidence-keeper")
+    p.add_argument("--agent-selector", default="app.kubernetes.io/name=evidence-keeper")
+    p.add_argument("--agent-port", type=int, help="default: the port of the listen setting")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subcommand(subparsers, NAME, help="seal and archive the evidence of a scope"
+                                           " (POST /archive)", exit_codes=EXIT_CODES)
+    add_config(p)
+    add_scope(p)
+    p.add_argument("--wait", action="store_true", help="wait for the manifest, with progress")
+    p.add_argument("--url", help="agent API (default: from the configured listen address)")
+    p.add_argument("--all-nodes", action="store_true",
+                   help="every agent of the DaemonSet, then a cluster manifest (implies --wait)")
+    add_kube(p)
+    p.add_argument("--via", choices=["proxy", "pod-ip"], default="proxy",
+                   help="reach agents through the API server's pod proxy or at their pod IPs")
+    return p
+
+
+def request_body(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    body: dict[str, Any] = {"namespace": args.namespace, "reason": args.reason,
+                            "requester": f"{user}@{socket.gethostname()}"[:256]}
+    for key in ("pod", "container", "since", "until", "label"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    return body
+
+
+def scope_of(args: argparse.Namespace) -> Scope:
+    try:
+        return Scope(namespace=check_namespace(args.namespace),
+                     pod=args.pod and check_glob(args.pod, "--pod", subdomain=True),
+                     container=args.container and check_glob(args.container, "--container",
+                                                             subdomain=False),
+                     since=when(args.since, "--since"), until=when(args.until, "--until"))
+    except ScopeError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = settings(args)
+    secret = token(args, cfg)
+    body = request_body(args)
+    if args.all_nodes:
+        scope = scope_of(args)
+        return all_nodes(args, cfg, body, secret, scope, api=connect(args.kubeconfig),
+                         via=args.via)
+    return one_agent(args, body, secret)
+
+
+def one_agent(args: argparse.Namespace, body: dict[str, Any], secret: str) -> int:
+    url = agent_url(args)
+    _, doc = call(url, "/archive", method="POST", body=body, token=secret)
+    print(f"archive {doc['id']} accepted by {url}: {doc['status']}", file=sys.stderr)
+    if args.wait or doc["status"] in ("complete", "failed"):
+        doc = _wait(url, doc, secret, args.timeout)
+    if args.output == "json":
+        print(json_doc(doc))
+    else:
+        print(doc["id"])
+    return EXIT_NEGATIVE if doc["status"] == "failed" else EXIT_OK
+
+
+def _wait(url: str, doc: dict[str, Any], secret: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    started, shown = time.monotonic(), ""
+    while doc["status"] in ("pending", "running"):
+        if time.monotonic() > deadline:
+            raise CliError(f"archive {doc['id']} not complete after {timeout:g}s"
+                           f" ({doc.get('stage')})")
+        time.sleep(0.3)
+        _, doc = call(url, f"/archives/{doc['id']}", token=secret)
+        line = f"{doc['status']}: {doc.get('stage') or ''}"
+        if line != shown:
+            shown = line
+            print(f"  {time.monotonic() - started:6.1f}s  {line}", file=sys.stderr)
+    if doc["status"] == "failed":
+        print(f"archive {doc['id']} failed: {doc.get('error')}", file=sys.stderr)
+    else:
+        print(f"archive {doc['id']} complete: {doc['manifest_key']}", file=sys.stderr)
+    return doc
+
+
+def connect(kubeconfig: str | None) -> Any:
+    try:
+        return kube_client(kubeconfig)
+    except ClusterError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def find_agents(api: Any, args: argparse.Namespace) -> list[AgentPod]:
+    try:
+        pods = list_agent_pods(api, namespace=args.agent_namespace, selector=args.agent_selector)
+    except ClusterError as exc:
+        raise CliError(str(exc)) from exc
+    if not pods:
+        raise CliError(f"no agent pods {args.agent_selector!r} in namespace"
+                       f" {args.agent_namespace}")
+    return pods
+
+
+def all_nodes(args: argparse.Namespace, cfg: Settings, body: dict[str, Any], secret: str,
+              scope: Scope, *, api: Any, via: str) -> int:
+    """Archive on every agent, then write the cluster manifest (the caller's store access)."""
+    store = read_store(cfg)
+    port = args.agent_port or cfg.listen_port
+    pods = find_agents(api, args)
+    print(f"triggering {len(pods)} agents: {', '.join(p.node or p.name for p in pods)}",
+          file=sys.stderr)
+    transport: AgentTransport = (PodProxy(api, namespace=args.agent_namespace, port=port)
+                                 if via == "proxy" else PodIP(port=port))
+    started = time.monotonic()
+    shown: dict[str, str] = {}
+
+    def progress(nodes: list[NodeArchive]) -> None:
+        for n in nodes:
+            line = f"{n.status}: {n.error or n.stage}".rstrip(": ")
+            if shown.get(n.agent_pod) != line:
+                shown[n.agent_pod] = line
+                print(f"  {time.monotonic() - started:6.1f}s  {n.node or n.agent_pod}: {line}",
+                      file=sys.stderr)
+
+    try:
+        result = cluster_archive(store, cluster=cfg.cluster, pods=pods,
+                                 transport=transport, body=body, token=secret, scope=scope,
+                                 timeout_s=args.timeout, progress=progress,
+                                 object_lock_days=cfg.object_lock_days)
+    except StoreError as exc:
+        raise CliError(str(exc)) from exc
+    done = sum(n.status == "complete" for n in result.nodes)
+    print(f"cluster archive {result.id}: {done}/{len(result.nodes)} nodes complete,"
+          f" {result.segments} segments; manifest {result.manifest_key}", file=sys.stderr)
+    print(json_doc(cluster_json(result)) if args.output == "json" else result.id)
+    return EXIT_OK if result.complete else EXIT_NEGATIVE
+
+
+def cluster_json(result: ClusterResult) -> dict[str, Any]:
+    return {"id": result.id, "status": "complete" if result.complete else "failed",
+            "manifest_key": result.manifest_key, "segments": result.segments,
+            "nodes": [{"node": n.node, "agent_pod": n.agent_pod, "archive_id": n.archive_id,
+                       "status": n.status, "manifest_key": n.manifest_key, "error": n.error}
+                      for n in result.nodes]}

@@ -1,0 +1,46 @@
+"""``evidence-keeper gaps``: the gap ledger of a running agent (``GET /gaps``)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Final
+
+from evidence_keeper.api.client import call
+from evidence_keeper.commands.base import subcommand
+from evidence_keeper.commands.common import add_config, add_namespace, add_output, agent_url
+from evidence_keeper.commands.render import format_gaps, json_doc
+from evidence_keeper.model import GAP_KINDS
+
+NAME: Final = "gaps"
+
+
+def add_filters(p: argparse.ArgumentParser) -> None:
+    """The ``/gaps`` filters (shared with ``kubectl evidence gaps``)."""
+    p.add_argument("--since", help="RFC3339 or a duration back from now, e.g. 30m")
+    p.add_argument("--until", help="RFC3339 or a duration back from now")
+    p.add_argument("--kind", choices=list(GAP_KINDS))
+    add_namespace(p, help="only gaps of this namespace")
+    p.add_argument("--open", action="store_true", help="only gaps still open")
+    add_output(p, json_help="the API's JSON document")
+
+
+def params(args: argparse.Namespace) -> dict[str, str]:
+    out = {k: getattr(args, k) for k in ("since", "until", "kind", "namespace")
+           if getattr(args, k)}
+    if args.open:
+        out["open"] = "true"
+    return out
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subcommand(subparsers, NAME, help="list gaps from a running agent's ledger")
+    add_config(p)
+    p.add_argument("--url", help="agent API (default: from the configured listen address)")
+    add_filters(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    _, doc = call(agent_url(args), "/gaps", params=params(args))
+    print(json_doc(doc) if args.output == "json" else format_gaps(doc))
+    return 0
