@@ -1,9 +1,9 @@
 """``evidence-keeper``: argument parsing and dispatch only.
 
 Every command is a module of :mod:`evidence_keeper.commands` (``NAME``, ``add_parser``,
-``run``); a new command is one import and one entry in :data:`COMMANDS`. Errors are one line
-on stderr and an exit code (listed in ``--help``; decided in :mod:`evidence_keeper.commands.
-base`), never a traceback.
+``run``); the demo, which drives the others, is its own module. A new command is one import
+and one entry in :data:`COMMANDS`. Errors are one line on stderr and an exit code (listed in
+``--help``; decided in :mod:`evidence_keeper.commands.base`), never a traceback.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Final
 
+from evidence_keeper import demo
 from evidence_keeper.commands import (
     archive,
     completion,
-    demo,
     export,
     gaps,
     preflight,
