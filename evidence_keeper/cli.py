@@ -347,7 +347,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
             raise CliError(f"archive {doc['id']} not complete after {args.timeout:g}s"
                            f" ({doc.get('stage')})")
         time.sleep(0.3)
-        _, doc = call(url, f"/archives/{doc['id']}")
+        _, doc = call(url, f"/archives/{doc['id']}", token=token)  # v2: token required
         line = f"{doc['status']}: {doc.get('stage') or ''}"
         if line != shown:
             shown = line
@@ -439,6 +439,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         Hit,
         Matcher,
         PatternError,
+        SearchError,
         SearchStats,
         format_json,
         format_text,
@@ -472,15 +473,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         stats = search(store, matcher, cluster=settings.cluster, scope=scope, emit=emit,
                        progress=report)
-    except StoreError as exc:
+    except (StoreError, SearchError) as exc:
         raise CliError(str(exc)) from exc
     except BrokenPipeError:
         return 0  # `| head`: the reader has seen enough
     out.flush()
+    for error in stats.errors:  # segments that could not be searched (forged or damaged)
+        print(f"evidence-keeper: {error}", file=sys.stderr)
     if progress.close():
         print(f"{stats.matches} matches in {stats.bytes / 2**20:.1f} MiB of {stats.streams}"
               f" streams ({stats.segments} segments read, {stats.skipped} skipped by time)"
               f" in {stats.elapsed:.1f}s", file=sys.stderr)
+    if stats.errors:
+        return 2
     return 0 if stats.matches else 1
 
 

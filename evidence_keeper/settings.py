@@ -644,6 +644,34 @@ class Settings(BaseModel):
         description="File holding the bearer token for POST /archive; unset disables the "
         "archive endpoint (403).",
     )
+    # v2: the API never endangers capture (CONTRACT.md section 6).
+    http_max_connections: Annotated[int, BeforeValidator(_integer(minimum=4, maximum=4096))] = (
+        Field(
+            default=64,
+            description="Concurrent HTTP connections; beyond it the longest-idle connection is "
+            "closed, or the new one when all are busy. The API holds at most twice this many "
+            "descriptors.",
+        )
+    )
+    http_idle_timeout_s: Duration = Field(
+        default=5.0,
+        description="An HTTP connection without a request in progress (before its first "
+        "request, or keep-alive between requests) is closed after this long.",
+    )
+    http_header_timeout_s: Duration = Field(
+        default=5.0,
+        description="A request's headers (and an archive request's body) must arrive within "
+        "this long of its first byte (slowloris).",
+    )
+    archive_job_retention_days: Annotated[int, BeforeValidator(_integer(minimum=1))] = Field(
+        default=30,
+        description="Finished archive jobs (their state under spool_dir/archives) older than "
+        "this are pruned; the manifests in the store are kept.",
+    )
+    archive_jobs_max: Annotated[int, BeforeValidator(_integer(minimum=1))] = Field(
+        default=1000,
+        description="At most this many finished archive jobs are kept (oldest pruned first).",
+    )
     log_level: Annotated[
         Literal["debug", "info", "warning", "error"],
         BeforeValidator(_choice(("debug", "info", "warning", "error"), {"warn": "warning"})),
@@ -678,6 +706,16 @@ class Settings(BaseModel):
                 f"is larger than spool_max_bytes ({self.spool_max_bytes})",
                 key="segment_max_bytes",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_segment_cap(self) -> Settings:
+        # Readers expand at most this much per segment (CONTRACT.md section 4, a hard cap
+        # against decompression bombs); a larger segment could never be read back.
+        cap = 256 * 1024**2
+        if self.segment_max_bytes > cap:
+            raise _invalid(self.segment_max_bytes, f"is larger than {cap} (256MiB), the most a"
+                           " reader will decompress per segment", key="segment_max_bytes")
         return self
 
     # -- derived views -----------------------------------------------------------------------
