@@ -174,7 +174,7 @@ def test_a_flood_of_idle_connections_under_ulimit_1024_leaves_capture_and_health
         _answers(agent.url, "/readyz", within=20)
         host, port = agent.url.removeprefix("http://").rsplit(":", 1)
         with idle_connections(host, int(port), FLOOD):
-            time.sleep(1.0)  # let the agent take in the flood
+            time.sleep(3.0)  # let the flood arrive (SYN retries past the listen backlog)
             _answers(agent.url, "/healthz", within=10)
             sim.write(NS, "orders-1", "orders", "during the flood")
             sim.add_pod(NS, "payment-1", containers=("payment",))  # a new pod is picked up
