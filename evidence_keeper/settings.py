@@ -663,15 +663,6 @@ class Settings(BaseModel):
         description="A request's headers (and an archive request's body) must arrive within "
         "this long of its first byte (slowloris).",
     )
-    archive_job_retention_days: Annotated[int, BeforeValidator(_integer(minimum=1))] = Field(
-        default=30,
-        description="Finished archive jobs (their state under spool_dir/archives) older than "
-        "this are pruned; the manifests in the store are kept.",
-    )
-    archive_jobs_max: Annotated[int, BeforeValidator(_integer(minimum=1))] = Field(
-        default=1000,
-        description="At most this many finished archive jobs are kept (oldest pruned first).",
-    )
     log_level: Annotated[
         Literal["debug", "info", "warning", "error"],
         BeforeValidator(_choice(("debug", "info", "warning", "error"), {"warn": "warning"})),

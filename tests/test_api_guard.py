@@ -30,7 +30,7 @@ import pytest
 
 from evidence_keeper.api.contract import json_depth
 from evidence_keeper.api.guarding import ConnectionGuard
-from evidence_keeper.archive.service import ArchiveJob
+from evidence_keeper.archive.service import ArchiveJob, ArchiveService
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.settings import Settings
 from evidence_keeper.ship.store import FileStore
@@ -285,8 +285,7 @@ def _job(job_id: str, status: str, at: datetime) -> ArchiveJob:
 
 def test_archive_jobs_are_pruned_by_age_and_count(
         make_settings: Callable[..., Settings], token_file: Path) -> None:
-    settings = archive_settings(make_settings, token_file, archive_jobs_max=3,
-                                archive_job_retention_days=30)
+    settings = archive_settings(make_settings, token_file)
     state = Path(settings.spool_dir) / "archives"
     state.mkdir(parents=True)
     now = datetime.now(UTC)
@@ -296,7 +295,12 @@ def test_archive_jobs_are_pruned_by_age_and_count(
     for job in jobs:
         (state / f"{job.id}.json").write_text(json.dumps(asdict(job)))
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    with AgentThread(settings) as t:
+    agent = AgentThread(settings)
+    service = next(e.__self__ for e in agent.agent.api_extensions
+                   if isinstance(getattr(e, "__self__", None), ArchiveService))
+    assert service.jobs_keep_days == 30
+    service.jobs_max = 3
+    with agent as t:
         # Old ones by age, then the oldest recent one by count.
         assert sorted(p.stem for p in state.glob("*.json")) == [j.id for j in jobs[5:]]
         assert raw_http(t.url, "GET", f"/archives/{jobs[0].id}", headers=auth)[0] == 404

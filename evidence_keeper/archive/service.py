@@ -14,8 +14,8 @@ Agent side (:class:`ArchiveService`, installed by :func:`install`):
    agent restart resumes it; a client ``label`` makes the id deterministic (same label, same
    archive), and a different request under a used label is a 409. ``GET /archives/<id>`` needs
    the token too (a label is guessable). Finished jobs are pruned by age
-   (``archive_job_retention_days``) and count (``archive_jobs_max``), at start-up and after
-   each job; the manifests in the store are never touched.
+   (:data:`JOBS_KEEP_DAYS`) and count (:data:`JOBS_MAX`), at start-up and after each job;
+   the manifests in the store are never touched.
 4. The job waits out the capture bound (every byte is in the spool within one second of being
    written, CONTRACT.md section 1), seals the scope's open segments and waits until everything
    up to the seal is stored; the commit task commits the seals within ``commit_interval_s``
@@ -94,6 +94,8 @@ _PATHLIKE: Final = re.compile(r"(^|[/\\])\.\.([/\\]|$)|%2e|%2f|%5c|^[/\\]", re.I
 CAPTURE_BOUND_S: Final = 1.0  # contract: captured within one second of being written
 SHIP_TIMEOUT_S: Final = 300.0
 STATUSES: Final = ("pending", "running", "complete", "failed")
+JOBS_KEEP_DAYS: Final = 30  # finished jobs' state files older than this are pruned
+JOBS_MAX: Final = 1000  # ... and beyond this many, the oldest
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -191,11 +193,14 @@ class ArchiveService:
 
     def __init__(self, agent: Agent, *, ship_timeout_s: float = SHIP_TIMEOUT_S,
                  capture_bound_s: float = CAPTURE_BOUND_S, poll_s: float = 0.1,
-                 max_running: int = 2) -> None:
+                 max_running: int = 2, jobs_keep_days: float = JOBS_KEEP_DAYS,
+                 jobs_max: int = JOBS_MAX) -> None:
         self.agent = agent
         self.ship_timeout_s = ship_timeout_s
         self.capture_bound_s = capture_bound_s
         self.poll_s = poll_s
+        self.jobs_keep_days = jobs_keep_days
+        self.jobs_max = jobs_max
         self.dir = Path(agent.settings.spool_dir) / "archives"
         self.jobs: dict[str, ArchiveJob] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -240,12 +245,11 @@ class ArchiveService:
 
     def prunable(self, now: datetime) -> list[str]:
         """Finished jobs older than the retention, and the oldest beyond the count limit."""
-        settings = self.agent.settings
         finished = sorted(
             (j for j in self.jobs.values() if j.status in ("complete", "failed")),
             key=lambda j: parse_rfc3339(j.updated_at or j.accepted_at) or now)
-        cutoff = now - timedelta(days=settings.archive_job_retention_days)
-        excess = len(finished) - settings.archive_jobs_max
+        cutoff = now - timedelta(days=self.jobs_keep_days)
+        excess = len(finished) - self.jobs_max
         return [j.id for i, j in enumerate(finished)
                 if i < excess or (parse_rfc3339(j.updated_at or j.accepted_at) or now) < cutoff]
 
