@@ -699,16 +699,6 @@ class Settings(BaseModel):
             )
         return self
 
-    @model_validator(mode="after")
-    def _check_segment_cap(self) -> Settings:
-        # Readers expand at most this much per segment (CONTRACT.md section 4, a hard cap
-        # against decompression bombs); a larger segment could never be read back.
-        cap = 256 * 1024**2
-        if self.segment_max_bytes > cap:
-            raise _invalid(self.segment_max_bytes, f"is larger than {cap} (256MiB), the most a"
-                           " reader will decompress per segment", key="segment_max_bytes")
-        return self
-
     # -- derived views -----------------------------------------------------------------------
     def _parsed_store(self) -> _Store:
         return _parse_store(self.store_url)

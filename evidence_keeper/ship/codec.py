@@ -23,8 +23,9 @@ import zstandard
 
 from evidence_keeper.model import SEGMENT_EXTENSIONS
 
-# No agent seals a segment above segment_max_bytes (settings refuse more than this), so a
-# claim above it is a forged key, and this is also the most any reader will ever expand.
+# Segments are sealed at segment_max_bytes (8 MiB by default); a claim above this cap is taken
+# for a forged key, and the cap is the most any reader will ever expand one object to. (A
+# segment_max_bytes above it would write segments no reader accepts: keep it below.)
 MAX_SEGMENT_BYTES: Final = 256 * 1024 * 1024
 CHUNK: Final = 1 << 20  # decompressed bytes produced per step
 # Compression levels up to 19 use windows of at most 8 MiB; a frame asking for more is hostile
