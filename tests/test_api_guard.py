@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import http.client
 import json
 import os
@@ -356,3 +357,24 @@ def test_the_guard_evicts_the_longest_idle_never_a_busy_one() -> None:
     now[0] = 9.5
     guard.sweep()
     assert ts[3].aborted and not guard.conns
+
+
+def test_accept_errors_are_counted_and_logged_at_most_every_ten_seconds() -> None:
+    now = [100.0]
+    metrics = Metrics()
+    guard = ConnectionGuard(max_connections=4, idle_timeout_s=5, header_timeout_s=5,
+                            metrics=metrics, clock=lambda: now[0])
+    loop = asyncio.new_event_loop()
+    try:
+        error = OSError(errno.EMFILE, "Too many open files")
+        for _ in range(1000):  # asyncio reports each failed accept() to the loop's handler
+            guard.handle_loop_exception(loop, {"message": "socket.accept() out of system resource",
+                                            "exception": error})
+        assert metrics.registry.get_sample_value(
+            "evidence_keeper_http_accept_errors_total", {"errno": "EMFILE"}) == 1000
+        assert guard.accept_errors.counts == {"EMFILE": 999}  # one line so far, the rest held
+        now[0] += 10
+        guard.sweep()  # the next summary line, with the count
+        assert guard.accept_errors.counts == {}
+    finally:
+        loop.close()

@@ -178,11 +178,11 @@ class ConnectionGuard:
         self._loop = loop
         self._task = loop.create_task(self._sweep_forever(), name="http-guard")
         self._previous_handler = loop.get_exception_handler()
-        loop.set_exception_handler(self._exception_handler)
+        loop.set_exception_handler(self.handle_loop_exception)
 
     async def stop(self, _app: web.Application | None = None) -> None:
         if self._loop is not None and self._loop.get_exception_handler() == (
-                self._exception_handler):
+                self.handle_loop_exception):
             self._loop.set_exception_handler(self._previous_handler)
         if self._task is not None:
             self._task.cancel()
@@ -192,7 +192,7 @@ class ConnectionGuard:
                 pass
             self._task = None
 
-    def _exception_handler(self, loop: asyncio.AbstractEventLoop,
+    def handle_loop_exception(self, loop: asyncio.AbstractEventLoop,
                            context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if context.get("message") == _ACCEPT_MESSAGE and isinstance(exc, OSError):
