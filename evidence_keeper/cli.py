@@ -283,7 +283,7 @@ def _read_store(settings: Settings) -> Any:
 def _when(value: str | None, name: str) -> Any:
     from datetime import UTC, datetime
 
-    from evidence_keeper.api.app import BadRequest, parse_time
+    from evidence_keeper.api.contract import BadRequest, parse_time
 
     if value is None:
         return None
