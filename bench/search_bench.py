@@ -214,7 +214,7 @@ def measure_archive(work: Path, segments: int) -> list[tuple[str, float, str]]:
                       body={"namespace": "archive", "reason": "benchmark"})
         while doc["status"] not in ("complete", "failed"):
             time.sleep(0.05)
-            _, doc = call(url, f"/archives/{doc['id']}")
+            _, doc = call(url, f"/archives/{doc['id']}", token=TOKEN)
         seconds = time.perf_counter() - t0
         if doc["status"] != "complete":
             raise RuntimeError(f"archive failed: {doc['error']}")

@@ -136,6 +136,30 @@ class Metrics:
             "Container instances (streams) tracked.",
             registry=r,
         )
+        # -- the HTTP API's guard (v2: the API never endangers capture) -------------------
+        self.http_connections = Gauge(
+            "evidence_keeper_http_connections",
+            "HTTP connections currently open (capped by http_max_connections).",
+            registry=r,
+        )
+        self.http_connections_rejected = Counter(
+            "evidence_keeper_http_connections_rejected",
+            "HTTP connections closed at once because the cap was reached and all were busy.",
+            registry=r,
+        )
+        self.http_connections_closed = Counter(
+            "evidence_keeper_http_connections_closed",
+            "HTTP connections closed by the agent, by reason (evicted, idle_timeout,"
+            " header_timeout, request_timeout).",
+            ["reason"],
+            registry=r,
+        )
+        self.http_accept_errors = Counter(
+            "evidence_keeper_http_accept_errors",
+            "Failed accept() calls on the HTTP port (retried), by errno name.",
+            ["errno"],
+            registry=r,
+        )
 
     def _add_process_metrics(self, r: CollectorRegistry, build: BuildInfo) -> None:
         """``build_info`` and the standard ``process_*`` metrics (CPU, memory, descriptors,

@@ -651,6 +651,25 @@ class Settings(BaseModel):
         description="File holding the bearer token for POST /archive; unset disables the "
         "archive endpoint (403).",
     )
+    # v2: the API never endangers capture (CONTRACT.md section 6).
+    http_max_connections: Annotated[int, BeforeValidator(_integer(minimum=4, maximum=4096))] = (
+        Field(
+            default=64,
+            description="Concurrent HTTP connections; beyond it the longest-idle connection is "
+            "closed, or the new one when all are busy. The API holds at most twice this many "
+            "descriptors.",
+        )
+    )
+    http_idle_timeout_s: Duration = Field(
+        default=5.0,
+        description="An HTTP connection without a request in progress (before its first "
+        "request, or keep-alive between requests) is closed after this long.",
+    )
+    http_header_timeout_s: Duration = Field(
+        default=5.0,
+        description="A request's headers (and an archive request's body) must arrive within "
+        "this long of its first byte (slowloris).",
+    )
     log_level: Annotated[
         Literal["debug", "info", "warning", "error"],
         BeforeValidator(_choice(("debug", "info", "warning", "error"), {"warn": "warning"})),

@@ -99,7 +99,7 @@ def post_archive(url: str, body: dict[str, Any], token: str = TOKEN) -> dict[str
 def wait_archive(url: str, archive_id: str, *, within: float = 30.0) -> dict[str, Any]:
     deadline = time.monotonic() + within
     while True:
-        _, doc = call(url, f"/archives/{archive_id}")
+        _, doc = call(url, f"/archives/{archive_id}", token=TOKEN)
         if doc["status"] in ("complete", "failed") or time.monotonic() > deadline:
             return dict(doc)
         time.sleep(0.1)
@@ -161,7 +161,7 @@ def test_archive_right_after_a_burst(tmp_path: Path, make_settings: Callable[...
         sim.write(NS, "orders-85dd575fc7-c24ct", "orders", "after the archive")
     store = store_of(settings)
     m = load(store, done["manifest_key"])
-    assert done["manifest_key"] == f"default/archives/{doc['id']}/manifest.json"
+    assert done["manifest_key"] == f"default/_archives/{doc['id']}/manifest.json"
     assert m["digest"] == manifest_digest(m)
     assert {k: m[k] for k in ("id", "node", "cluster")} == {
         "id": doc["id"], "node": "node-1", "cluster": "default"}
@@ -230,7 +230,7 @@ def archived(tmp_path: Path, make_settings: Callable[..., Settings], token_file:
         out = capsys.readouterr()
         archive_id = out.out.strip()
         assert "running: capturing" in out.err
-        assert f"archive {archive_id} complete: default/archives/{archive_id}/" in out.err
+        assert f"archive {archive_id} complete: default/_archives/{archive_id}/" in out.err
         # Without a token, one clear line and exit 2.
         assert cli_main([a for a in argv if a != str(token_file) and a != "--token-file"]) == 2
         assert "no archive token" in capsys.readouterr().err
@@ -247,7 +247,7 @@ def test_verify_names_tampered_objects(tmp_path: Path,
     settings, archive_id, _sim = archived
     assert settings.store_dir is not None
     original = settings.store_dir
-    key = f"default/archives/{archive_id}/manifest.json"
+    key = f"default/_archives/{archive_id}/manifest.json"
     m = load(FileStore(original), key)
     entries = [SegmentEntry.from_json(s) for s in m["segments"]]
     orders = [e for e in entries if e.stream.pod == "orders-1"]
@@ -344,7 +344,9 @@ def test_archive_on_s3_is_locked_and_verifiable(
         doc = post_archive(t.url, {"namespace": NS, "reason": "s3", "since": "5m"})
         done = wait_archive(t.url, doc["id"])
     assert done["status"] == "complete", done
-    head = client.head_object(Bucket=bucket, Key=f"evidence/{done['manifest_key']}")
+    # v2: manifest_key and segment keys are full object keys (the store prefix included).
+    assert done["manifest_key"] == f"evidence/default/_archives/{doc['id']}/manifest.json"
+    head = client.head_object(Bucket=bucket, Key=done["manifest_key"])
     assert head["ObjectLockMode"] == "COMPLIANCE"
     assert head["ObjectLockRetainUntilDate"] > datetime.now(UTC) + timedelta(days=2)
     config = tmp_path / "s3.yaml"
@@ -353,17 +355,24 @@ def test_archive_on_s3_is_locked_and_verifiable(
     assert "verified: " in capsys.readouterr().out
     # Locked versions cannot be removed, but a new version can be put on top: verify reads
     # what the store serves now and names it.
-    m = json.loads(client.get_object(Bucket=bucket, Key=f"evidence/{done['manifest_key']}")[
-        "Body"].read())
+    m = json.loads(client.get_object(Bucket=bucket, Key=done["manifest_key"])["Body"].read())
+    assert m["version"] == 2 and m["segments"]
+    for seg in m["segments"]:  # the manifest alone finds every object
+        assert seg["key"].startswith(f"evidence/default/{NS}/")
+        assert client.head_object(Bucket=bucket, Key=seg["key"])["Metadata"][
+            "ek-sha256"] == seg["sha256"]
     victim = m["segments"][0]["key"]
-    client.put_object(Bucket=bucket, Key=f"evidence/{victim}", Body=compress(b"x\n", "zstd", 3),
-                      Metadata=client.head_object(Bucket=bucket, Key=f"evidence/{victim}")[
-                          "Metadata"])
+    client.put_object(Bucket=bucket, Key=victim, Body=compress(b"x\n", "zstd", 3),
+                      Metadata=client.head_object(Bucket=bucket, Key=victim)["Metadata"])
     assert cli_main(["verify", "--config", str(config), doc["id"]]) == 1
     assert victim in capsys.readouterr().out
-    # Search reads the S3 store the same way.
+    # Search reads the S3 store the same way; the forged segment is an error (exit 2) naming
+    # it, and the other segments are still searched.
     assert cli_main(["search", "--config", str(config), "-F", "PAYMENT_FAILED", "--namespace",
-                     NS, "--since", "5m"]) == 0
+                     NS, "--since", "5m"]) == 2
+    out = capsys.readouterr()
+    assert f"evidence-keeper: {victim}: decompresses to 2 bytes" in out.err
+    assert "PAYMENT_FAILED" in out.out
 
 
 def test_verify_anchors_a_mid_stream_archive(tmp_path: Path, make_settings: Callable[..., Settings],
@@ -448,13 +457,14 @@ def test_archive_api_security(tmp_path: Path, make_settings: Callable[..., Setti
         for path in ("/archives/..%2f..%2fetc%2fpasswd", "/archives/../../etc/passwd",
                      "/archives/%00", "/archives/" + "a" * 300,
                      "/archives/ABCDEF0123456789abcdef01"):
-            status, body = raw_http(t.url, "GET", path)
+            status, body = raw_http(t.url, "GET", path, headers={"Authorization": auth[
+                "Authorization"]})
             assert status in (400, 404) and set(body) == {"error"}, (path, status, body)
         status, body = raw_http(t.url, "GET", f"/archives/{'0' * 24}?token={TOKEN}")
         assert status == 401
         # Nothing was written: no job state, no object in the store.
         assert not list((Path(settings.spool_dir) / "archives").glob("*"))
-        assert not list(store_of(settings).list("default/archives/"))
+        assert not list(store_of(settings).list("default/_archives/"))
 
         # The real thing, then idempotency on the label.
         status, first = post(dict(good, label="chaos-2025-11-10"))
@@ -471,7 +481,7 @@ def test_archive_api_security(tmp_path: Path, make_settings: Callable[..., Setti
         assert done["status"] == "complete"
     # The job survives a restart of the agent.
     with AgentThread(settings) as t:
-        _, after = call(t.url, f"/archives/{first['id']}")
+        _, after = call(t.url, f"/archives/{first['id']}", token=TOKEN)
         assert after["status"] == "complete" and after["manifest_key"] == done["manifest_key"]
         status, again = post(dict(good, label="chaos-2025-11-10"))
         assert status == 202 and again["id"] == first["id"]
@@ -485,7 +495,11 @@ def test_archive_disabled_without_token_file(make_settings: Callable[..., Settin
         assert status == 403 and "disabled" in body["error"]
         status, body = raw_http(t.url, "POST", "/archive", body=b'{"namespace": "a"}')
         assert status == 401 and "missing bearer token" in body["error"]
+        # v2: GET /archives/<id> needs the token as well (401 first, then 403).
         status, body = raw_http(t.url, "GET", f"/archives/{'0' * 24}")
+        assert status == 401 and "missing bearer token" in body["error"]
+        status, body = raw_http(t.url, "GET", f"/archives/{'0' * 24}",
+                                headers={"Authorization": f"Bearer {TOKEN}"})
         assert status == 403
 
 
@@ -827,7 +841,7 @@ def test_all_nodes_archive_with_two_agents(tmp_path: Path,
             assert cli_main(argv) == 0
             assert capsys.readouterr().out.strip() == cluster_id
     store = store_of(a)
-    doc = load(store, f"default/archives/{cluster_id}/manifest.json")
+    doc = load(store, f"default/_archives/{cluster_id}/manifest.json")
     assert doc["kind"] == "cluster" and doc["digest"] == manifest_digest(doc)
     assert [(n["node"], n["status"]) for n in doc["nodes"]] == [("node-a", "complete"),
                                                                  ("node-b", "complete")]

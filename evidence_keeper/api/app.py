@@ -6,7 +6,10 @@ generic message and logs the details instead. Query parameters are validated str
 unknown or repeated parameter is a 400 naming it, so a typo never silently widens a query.
 
 The server runs as one more task of the supervisor (``AppRunner`` with ``handle_signals=False``
-and a ``TCPSite``), and stops last so ``/metrics`` and ``/gaps`` answer during the drain.
+and a :class:`~evidence_keeper.api.guarding.GuardedSite`), and stops last so ``/metrics`` and
+``/gaps`` answer during the drain. The guard caps concurrent connections and closes idle and
+slow ones within seconds, so no client can take the descriptors capture needs
+(CONTRACT.md section 6, v2; :mod:`evidence_keeper.api.guarding`).
 """
 
 from __future__ import annotations
@@ -21,21 +24,18 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from evidence_keeper import timefmt
+from evidence_keeper.api.contract import MAX_BODY, BadRequest, conform_gap, parse_time
+from evidence_keeper.api.guarding import ConnectionGuard, GuardedSite
 from evidence_keeper.logs import get_logger
 from evidence_keeper.model import GAP_KINDS
 from evidence_keeper.supervisor import Agent
 
+__all__ = ["MAX_BODY", "BadRequest", "build_app", "parse_time", "serve"]
+
 log = get_logger("evidence_keeper.api")
 AGENT: Final = web.AppKey("agent", Agent)
 DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-MAX_BODY: Final = 64 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def json_error(status: int, message: str) -> web.Response:
@@ -57,14 +57,6 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("request failed", path=request.path, method=request.method)
         return json_error(500, "internal error (see the agent's log)")
-
-
-def parse_time(value: str, name: str, now: datetime) -> datetime:
-    """:func:`evidence_keeper.timefmt.parse_time`, a bad value as a 400."""
-    try:
-        return timefmt.parse_time(value, name, now)
-    except timefmt.TimeError as exc:
-        raise BadRequest(str(exc)) from None
 
 
 def _single(request: web.Request, allowed: set[str]) -> dict[str, str]:
@@ -119,12 +111,13 @@ async def gaps(request: web.Request) -> web.Response:
     return web.json_response({
         "node": agent.settings.node_name,
         "generated_at": timefmt.rfc3339(now),
-        "gaps": rows,
+        "gaps": [conform_gap(r) for r in rows],
     })
 
 
-def build_app(agent: Agent) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+def build_app(agent: Agent, *, guard: ConnectionGuard | None = None) -> web.Application:
+    middlewares: list[Any] = [errors] if guard is None else [guard.middleware(), errors]
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[AGENT] = agent
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -137,10 +130,25 @@ def build_app(agent: Agent) -> web.Application:
 
 async def serve(agent: Agent, host: str, port: int) -> web.AppRunner:
     """Start the server; returns the runner (``await runner.cleanup()`` stops it)."""
-    runner = web.AppRunner(build_app(agent), handle_signals=False, access_log=None)
+    settings = agent.settings
+    guard = ConnectionGuard(max_connections=settings.http_max_connections,
+                            idle_timeout_s=settings.http_idle_timeout_s,
+                            header_timeout_s=settings.http_header_timeout_s,
+                            metrics=agent.metrics)
+    app = build_app(agent, guard=guard)
+    app.on_cleanup.append(guard.stop)
+    # aiohttp's own keep-alive timer (its default is an hour) backs the guard up; a little
+    # later, so the guard decides and counts.
+    backup = max(settings.http_idle_timeout_s, settings.http_header_timeout_s) + 2.0
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=backup)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    guard.start()
+    site = GuardedSite(runner, host, port, guard=guard)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     addrs: list[Any] = list(runner.addresses)
     agent.api_address = addrs[0][:2] if addrs else (host, port)
     log.info("http api listening", address=f"{agent.api_address[0]}:{agent.api_address[1]}")

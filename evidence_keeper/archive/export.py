@@ -1,21 +1,22 @@
 """Export: rebuild a stream's exact bytes from the store.
 
 Segments of a stream are found by key prefix and sorted by offset (keys carry the offset
-zero-padded, so lexical order is offset order). Each body is decompressed, checked against its
-``ek-sha256`` and written out in order. Holes between segments are reported (they are the
-``loss`` gaps of the ledger); overlapping segments or a hash mismatch are errors, because an
-export that silently differs from the evidence is worse than none.
+zero-padded, so lexical order is offset order). Each body is decompressed (bounded by the
+length its key and ``ek-length`` claim: a decompression bomb is an error after one byte too
+many), checked against its ``ek-sha256`` and written out in order. Holes between segments
+are reported (they are the ``loss`` gaps of the ledger); overlapping segments or a hash
+mismatch are errors, because an export that silently differs from the evidence is worse
+than none.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from evidence_keeper.archive.objects import SegmentError, read_segment
 from evidence_keeper.model import SegmentKey, StreamId, parse_segment_key
-from evidence_keeper.ship.codec import decompress
 from evidence_keeper.ship.store import Store
 
 
@@ -68,13 +69,12 @@ def iter_segments(store: Store, ss: StreamSegments) -> Iterator[tuple[SegmentKey
     for key, sk in ss.keys:
         if sk.offset < expect:
             raise ExportError(f"{key}: overlaps the previous segment (ends at {expect})")
-        data = decompress(store.get(key), sk.ext)
-        if len(data) != sk.end - sk.offset:
-            raise ExportError(f"{key}: body has {len(data)} bytes, key says {sk.end - sk.offset}")
         meta = store.head(key) or {}
-        want = meta.get("ek-sha256")
-        if want and hashlib.sha256(data).hexdigest() != want:
-            raise ExportError(f"{key}: sha256 of the body does not match ek-sha256")
+        try:
+            data = read_segment(store, key, ext=sk.ext, length=sk.end - sk.offset,
+                                sha256=meta.get("ek-sha256"), meta=meta)
+        except SegmentError as exc:
+            raise ExportError(str(exc)) from None
         expect = sk.end
         yield sk, data
 

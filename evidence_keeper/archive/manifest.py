@@ -12,9 +12,13 @@ segments costs as little as the store allows:
    timestamps of its stream's neighbours, so it is dropped only when they prove it outside.
 
 A manifest (CONTRACT.md section 4) is one JSON object stored at
-``<cluster>/archives/<id>/manifest.json``; its ``digest`` is the SHA-256 of the object without
-``digest``, serialised as ``json.dumps(m, sort_keys=True, separators=(",", ":"))`` in UTF-8.
-Numbers in it are integers only, so any JSON implementation re-serialises it identically.
+``<prefix>/<cluster>/_archives/<id>/manifest.json`` (``_`` cannot start a namespace, so the
+place never collides with evidence; v1 wrote ``<cluster>/archives/``, which readers still
+accept); its ``digest`` is the SHA-256 of the object without ``digest``, serialised as
+``json.dumps(m, sort_keys=True, separators=(",", ":"))`` in UTF-8. Numbers in it are integers
+only, so any JSON implementation re-serialises it identically. Since version 2 every segment
+``key`` is the object's *full* key (store prefix included), so the manifest alone finds its
+objects in the bucket; version 1 keys were relative to the store prefix.
 
 Bundles: :func:`write_archive_tar` and :func:`write_streams_tar` write the exact stream bytes
 of an archive (with its manifest) or of some streams as a tar, one member per contiguous run of
@@ -35,14 +39,24 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any, Final
 
+from evidence_keeper.archive.objects import (
+    SegmentError,
+    full_key,
+    get_bounded,
+    read_segment,
+    relative_key,
+    store_prefix,
+)
 from evidence_keeper.model import SegmentKey, StreamId, parse_segment_key
-from evidence_keeper.ship.codec import decompress
-from evidence_keeper.ship.store import Store
+from evidence_keeper.ship.store import ObjectMissing, Store
 from evidence_keeper.timefmt import parse_rfc3339
 from evidence_keeper.timefmt import rfc3339_or_none as rfc3339
 
-MANIFEST_VERSION: Final = 1
+MANIFEST_VERSION: Final = 2  # 2: full segment keys, manifests under <cluster>/_archives/
 MANIFEST_NAME: Final = "manifest.json"
+ARCHIVES_DIR: Final = "_archives"
+LEGACY_ARCHIVES_DIR: Final = "archives"  # v1; read, never written
+MAX_MANIFEST_BYTES: Final = 256 * 1024 * 1024
 ARCHIVE_ID: Final = re.compile(r"^[0-9a-f]{24}$")
 # Kubernetes names: namespaces and containers are DNS labels, pods DNS subdomains.
 DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -140,7 +154,11 @@ class Scope:
 # ------------------------------------------------------------------------------ segments
 @dataclass(frozen=True, slots=True)
 class SegmentEntry:
-    """One segment of a manifest: its key, stream, byte range, hashes and timestamp range."""
+    """One segment of a manifest: its key, stream, byte range, hashes and timestamp range.
+
+    ``key`` is relative to the store prefix (what the store backend reads); ``store_key`` is
+    the full object key the manifest records (the same when the store has no prefix).
+    """
 
     key: str
     stream: StreamId
@@ -152,28 +170,39 @@ class SegmentEntry:
     first_ts: str = ""
     last_ts: str = ""
     node: str = ""
+    store_key: str = ""
 
     @property
     def length(self) -> int:
         return self.end - self.offset
 
+    @property
+    def full_key(self) -> str:
+        return self.store_key or self.key
+
     @classmethod
-    def from_store(cls, key: str, sk: SegmentKey, meta: Mapping[str, str]) -> SegmentEntry:
+    def from_store(cls, key: str, sk: SegmentKey, meta: Mapping[str, str], *,
+                   prefix: str = "") -> SegmentEntry:
         return cls(key=key, stream=sk.stream, offset=sk.offset, end=sk.end, ext=sk.ext,
                    sha256=meta.get("ek-sha256", ""), prev_sha256=meta.get("ek-prev-sha256", ""),
                    first_ts=meta.get("ek-first-ts", ""), last_ts=meta.get("ek-last-ts", ""),
-                   node=meta.get("ek-node", ""))
+                   node=meta.get("ek-node", ""), store_key=f"{prefix}/{key}" if prefix else key)
 
     def to_json(self) -> dict[str, Any]:
         s = self.stream
-        return {"key": self.key, "namespace": s.namespace, "pod": s.pod, "pod_uid": s.pod_uid,
+        return {"key": self.full_key, "namespace": s.namespace, "pod": s.pod, "pod_uid": s.pod_uid,
                 "container": s.container, "restart": s.restart, "offset": self.offset,
                 "length": self.length, "sha256": self.sha256, "prev_sha256": self.prev_sha256,
                 "first_ts": self.first_ts, "last_ts": self.last_ts, "node": self.node}
 
     @classmethod
-    def from_json(cls, doc: object) -> SegmentEntry:
-        """Parse a manifest entry; the key must agree with the entry's own fields."""
+    def from_json(cls, doc: object, *, store: Store | None = None,
+                  cluster: str | None = None) -> SegmentEntry:
+        """Parse a manifest entry; the key must agree with the entry's own fields.
+
+        With ``store`` and ``cluster`` the entry's (full or v1) key is mapped to the key the
+        store reads; without, the key is taken as it is (a store without prefix).
+        """
         if not isinstance(doc, dict):
             raise ManifestError("a segment entry is not an object")
         key = doc.get("key")
@@ -188,7 +217,13 @@ class SegmentEntry:
         s = sk.stream
         if claimed != (s.namespace, s.pod, s.pod_uid, s.container, s.restart, sk.offset, sk.end):
             raise ManifestError(f"{key}: entry fields disagree with the key")
-        return cls(key=key, stream=s, offset=sk.offset, end=sk.end, ext=sk.ext,
+        rel = key
+        if store is not None and cluster is not None:
+            try:
+                rel = relative_key(store, key, cluster=cluster)
+            except SegmentError as exc:
+                raise ManifestError(str(exc)) from None
+        return cls(key=rel, store_key=key, stream=s, offset=sk.offset, end=sk.end, ext=sk.ext,
                    sha256=str(doc.get("sha256") or ""),
                    prev_sha256=str(doc.get("prev_sha256") or ""),
                    first_ts=str(doc.get("first_ts") or ""), last_ts=str(doc.get("last_ts") or ""),
@@ -276,7 +311,7 @@ def select_segments(store: Store, *, cluster: str, scope: Scope, node: str | Non
     for (key, sk), meta in zip(flat, metas, strict=True):
         if meta is None:
             continue  # removed between list and head: not evidence any more (verify would say)
-        entry = SegmentEntry.from_store(key, sk, meta)
+        entry = SegmentEntry.from_store(key, sk, meta, prefix=store_prefix(store))
         if (node is not None and entry.node != node) or entry.node in excluded:
             continue
         per_stream.setdefault(sk.stream, []).append(entry)
@@ -289,10 +324,12 @@ def select_segments(store: Store, *, cluster: str, scope: Scope, node: str | Non
 
 
 # ------------------------------------------------------------------------------ documents
-def manifest_key(cluster: str, archive_id: str) -> str:
+def manifest_key(cluster: str, archive_id: str, *, legacy: bool = False) -> str:
+    """The manifest's key relative to the store prefix (``legacy``: where v1 wrote it)."""
     if not ARCHIVE_ID.match(archive_id):
         raise ManifestError(f"{_show(archive_id)} is not an archive id (24 hex digits)")
-    return f"{cluster}/archives/{archive_id}/{MANIFEST_NAME}"
+    folder = LEGACY_ARCHIVES_DIR if legacy else ARCHIVES_DIR
+    return f"{cluster}/{folder}/{archive_id}/{MANIFEST_NAME}"
 
 
 def archive_id(*parts: str) -> str:
@@ -323,17 +360,41 @@ def manifest_meta(doc: Mapping[str, Any]) -> dict[str, str]:
             "ek-digest": str(doc.get("digest", ""))}
 
 
-def load_manifest(store: Store, cluster: str, archive_id_: str) -> tuple[dict[str, Any], bytes]:
-    """The manifest object and its stored bytes; raises ObjectMissing or ManifestError."""
+def find_manifest(store: Store, cluster: str,
+                  archive_id_: str) -> tuple[str, dict[str, Any], bytes]:
+    """The manifest's key (relative), object and stored bytes, from ``_archives/`` or v1's
+    ``archives/``; raises ObjectMissing (neither exists) or ManifestError."""
     key = manifest_key(cluster, archive_id_)
-    raw = store.get(key)
+    try:
+        raw = get_bounded(store, key, limit=MAX_MANIFEST_BYTES)
+    except ObjectMissing:
+        key = manifest_key(cluster, archive_id_, legacy=True)
+        try:
+            raw = get_bounded(store, key, limit=MAX_MANIFEST_BYTES)
+        except ObjectMissing:
+            raise ObjectMissing(manifest_key(cluster, archive_id_)) from None
+    except SegmentError as exc:
+        raise ManifestError(str(exc)) from None
     try:
         doc = json.loads(raw)
+    except RecursionError:
+        raise ManifestError(f"{key}: JSON nested too deeply") from None
     except ValueError as exc:
         raise ManifestError(f"{key}: not JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"{key}: not a JSON object")
+    return key, doc, raw
+
+
+def load_manifest(store: Store, cluster: str, archive_id_: str) -> tuple[dict[str, Any], bytes]:
+    """The manifest object and its stored bytes; raises ObjectMissing or ManifestError."""
+    _key, doc, raw = find_manifest(store, cluster, archive_id_)
     return doc, raw
+
+
+def manifest_full_key(store: Store, cluster: str, archive_id_: str) -> str:
+    """The manifest's full object key (``manifest_key`` in ``GET /archives/<id>``)."""
+    return full_key(store, manifest_key(cluster, archive_id_))
 
 
 # ------------------------------------------------------------------------------ bundles (tar)
@@ -381,13 +442,15 @@ class BundleError(Exception):
 
 
 def fetch_verified(store: Store, entry: SegmentEntry) -> bytes:
-    """A segment's raw bytes, checked against its length and sha256 (manifest or ek-sha256)."""
-    data = decompress(store.get(entry.key), entry.ext)
-    if len(data) != entry.length:
-        raise BundleError(f"{entry.key}: {len(data)} bytes, expected {entry.length}")
-    if entry.sha256 and hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise BundleError(f"{entry.key}: sha256 of the body does not match the evidence record")
-    return data
+    """A segment's raw bytes, checked against its length and sha256 (manifest or ek-sha256).
+
+    Decompression is bounded by the entry's length: a bomb is a BundleError, not a crash.
+    """
+    try:
+        return read_segment(store, entry.key, ext=entry.ext, length=entry.length,
+                            sha256=entry.sha256 or None)
+    except SegmentError as exc:
+        raise BundleError(str(exc).replace(entry.key, entry.full_key, 1)) from None
 
 
 class _RunReader(io.RawIOBase):
@@ -438,7 +501,7 @@ def write_archive_tar(store: Store, cluster: str, archive_id_: str, out: IO[byte
     """
     doc, raw = load_manifest(store, cluster, archive_id_)
     mtime = int((parse_rfc3339(doc.get("created_at")) or datetime.now(UTC)).timestamp())
-    entries = _entries(doc)
+    entries = _entries(doc, store, cluster)
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         _tar_member(tar, MANIFEST_NAME, len(raw), mtime, io.BytesIO(raw))
         for node in doc.get("nodes") or []:
@@ -448,16 +511,16 @@ def write_archive_tar(store: Store, cluster: str, archive_id_: str, out: IO[byte
             node_doc, node_raw = load_manifest(store, cluster, node_id)
             _tar_member(tar, f"nodes/{node_id}/{MANIFEST_NAME}", len(node_raw), mtime,
                         io.BytesIO(node_raw))
-            entries.extend(_entries(node_doc))
+            entries.extend(_entries(node_doc, store, cluster))
         write_runs_tar(store, tar, runs(entries), mtime=mtime, on_segment=on_segment)
     return len(entries)
 
 
-def _entries(doc: Mapping[str, Any]) -> list[SegmentEntry]:
+def _entries(doc: Mapping[str, Any], store: Store, cluster: str) -> list[SegmentEntry]:
     segs = doc.get("segments")
     if not isinstance(segs, list):
         raise ManifestError("manifest has no segment list")
-    return [SegmentEntry.from_json(s) for s in segs]
+    return [SegmentEntry.from_json(s, store=store, cluster=cluster) for s in segs]
 
 
 def write_streams_tar(store: Store, streams: Mapping[StreamId, Sequence[StoredKey]],
@@ -466,7 +529,7 @@ def write_streams_tar(store: Store, streams: Mapping[StreamId, Sequence[StoredKe
     """The stream bytes of ``streams`` (e.g. a whole pod) as a tar, checked against ek-sha256."""
     flat = [(key, sk) for sid in sorted(streams) for key, sk in streams[sid]]
     metas = head_all(store, [k for k, _ in flat])
-    entries = [SegmentEntry.from_store(key, sk, meta or {})
+    entries = [SegmentEntry.from_store(key, sk, meta or {}, prefix=store_prefix(store))
                for (key, sk), meta in zip(flat, metas, strict=True)]
     mtime = int(datetime.now(UTC).timestamp())
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:

@@ -6,8 +6,18 @@ Reading only what can match:
   globs are matched on keys (:func:`~evidence_keeper.archive.manifest.list_scope`);
 * with ``since``/``until``, segments are ``head``-ed for ``ek-first-ts``/``ek-last-ts`` and those
   that cannot overlap the window are skipped (``manifest.window_mask``);
-* compressed bodies are fetched a few segments ahead by worker threads, while the main thread
-  decompresses one chunk at a time: memory holds a few segments, never a whole stream.
+* compressed bodies are fetched a few segments ahead by worker threads (at most
+  :data:`PREFETCH_BYTES` of them), while the main thread decompresses one chunk at a time:
+  memory holds a few segments, never a whole stream.
+
+Hostile stores. Every body is fetched bounded by what its key's length can compress to and
+decompressed bounded by that length (:mod:`evidence_keeper.archive.objects`): a decompression
+bomb or a forged object is skipped with an error naming the key (``SearchStats.errors``; the
+CLI prints each and exits 2, as grep does) and the search goes on with the next segment, so
+one bad object hides no evidence elsewhere (lines of the bad segment scanned before the
+error was found may have been reported). A line is
+carried across segments at most :data:`MAX_LINE_BYTES` long; a longer one (kubelet splits
+lines at 16 KiB, so only a forged store has them) is matched in pieces of that size.
 
 Lines. A stream's lines are its bytes split at ``\\n``; a line may span segments (a size seal
 in a line longer than a segment, an age seal mid-write), so the unfinished tail of one segment
@@ -29,8 +39,6 @@ still exact).
 from __future__ import annotations
 
 import bisect
-import gzip
-import io
 import json
 import re
 import time
@@ -41,8 +49,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-import zstandard
-
 from evidence_keeper.archive.manifest import (
     HEAD_WORKERS,
     Listing,
@@ -51,13 +57,27 @@ from evidence_keeper.archive.manifest import (
     list_scope,
     select_segments,
 )
+from evidence_keeper.archive.objects import (
+    SegmentError,
+    claimed_length,
+    full_key,
+    get_bounded,
+    segment_chunks,
+)
 from evidence_keeper.formats import line_message, line_ts
 from evidence_keeper.model import StreamId
+from evidence_keeper.ship.codec import compressed_bound
 from evidence_keeper.ship.store import Store
 from evidence_keeper.timefmt import rfc3339_or_none
 
 CHUNK: Final = 4 << 20  # decompressed bytes handed to the scanner at a time
 PREFETCH: Final = 4  # compressed segments fetched ahead
+PREFETCH_BYTES: Final = 64 << 20  # ... and at most this much compressed data (bounds)
+MAX_LINE_BYTES: Final = 64 << 20  # a longer partial line is matched in pieces
+
+
+class SearchError(Exception):
+    """A segment that cannot be searched (a forged or damaged object); names its key."""
 _CRI_HEAD: Final = re.compile(
     rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:\d\d) (?:stdout|stderr) [PF] ")
 # Bytes Docker's json-file encoding (and Go's HTML-safe escaping) can rewrite.
@@ -190,6 +210,8 @@ class SearchStats:
     bytes: int = 0  # raw bytes scanned
     bytes_total: int = 0  # raw bytes of the segments to read
     matches: int = 0
+    split_lines: int = 0  # lines longer than MAX_LINE_BYTES, matched in pieces
+    errors: list[str] = field(default_factory=list)  # segments that could not be searched
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -226,18 +248,35 @@ def _plan(listing: Listing, selected: set[str] | None) -> list[_Run]:
     return out
 
 
-def _chunks(body: bytes, ext: str) -> Iterator[bytes]:
-    """Decompressed bytes of one segment body, ``CHUNK`` at a time."""
-    reader: Any
-    if ext == "zst":
-        reader = zstandard.ZstdDecompressor().stream_reader(body)
-    elif ext == "gz":
-        reader = gzip.GzipFile(fileobj=io.BytesIO(body))
-    else:
-        raise ValueError(f"unknown segment extension {ext!r}")
-    with reader:
-        while chunk := reader.read(CHUNK):
-            yield chunk
+def _fetch(store: Store, stored: StoredKey) -> bytes:
+    """A segment's compressed body, refused when larger than its length can compress to."""
+    key, sk = stored
+    length = sk.end - sk.offset
+    try:
+        claimed_length(key, length, None)
+        return get_bounded(store, key, limit=compressed_bound(length))
+    except SegmentError as exc:
+        raise SearchError(str(exc).replace(key, full_key(store, key), 1)) from None
+
+
+def _chunks(store: Store, stored: StoredKey, body: bytes) -> Iterator[bytes]:
+    """Decompressed bytes of one segment body, ``CHUNK`` at a time, bounded by its length."""
+    key, sk = stored
+    try:
+        yield from segment_chunks(store, key, ext=sk.ext, length=sk.end - sk.offset,
+                                  body=body, chunk=CHUNK)
+    except SegmentError as exc:
+        raise SearchError(str(exc).replace(key, full_key(store, key), 1)) from None
+
+
+@dataclass
+class _Carry:
+    """The unfinished line carried between chunks and segments of a run."""
+
+    base: int  # stream offset of the first carried byte
+    lead: bool  # the first line may be the tail of a line before the run
+    pieces: list[bytes] = field(default_factory=list)
+    carried: int = 0
 
 
 class Searcher:
@@ -261,71 +300,100 @@ class Searcher:
         self.stats.streams = len({r.stream for r in runs})
         self.stats.bytes_total = sum(sk.end - sk.offset for r in runs for _, sk in r.segments)
         depth = max(1, self.workers)
-        pending = iter([key for r in runs for key, _ in r.segments])
+        pending = deque(stored for r in runs for stored in r.segments)
         with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="ek-search") as pool:
-            ahead: deque[Future[bytes]] = deque()
+            ahead: deque[tuple[int, Future[bytes]]] = deque()
 
             def fill() -> None:
-                while len(ahead) < depth:
-                    key = next(pending, None)
-                    if key is None:
+                held = sum(size for size, _ in ahead)
+                while pending and len(ahead) < depth:
+                    size = compressed_bound(pending[0][1].end - pending[0][1].offset)
+                    if ahead and held + size > PREFETCH_BYTES:
                         return
-                    ahead.append(pool.submit(self.store.get, key))
+                    held += size
+                    ahead.append((size, pool.submit(_fetch, self.store, pending.popleft())))
 
-            def bodies(run: _Run) -> Iterator[tuple[StoredKey, bytes]]:
+            def bodies(run: _Run) -> Iterator[tuple[StoredKey, Future[bytes]]]:
                 for stored in run.segments:
-                    future = ahead.popleft()
+                    _size, future = ahead.popleft()
                     fill()
-                    yield stored, future.result()
+                    yield stored, future
 
             fill()
             for run in runs:
-                self._scan_run(run, bodies(run))
+                fetched = bodies(run)
+                try:
+                    self._scan_run(run, fetched)
+                except SearchError as exc:  # the line's end (the next segment) is bad
+                    self.stats.errors.append(str(exc))
+                    for _ in fetched:
+                        pass
         return self.stats
 
-    def _scan_run(self, run: _Run, bodies: Iterator[tuple[StoredKey, bytes]]) -> None:
+    def _scan_run(self, run: _Run, bodies: Iterator[tuple[StoredKey, Future[bytes]]]) -> None:
         self._run = run
         self._starts = [sk.offset for _, sk in run.segments]
-        pieces: list[bytes] = []  # the unfinished line carried between chunks
-        carried = 0
-        base = run.segments[0][1].offset  # stream offset of buf[0]
-        lead = run.lead_check
-        for (_key, sk), body in bodies:
-            for chunk in _chunks(body, sk.ext):
-                self.stats.bytes += len(chunk)
-                nl = chunk.rfind(b"\n")
-                if nl < 0:
-                    pieces.append(chunk)
-                    carried += len(chunk)
-                    continue
-                buf = b"".join([*pieces, chunk]) if pieces else chunk
-                end = carried + nl + 1
-                self._scan(buf, end, base, lead)
-                lead = False
-                pieces = [buf[end:]] if end < len(buf) else []
-                carried = len(buf) - end
-                base += end
+        c = _Carry(base=run.segments[0][1].offset, lead=run.lead_check)
+        for stored, fetched in bodies:
+            try:
+                for chunk in _chunks(self.store, stored, fetched.result()):
+                    self._feed(c, chunk)
+            except SearchError as exc:
+                # Skip the bad segment: its partial line ends here, the next one starts
+                # anew (inside a line, as after a segment skipped by time).
+                self.stats.errors.append(str(exc))
+                self._flush(c)
+                c = _Carry(base=stored[1].end, lead=True)
             self.stats.segments += 1
             if self.progress is not None:
                 self.progress(self.stats)
-        if carried and run.follow is not None:
+        if c.carried and run.follow is not None:
             rest = self._until_newline(run.follow)
-            pieces.append(rest)
-            carried += len(rest)
-        if carried:
-            buf = b"".join(pieces) + b"\n"
-            self._scan(buf, len(buf), base, lead)
+            c.pieces.append(rest)
+            c.carried += len(rest)
+        self._flush(c)
+
+    def _feed(self, c: _Carry, chunk: bytes) -> None:
+        """Scan the complete lines of ``chunk`` (after what is carried); carry the rest."""
+        self.stats.bytes += len(chunk)
+        nl = chunk.rfind(b"\n")
+        if nl < 0:
+            c.pieces.append(chunk)
+            c.carried += len(chunk)
+            if c.carried >= MAX_LINE_BYTES:  # match it in pieces (bounded memory)
+                self._flush(c)
+                self.stats.split_lines += 1
+            return
+        buf = b"".join([*c.pieces, chunk]) if c.pieces else chunk
+        end = c.carried + nl + 1
+        self._scan(buf, end, c.base, c.lead)
+        c.lead = False
+        c.pieces = [buf[end:]] if end < len(buf) else []
+        c.carried = len(buf) - end
+        c.base += end
+
+    def _flush(self, c: _Carry) -> None:
+        """Match what is carried as a line of its own."""
+        if c.carried:
+            buf = b"".join(c.pieces) + b"\n"
+            self._scan(buf, len(buf), c.base, c.lead)
+            c.lead = False
+            c.base += c.carried
+        c.pieces, c.carried = [], 0
 
     def _until_newline(self, stored: StoredKey) -> bytes:
         """The start of a segment up to (not including) its first newline."""
-        key, sk = stored
         out: list[bytes] = []
-        for chunk in _chunks(self.store.get(key), sk.ext):
+        size = 0
+        for chunk in _chunks(self.store, stored, _fetch(self.store, stored)):
             nl = chunk.find(b"\n")
             if nl >= 0:
                 out.append(chunk[:nl])
                 break
             out.append(chunk)
+            size += len(chunk)
+            if size >= MAX_LINE_BYTES:
+                break
         return b"".join(out)
 
     # ----------------------------------------------------------------- scanning

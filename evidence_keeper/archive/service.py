@@ -7,11 +7,15 @@ Agent side (:class:`ArchiveService`, installed by :func:`install`):
    secret applies at once). Credentials in the query string are refused (they end up in access
    logs and shell history). ``X-Evidence-Keeper-Token`` is accepted as well, because the API
    server's pod proxy (``--all-nodes``) consumes and strips ``Authorization``.
-2. The body (at most 64 KiB, a JSON object without unknown or duplicate fields) is validated:
-   Kubernetes name rules, bounded globs, no control characters, nothing that spells a path.
+2. The body (at most 64 KiB read within ``http_header_timeout_s``, JSON nested at most 16
+   deep, an object without unknown or duplicate fields) is validated: Kubernetes name rules,
+   bounded globs, no control characters, nothing that spells a path.
 3. The job is persisted under ``<spool_dir>/archives/<id>.json`` before the 202 answer, so an
    agent restart resumes it; a client ``label`` makes the id deterministic (same label, same
-   archive), and a different request under a used label is a 409.
+   archive), and a different request under a used label is a 409. ``GET /archives/<id>`` needs
+   the token too (a label is guessable). Finished jobs are pruned by age
+   (:data:`JOBS_KEEP_DAYS`) and count (:data:`JOBS_MAX`), at start-up and after each job;
+   the manifests in the store are never touched.
 4. The job waits out the capture bound (every byte is in the spool within one second of being
    written, CONTRACT.md section 1), seals the scope's open segments and waits until everything
    up to the seal is stored; the commit task commits the seals within ``commit_interval_s``
@@ -19,7 +23,8 @@ Agent side (:class:`ArchiveService`, installed by :func:`install`):
    the archive with the store's error instead of writing a manifest with missing evidence.
 5. It then lists the scope in the store, keeps this node's segments in the window, adds pod
    lifecycle records and the ledger's gaps, seals the manifest with its digest and writes it to
-   ``<cluster>/archives/<id>/manifest.json`` (COMPLIANCE-locked with ``object_lock_days``).
+   ``<cluster>/_archives/<id>/manifest.json`` (COMPLIANCE-locked with ``object_lock_days``);
+   the manifest and the job's ``manifest_key`` name objects by their full keys.
 
 CLI side (:func:`cluster_archive`): find the DaemonSet's pods through the API server, trigger
 each agent with the same label (through the API server's pod proxy, or pod IPs), wait for the
@@ -43,6 +48,14 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from aiohttp import web
 
+from evidence_keeper.api.client import ApiError, call
+from evidence_keeper.api.contract import (
+    MAX_BODY,
+    BadRequest,
+    conform_gap,
+    parse_json_body,
+    parse_time,
+)
 from evidence_keeper.archive.manifest import (
     ARCHIVE_ID,
     MANIFEST_VERSION,
@@ -53,6 +66,7 @@ from evidence_keeper.archive.manifest import (
     check_namespace,
     encode,
     load_manifest,
+    manifest_full_key,
     manifest_key,
     manifest_meta,
     seal,
@@ -80,6 +94,8 @@ _PATHLIKE: Final = re.compile(r"(^|[/\\])\.\.([/\\]|$)|%2e|%2f|%5c|^[/\\]", re.I
 CAPTURE_BOUND_S: Final = 1.0  # contract: captured within one second of being written
 SHIP_TIMEOUT_S: Final = 300.0
 STATUSES: Final = ("pending", "running", "complete", "failed")
+JOBS_KEEP_DAYS: Final = 30  # finished jobs' state files older than this are pruned
+JOBS_MAX: Final = 1000  # ... and beyond this many, the oldest
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -119,8 +135,6 @@ def _now() -> str:
 
 def validate_request(doc: object, *, now: datetime) -> tuple[dict[str, Any], Scope]:
     """The body of ``POST /archive`` checked field by field; raises BadRequest (400)."""
-    from evidence_keeper.api.app import BadRequest, parse_time
-
     if not isinstance(doc, dict):
         raise BadRequest("the body must be a JSON object")
     unknown = sorted(set(doc) - set(FIELDS))
@@ -166,8 +180,6 @@ def validate_request(doc: object, *, now: datetime) -> tuple[dict[str, Any], Sco
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    from evidence_keeper.api.app import BadRequest
-
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
@@ -181,11 +193,14 @@ class ArchiveService:
 
     def __init__(self, agent: Agent, *, ship_timeout_s: float = SHIP_TIMEOUT_S,
                  capture_bound_s: float = CAPTURE_BOUND_S, poll_s: float = 0.1,
-                 max_running: int = 2) -> None:
+                 max_running: int = 2, jobs_keep_days: float = JOBS_KEEP_DAYS,
+                 jobs_max: int = JOBS_MAX) -> None:
         self.agent = agent
         self.ship_timeout_s = ship_timeout_s
         self.capture_bound_s = capture_bound_s
         self.poll_s = poll_s
+        self.jobs_keep_days = jobs_keep_days
+        self.jobs_max = jobs_max
         self.dir = Path(agent.settings.spool_dir) / "archives"
         self.jobs: dict[str, ArchiveJob] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -202,6 +217,8 @@ class ArchiveService:
         jobs = await asyncio.to_thread(self._load_jobs)
         for job in jobs:
             self.jobs[job.id] = job
+        await self._prune()
+        for job in list(self.jobs.values()):
             if job.status in ("pending", "running"):
                 log.warning("resuming archive interrupted by a restart", archive_id=job.id,
                             status=job.status)
@@ -226,6 +243,38 @@ class ArchiveService:
                 log.error("unreadable archive job state; ignored", path=str(path), error=str(exc))
         return jobs
 
+    def prunable(self, now: datetime) -> list[str]:
+        """Finished jobs older than the retention, and the oldest beyond the count limit."""
+        finished = sorted(
+            (j for j in self.jobs.values() if j.status in ("complete", "failed")),
+            key=lambda j: parse_rfc3339(j.updated_at or j.accepted_at) or now)
+        cutoff = now - timedelta(days=self.jobs_keep_days)
+        excess = len(finished) - self.jobs_max
+        return [j.id for i, j in enumerate(finished)
+                if i < excess or (parse_rfc3339(j.updated_at or j.accepted_at) or now) < cutoff]
+
+    async def _prune(self) -> None:
+        ids = self.prunable(datetime.now(UTC))
+        if not ids:
+            return
+        for job_id in ids:
+            del self.jobs[job_id]
+        fs = self.agent.fs
+
+        def unlink() -> None:
+            for job_id in ids:
+                try:
+                    fs.unlink(str(self.dir / f"{job_id}.json"))
+                except FileNotFoundError:
+                    pass
+
+        try:
+            await asyncio.to_thread(unlink)
+        except OSError as exc:  # the next prune tries again
+            log.error("cannot prune archive jobs", error=str(exc))
+            return
+        log.info("archive jobs pruned", count=len(ids))
+
     async def _persist(self, job: ArchiveJob) -> None:
         job.updated_at = _now()
         data = json.dumps(asdict(job), sort_keys=True).encode()
@@ -241,8 +290,6 @@ class ArchiveService:
     # ------------------------------------------------------------------ HTTP
     async def _authenticate(self, request: web.Request) -> str:
         """The request's token if it is the configured one; raises BadRequest otherwise."""
-        from evidence_keeper.api.app import BadRequest
-
         # CONTRACT §6: a missing or malformed token is a 401, checked before anything else;
         # a well-formed token is then refused with 403 while the endpoint is disabled.
         refused = BadRequest("credentials in the query string are refused (they end up in"
@@ -265,8 +312,6 @@ class ArchiveService:
         return expected
 
     async def _expected_token(self) -> str:
-        from evidence_keeper.api.app import BadRequest
-
         path = self.agent.settings.archive_token_file
         if path is None:
             raise BadRequest("the archive endpoint is disabled (archive_token_file is not set)",
@@ -285,24 +330,21 @@ class ArchiveService:
         return token
 
     async def post_archive(self, request: web.Request) -> web.Response:
-        from evidence_keeper.api.app import MAX_BODY, BadRequest
-
         await self._authenticate(request)
         if request.query:
             raise BadRequest(f"unknown parameter {next(iter(request.query))[:40]!r}"
                              " (the request goes in the JSON body)")
         if request.content_length is not None and request.content_length > MAX_BODY:
             raise BadRequest(f"request body over {MAX_BODY} bytes", 413)
+        timeout = self.agent.settings.http_header_timeout_s
         try:
-            raw = await request.read()
+            async with asyncio.timeout(timeout):  # a body trickled in holds a connection
+                raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise BadRequest(f"request body over {MAX_BODY} bytes", 413) from None
-        try:
-            doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-        except UnicodeDecodeError:
-            raise BadRequest("the body is not UTF-8") from None
-        except ValueError as exc:
-            raise BadRequest(f"malformed JSON: {str(exc)[:120]}") from None
+        except TimeoutError:
+            raise BadRequest(f"request body not received within {timeout:g}s", 408) from None
+        doc = parse_json_body(raw, object_pairs_hook=_no_duplicates)
         now = datetime.now(UTC)
         req, scope = validate_request(doc, now=now)
         settings = self.agent.settings
@@ -342,12 +384,9 @@ class ArchiveService:
         return web.json_response(job.public(), status=202)
 
     async def get_archive(self, request: web.Request) -> web.Response:
-        from evidence_keeper.api.app import BadRequest
-
-        await self._expected_token()  # 403 while the endpoint is disabled
+        # v2: the token is required here too (an id can be derived from a guessed label).
+        await self._authenticate(request)
         for key in request.query:
-            if _CREDENTIAL_PARAMS.search(key):
-                raise BadRequest("credentials in the query string are refused", 401)
             raise BadRequest(f"unknown parameter {key[:40]!r}")
         job_id = request.match_info["id"]
         if not ARCHIVE_ID.match(job_id):
@@ -392,7 +431,9 @@ class ArchiveService:
                 gaps = await self._gaps(scope)
                 doc = await asyncio.to_thread(self._write_manifest, job, scope, gaps,
                                               len(targets))
-            job.manifest_key, job.error = manifest_key(self.agent.settings.cluster, job.id), None
+            job.manifest_key = manifest_full_key(self.agent.store, self.agent.settings.cluster,
+                                                 job.id)
+            job.error = None
             await self._stage(job, f"{len(doc['segments'])} segments", "complete")
             log.info("archive complete", archive_id=job.id, manifest_key=job.manifest_key,
                      segments=len(doc["segments"]), seconds=round(time.monotonic() - started, 2))
@@ -410,6 +451,7 @@ class ArchiveService:
             except OSError as exc:  # the state stays "running": the next start retries it
                 log.error("cannot record the archive's failure", archive_id=job.id,
                           error=str(exc))
+        await self._prune()
 
     def _seal(self, scope: Scope) -> dict[StreamId, int]:
         """Seal the scope's open segments; returns each stream's offset the archive waits for."""
@@ -467,7 +509,7 @@ class ArchiveService:
             if g.get("container") is not None and not scope.matches_container(
                     str(g["container"])):
                 continue
-            out.append(g)
+            out.append(conform_gap(g))
         return out
 
     def _write_manifest(self, job: ArchiveJob, scope: Scope, gaps: list[dict[str, Any]],
@@ -635,8 +677,6 @@ class PodIP:
     def request(self, pod: AgentPod, method: str, path: str, *,
                 body: dict[str, Any] | None = None,
                 token: str | None = None) -> tuple[int, dict[str, Any]]:
-        from evidence_keeper.api.client import ApiError, call
-
         if not pod.ip:
             return 0, {"error": f"pod {pod.name} has no IP"}
         try:
@@ -691,7 +731,7 @@ def cluster_archive(store: Store, *, cluster: str, pods: Sequence[AgentPod],
     label = body.get("label") or f"cluster-{secrets.token_hex(8)}"
     body = {**body, "label": label}
     cid = archive_id("cluster", cluster, label)
-    result = ClusterResult(cid, manifest_key(cluster, cid))
+    result = ClusterResult(cid, manifest_full_key(store, cluster, cid))
     for pod in pods:
         entry = NodeArchive(node=pod.node, agent_pod=pod.name)
         result.nodes.append(entry)
@@ -751,5 +791,5 @@ def cluster_archive(store: Store, *, cluster: str, pods: Sequence[AgentPod],
     retain = None
     if object_lock_days > 0:
         retain = datetime.now(UTC) + timedelta(days=object_lock_days)
-    store.put(result.manifest_key, encode(doc), manifest_meta(doc), retain_until=retain)
+    store.put(manifest_key(cluster, cid), encode(doc), manifest_meta(doc), retain_until=retain)
     return result

@@ -11,15 +11,17 @@ Holes (recorded loss) do not break a chain: the chain links shipped segments.
 The manifest's ``digest`` is recomputed (CONTRACT.md section 4). A cluster manifest is verified
 with every node manifest it lists, each of which must still have the digest recorded for it.
 
-Nothing here stops at the first problem: the report names every failing object, so one run
-tells the whole story. Bodies are fetched and hashed in a thread pool, one per worker in memory.
+Nothing here stops at the first problem: the report names every failing object (by its full
+key, as the manifest records it), so one run tells the whole story. Bodies are fetched and
+hashed in a thread pool, one compressed body per worker in memory, decompressed a chunk at a
+time and never beyond the length the manifest claims, so a decompression bomb is one failing
+object; the number of workers is bounded by :data:`VERIFY_MEMORY` over the largest segment.
 """
 
 from __future__ import annotations
 
 import hashlib
-import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -28,15 +30,23 @@ from evidence_keeper.archive.manifest import (
     ARCHIVE_ID,
     ManifestError,
     SegmentEntry,
-    load_manifest,
+    find_manifest,
     manifest_digest,
     manifest_key,
 )
+from evidence_keeper.archive.objects import (
+    SegmentError,
+    claimed_length,
+    full_key,
+    get_bounded,
+    segment_chunks,
+)
 from evidence_keeper.model import parse_segment_key
-from evidence_keeper.ship.codec import decompress
+from evidence_keeper.ship.codec import CHUNK, ZSTD_MAX_WINDOW, compressed_bound
 from evidence_keeper.ship.store import ObjectMissing, Store, StoreError
 
 VERIFY_WORKERS: Final = 8
+VERIFY_MEMORY: Final = 384 * 1024 * 1024  # bodies and decompression state of all workers
 Progress = Callable[[int, int], None]
 
 
@@ -86,30 +96,42 @@ def verify_archive(store: Store, *, cluster: str, archive_id: str,
                    progress: Progress | None = None,
                    workers: int = VERIFY_WORKERS) -> VerifyReport:
     """Check everything an archive claims; raises ManifestError only for a malformed id."""
-    key = manifest_key(cluster, archive_id)
+    key = full_key(store, manifest_key(cluster, archive_id))
     report = VerifyReport(archive_id, key)
-    doc = _load(store, cluster, archive_id, report)
-    if doc is None:
+    found = _load(store, cluster, archive_id, report)
+    if found is None:
         return report
+    key, doc = found
+    report.manifest_key = key
     report.kind = str(doc.get("kind") or "node")
-    entries = _entries(doc, key, report)
+    entries = _entries(doc, key, report, store=store, cluster=cluster)
     for node in doc.get("nodes") or []:
         entries += _verify_node(store, cluster, node, key, report)
-    _verify_segments(store, entries, report, progress=progress, workers=workers)
+    _verify_segments(store, entries, report, progress=progress,
+                     workers=memory_bounded_workers(entries, workers))
     return report
 
 
+def memory_bounded_workers(entries: Sequence[SegmentEntry], workers: int) -> int:
+    """As many workers as :data:`VERIFY_MEMORY` holds for the largest segment (at least 1)."""
+    largest = max((max(0, e.length) for e in entries), default=0)
+    per_worker = compressed_bound(largest) + 2 * CHUNK + ZSTD_MAX_WINDOW
+    return max(1, min(workers, VERIFY_MEMORY // per_worker))
+
+
 def _load(store: Store, cluster: str, archive_id: str,
-          report: VerifyReport) -> dict[str, Any] | None:
-    key = manifest_key(cluster, archive_id)
+          report: VerifyReport) -> tuple[str, dict[str, Any]] | None:
+    """The manifest's full key and object; a problem in the report if there is none."""
+    key = full_key(store, manifest_key(cluster, archive_id))
     try:
-        doc, _raw = load_manifest(store, cluster, archive_id)
+        rel, doc, _raw = find_manifest(store, cluster, archive_id)
     except ObjectMissing:
         report.fail(key, "manifest missing from the store")
         return None
     except ManifestError as exc:
-        report.fail(key, str(exc).removeprefix(f"{key}: "))
+        report.fail(key, str(exc).removeprefix(f"{manifest_key(cluster, archive_id)}: "))
         return None
+    key = full_key(store, rel)
     stored, computed = doc.get("digest"), manifest_digest(doc)
     if stored != computed:
         report.fail(key, f"manifest digest mismatch: the manifest was modified (digest field"
@@ -117,10 +139,11 @@ def _load(store: Store, cluster: str, archive_id: str,
     if doc.get("id") != archive_id or doc.get("cluster") != cluster:
         report.fail(key, f"manifest names archive {doc.get('id')!r} of cluster"
                          f" {doc.get('cluster')!r}, not {archive_id!r} of {cluster!r}")
-    return doc
+    return key, doc
 
 
-def _entries(doc: Mapping[str, Any], key: str, report: VerifyReport) -> list[SegmentEntry]:
+def _entries(doc: Mapping[str, Any], key: str, report: VerifyReport, *, store: Store,
+             cluster: str) -> list[SegmentEntry]:
     segs = doc.get("segments")
     if not isinstance(segs, list):
         report.fail(key, "manifest has no segment list")
@@ -128,7 +151,7 @@ def _entries(doc: Mapping[str, Any], key: str, report: VerifyReport) -> list[Seg
     out = []
     for s in segs:
         try:
-            out.append(SegmentEntry.from_json(s))
+            out.append(SegmentEntry.from_json(s, store=store, cluster=cluster))
         except ManifestError as exc:
             report.fail(key, str(exc))
     return out
@@ -150,41 +173,51 @@ def _verify_node(store: Store, cluster: str, node: object, key: str,
     if not ARCHIVE_ID.match(node_id):
         report.fail(key, f"node {name}: invalid archive id {node_id!r}")
         return []
-    node_key = manifest_key(cluster, node_id)
-    doc = _load(store, cluster, node_id, report)
-    if doc is None:
+    found = _load(store, cluster, node_id, report)
+    if found is None:
         return []
+    node_key, doc = found
     if doc.get("digest") != node.get("manifest_digest"):
         report.fail(node_key, f"node manifest of {name} is not the one the cluster manifest"
                               " recorded (digest differs)")
-    return _entries(doc, node_key, report)
+    return _entries(doc, node_key, report, store=store, cluster=cluster)
+
+
+def _hash_body(store: Store, entry: SegmentEntry) -> tuple[str | None, list[str]]:
+    """SHA-256 of the segment's raw bytes, streamed and bounded by the claimed length.
+
+    Raises ObjectMissing; every other failure is a problem (and no hash).
+    """
+    try:
+        claimed_length(entry.key, entry.length, None)
+        body = get_bounded(store, entry.key, limit=compressed_bound(entry.length))
+    except ObjectMissing:
+        raise
+    except SegmentError as exc:
+        return None, [str(exc).removeprefix(f"{entry.key}: ")]
+    except StoreError as exc:
+        return None, [f"cannot read: {exc}"]
+    h = hashlib.sha256()
+    try:
+        for part in segment_chunks(store, entry.key, ext=entry.ext, length=entry.length,
+                                   body=body):
+            h.update(part)
+    except SegmentError as exc:
+        return None, [f"body does not decompress to the segment:"
+                      f" {str(exc).removeprefix(f'{entry.key}: ')}"]
+    return h.hexdigest(), []
 
 
 def _check_one(store: Store, entry: SegmentEntry) -> tuple[_Checked, list[str]]:
     """Fetch, decompress, hash and head one segment (runs in a worker thread)."""
-    problems: list[str] = []
     out = _Checked()
     try:
-        body = store.get(entry.key)
+        out.sha256, problems = _hash_body(store, entry)
     except ObjectMissing:
         return out, ["segment missing from the store"]
-    except StoreError as exc:
-        return out, [f"cannot read: {exc}"]
-    try:
-        data = decompress(body, entry.ext)
-    except (ValueError, zlib.error, EOFError, OSError) as exc:
-        problems.append(f"body does not decompress ({exc})")
-        data = None
-    except Exception as exc:
-        problems.append(f"body does not decompress ({type(exc).__name__}: {exc})")
-        data = None
-    if data is not None:
-        out.sha256 = hashlib.sha256(data).hexdigest()
-        if len(data) != entry.length:
-            problems.append(f"body has {len(data)} bytes, the manifest says {entry.length}")
-        if out.sha256 != entry.sha256:
-            problems.append(f"sha256 of the body {out.sha256[:16]}... does not match the"
-                            f" manifest {entry.sha256[:16]}...")
+    if out.sha256 is not None and out.sha256 != entry.sha256:
+        problems.append(f"sha256 of the body {out.sha256[:16]}... does not match the"
+                        f" manifest {entry.sha256[:16]}...")
     try:
         out.meta = store.head(entry.key)
     except StoreError as exc:
@@ -212,7 +245,7 @@ def _verify_segments(store: Store, entries: list[SegmentEntry], report: VerifyRe
                 start=1):
             checked[entry.key] = result
             for p in problems:
-                report.fail(entry.key, p)
+                report.fail(entry.full_key, p)
             report.segments += 1
             report.bytes += entry.length
             if progress is not None:
@@ -232,7 +265,7 @@ def _verify_chain(store: Store, entries: list[SegmentEntry], checked: Mapping[st
     prev: SegmentEntry | None = None
     for e in entries:
         if prev is not None and e.offset < prev.end:
-            report.fail(e.key, f"overlaps {prev.key}")
+            report.fail(e.full_key, f"overlaps {prev.full_key}")
         gap = prev is None or e.offset != prev.end
         if gap and (prev is not None or e.offset > 0):
             if listing is None:
@@ -243,17 +276,17 @@ def _verify_chain(store: Store, entries: list[SegmentEntry], checked: Mapping[st
                 expected, source = _store_predecessor(store, between[-1] if between else None,
                                                       report)
             elif between:
-                report.fail(e.key, f"the manifest skips {between[-1]}, which the store holds"
-                                   " before this segment")
+                report.fail(e.full_key, f"the manifest skips {full_key(store, between[-1])},"
+                                        " which the store holds before this segment")
                 expected, source = _store_predecessor(store, between[-1], report)
             else:
-                expected, source = prev.sha256, prev.key
+                expected, source = prev.sha256, prev.full_key
                 report.notes.append(f"hole [{prev.end}, {e.offset}) of {e.stream.key}: not in"
                                     " the store (recorded loss; see the manifest's gaps)")
         elif prev is None:
             expected, source = "", ""
         else:
-            expected, source = prev.sha256, prev.key
+            expected, source = prev.sha256, prev.full_key
         meta = checked[e.key].meta
         if meta is None:
             prev = e
@@ -261,7 +294,7 @@ def _verify_chain(store: Store, entries: list[SegmentEntry], checked: Mapping[st
         got = meta.get("ek-prev-sha256", "")
         if expected is not None and got != expected:
             what = f"the sha256 of {source}" if source else "empty (first segment of the stream)"
-            report.fail(e.key, f"hash chain broken: ek-prev-sha256 {got[:16] or '(empty)'}..."
+            report.fail(e.full_key, f"hash chain broken: ek-prev-sha256 {got[:16] or '(empty)'}..."
                                f" should be {what}")
         prev = e
 
@@ -288,11 +321,12 @@ def _store_predecessor(store: Store, key: str | None,
     result, _ = _check_one(store, entry)
     meta = result.meta or {}
     sha = meta.get("ek-sha256", "")
+    name = full_key(store, key)
     if result.sha256 is None or result.sha256 != sha:
-        report.fail(key, "the segment before the archive's first one does not match its"
-                         " ek-sha256: the chain cannot be anchored")
-        return None, key
-    return sha, key
+        report.fail(name, "the segment before the archive's first one does not match its"
+                          " ek-sha256: the chain cannot be anchored")
+        return None, name
+    return sha, name
 
 
 def format_report(report: VerifyReport) -> str:

@@ -11,12 +11,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from evidence_keeper.archive.manifest import Scope, ScopeError, check_glob, check_namespace
-from evidence_keeper.archive.search import Hit, Matcher, PatternError, SearchStats, search
+from evidence_keeper.archive.search import (
+    Hit,
+    Matcher,
+    PatternError,
+    SearchError,
+    SearchStats,
+    search,
+)
 from evidence_keeper.commands.base import (
+    EXIT_ERROR,
     EXIT_NEGATIVE,
     EXIT_OK,
     CliError,
@@ -85,8 +93,10 @@ class Totals:
     bytes_total: int = 0
     matches: int = 0
     elapsed: float = 0.0
+    errors: list[str] = field(default_factory=list)  # segments that could not be searched
 
     def add(self, st: SearchStats) -> None:
+        self.errors.extend(st.errors)
         self.namespaces += 1
         self.streams += st.streams
         self.segments += st.segments
@@ -181,13 +191,19 @@ def search_with(args: argparse.Namespace, cfg: Settings) -> int:
                               progress=report))
     except StoreError as exc:
         raise store_failure(exc) from exc
+    except SearchError as exc:
+        raise CliError(str(exc)) from exc
     except BrokenPipeError:
         return EXIT_OK  # `| head`: the reader has seen enough
     out.flush()
+    for error in totals.errors:  # forged or damaged segments: reported, the rest searched
+        print(f"evidence-keeper: {error}", file=sys.stderr)
     if progress.close():
         print(f"{totals.matches} matches in {totals.bytes / 2**20:.1f} MiB of {totals.streams}"
               f" streams ({totals.segments} segments read, {totals.skipped} skipped by time)"
               f" in {totals.elapsed:.1f}s", file=sys.stderr)
+    if totals.errors:
+        return EXIT_ERROR
     if not totals.matches:
         no_evidence(args, cfg, store, totals)
     return EXIT_OK if totals.matches else EXIT_NEGATIVE

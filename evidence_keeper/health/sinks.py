@@ -12,7 +12,12 @@ down, the failing check and those after it are 0 and the checks before it (that 
 Coverage is the point of the ledger: while an outage is open, every byte this agent captures
 and ships is added to it (per stream, from the spool's traffic counters), so when someone asks
 "the sink has nothing for Nov 10 — do we?", the gap itself answers: N streams in these
-namespaces, X bytes captured, Y bytes shipped to the store during the outage.
+namespaces, X bytes captured, Y bytes shipped to the store during the outage. Coverage counts
+from the gap's *start* (the first failing probe), not from the moment the debounce gave in:
+traffic during a failing streak is kept aside (``SinkState.pending``) and becomes the gap's
+coverage when the sink is declared down, or is dropped when a success ends the streak. The
+spool's traffic is taken just before each probe round, so bytes from before the first
+failing probe never count.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class SinkState:
     last_at: datetime | None = None
     gap_id: int | None = None
     coverage: Coverage = field(default_factory=Coverage)
+    pending: Coverage = field(default_factory=Coverage)  # a failing streak not yet "down"
 
     def to_json(self) -> dict[str, Any]:
         last = self.last
@@ -176,6 +182,8 @@ class SinkMonitor:
         return await self.prober.http(p.target)
 
     async def probe_round(self) -> None:
+        # Traffic up to now belongs to the state before this round (a streak starts at `now`).
+        await asyncio.to_thread(self.account)
         states = list(self.states.values())
         now = datetime.now(UTC)
         results = await asyncio.gather(*(self.probe(st) for st in states))
@@ -189,6 +197,7 @@ class SinkMonitor:
             if st.oks == 0:
                 st.streak_start = now
             st.oks, st.fails = st.oks + 1, 0
+            st.pending = Coverage()  # the failing streak ended before the sink went down
             if st.up is not True and st.oks >= self.successes_before_up:
                 self._went_up(st, st.streak_start or now)
         else:
@@ -203,7 +212,7 @@ class SinkMonitor:
 
     def _went_down(self, st: SinkState, at: datetime, res: ProbeResult) -> None:
         st.up = False
-        st.coverage = Coverage()
+        st.coverage, st.pending = st.pending, Coverage()  # counted from the gap's start
         st.gap_id = self.ledger.open_gap(
             "sink_outage", dedup=f"sink_outage:{st.name}", at=at, sink=st.name,
             check=res.failed, reason=f"{res.failed}_failed", detail=res.error,
@@ -233,11 +242,11 @@ class SinkMonitor:
     def account(self) -> None:
         """Add the spool's traffic since the last call to every open outage (coverage)."""
         traffic = self.spool.take_traffic()
-        open_ = [st for st in self.states.values() if st.gap_id is not None]
-        if not open_ or not traffic:
+        targets = [st.coverage if st.gap_id is not None else st.pending
+                   for st in self.states.values() if st.gap_id is not None or st.fails > 0]
+        if not targets or not traffic:
             return
-        for st in open_:
-            c = st.coverage
+        for c in targets:
             for sid, (captured, shipped) in traffic.items():
                 c.streams.add(sid.key)
                 c.namespaces.add(sid.namespace)
