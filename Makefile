@@ -4,15 +4,39 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench clean promtool
+.PHONY: venv test lint demo bench clean promtool lock lockcheck image image-test chart-readme
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Exactly the hash-locked versions (requirements-dev.lock, which pins requirements.lock's runtime
+# versions too: tests run what the image ships), then the project itself without dependencies.
+# tools/lockcheck.py stops here with one line per dependency pyproject.toml asks for and the lock
+# lacks: run `make lock` after adding one.
+$(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/python tools/lockcheck.py
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# ---------------------------------------------------------------------------------------------
+# Dependency lock: hashes for every file of every pinned release (all platforms and
+# architectures: the same lock builds amd64 and arm64 images). Re-run after changing
+# dependencies in pyproject.toml (or to take upgrades); `make venv` then reinstalls.
+UV_VERSION := 0.13.8
+UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --generate-hashes --universal \
+	--python-version 3.11 --custom-compile-command 'make lock'
+
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	test -x $(BIN)/uv || $(BIN)/pip install --quiet uv==$(UV_VERSION)
+	$(UV_COMPILE) pyproject.toml -o requirements.lock
+	$(UV_COMPILE) pyproject.toml --extra dev -c requirements.lock -o requirements-dev.lock
+	$(UV_COMPILE) image/build-requirements.in -o image/build-requirements.lock
+	$(BIN)/python tools/lockcheck.py
+
+lockcheck: venv
+	$(BIN)/python tools/lockcheck.py
 
 # promtool (Debian's prometheus package) checks and unit-tests the alert rules in `make test`.
 promtool:
