@@ -91,7 +91,7 @@ trap '"${BUILDAH[@]}" rm "$ctr" >/dev/null 2>&1 || true' EXIT
 run() { "${BUILDAH[@]}" run --isolation chroot --network host "$ctr" -- "$@"; }
 run /usr/bin/python3 -m venv --without-pip "$PREFIX"
 pip_in_image=("$PREFIX/bin/python" "/tmp/wheels/$PIP_WHEEL/pip" --disable-pip-version-check
-              --no-cache-dir install --no-index --find-links /tmp/wheels --no-deps --compile)
+              --no-cache-dir --quiet install --no-index --find-links /tmp/wheels --no-deps --compile)
 run "${pip_in_image[@]}" --require-hashes -r /tmp/wheels/requirements.lock
 run "${pip_in_image[@]}" "/tmp/wheels/$(cd "$WORK/wheels" && ls evidence_keeper-*.whl)"
 mnt="$("${BUILDAH[@]}" mount "$ctr")"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Final
 
 # The roots of what stays; everything they depend on stays too, unless denied.
-KEEP: Final = ("python3", "ca-certificates", "base-files", "netbase", "tzdata", "libc-bin")
+KEEP: Final = ("python3", "ca-certificates", "base-files", "netbase", "tzdata")
 # Never kept, even as a dependency: the shells, the package manager and their interpreters.
 # (python3-minimal and ca-certificates declare dependencies on dpkg, debconf and openssl for
 # their maintainer scripts, which have run by now.)
@@ -33,8 +33,11 @@ DENY: Final = (
     "dash", "bash", "dpkg", "apt", "debconf", "perl-base", "debianutils", "coreutils",
     "diffutils", "findutils", "grep", "sed", "gzip", "tar", "util-linux", "login", "ncurses-bin",
     "hostname", "sensible-utils", "init-system-helpers", "openssl", "mount", "bsdutils",
-    "passwd", "adduser", "base-passwd",
+    "passwd", "adduser", "base-passwd", "mawk", "libc-bin",
 )
+# Directories of commands: any file there that no kept package owns goes (alternatives links
+# into removed tools, mmdebstrap's start-stop-daemon shim).
+COMMAND_DIRS: Final = ("usr/bin", "usr/sbin", "usr/local/bin", "usr/local/sbin", "etc/alternatives")
 # Kept from base-passwd before it goes: the files it created.
 KEEP_FILES: Final = ("/etc/passwd", "/etc/group")
 USER: Final = "evidence-keeper:x:65532:65532:evidence-keeper:/nonexistent:/usr/sbin/nologin\n"
@@ -138,9 +141,12 @@ def slim(root: Path) -> list[str]:
             path.unlink()
         elif path.is_dir():
             shutil.rmtree(path)
-    for link in (root / "etc/alternatives").iterdir():
-        if link.is_symlink() and not link.exists():
-            link.unlink()
+    for directory in COMMAND_DIRS:
+        for entry in sorted((root / directory).iterdir()) if (root / directory).is_dir() else []:
+            owned = f"/{directory}/{entry.name}"
+            merged = owned.replace("/usr/", "/", 1)  # dpkg may list /bin/x for /usr/bin/x
+            if owned not in keep_paths and merged not in keep_paths and not entry.is_dir():
+                entry.unlink()
     with (root / "etc/passwd").open("a", encoding="utf-8") as passwd:
         passwd.write(USER)
     with (root / "etc/group").open("a", encoding="utf-8") as group:
