@@ -38,6 +38,14 @@ lock:
 lockcheck: venv
 	$(BIN)/python tools/lockcheck.py
 
+# Generated files: the chart README's values table (from values.yaml's `# --` comments), the
+# alert manifests (alerts/build.py) and the Grafana dashboard (dashboards/build.py). Tests fail
+# when one of them is stale.
+chart-readme: venv
+	$(BIN)/python helm/readme.py
+	$(BIN)/python alerts/build.py
+	$(BIN)/python dashboards/build.py
+
 # promtool (Debian's prometheus package) checks and unit-tests the alert rules in `make test`.
 promtool:
 	(command -v promtool && command -v prometheus) >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus)
@@ -46,7 +54,7 @@ test: venv promtool
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check evidence_keeper tests bench alerts
+	$(BIN)/ruff check evidence_keeper tests bench alerts dashboards tools helm/readme.py image/slim.py
 	$(BIN)/mypy
 
 demo: venv
