@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench clean promtool lock lockcheck image image-test chart-readme
+.PHONY: venv test lint demo bench clean promtool lock lockcheck image image-tools image-test chart-readme
 
 venv: $(STAMP)
 
@@ -67,6 +67,23 @@ bench: venv
 	$(BIN)/python -m bench.s3_bench
 	$(BIN)/python -m bench.kube_bench
 	$(BIN)/python -m bench.search_bench
+
+# ---------------------------------------------------------------------------------------------
+# The OCI image, built and tested without a Docker engine (image/build.sh: mmdebstrap + buildah,
+# vfs storage, chroot isolation). ARCH=arm64 builds the other architecture with the same recipe
+# (on an arm64 machine, or here with qemu-user-static: docs/operations.md#the-image).
+ARCH ?= $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+IMAGE := build/image/evidence-keeper-$(ARCH).oci.tar
+
+image-tools:
+	(command -v buildah && command -v mmdebstrap && command -v unshare) >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends buildah mmdebstrap util-linux)
+
+image: venv image-tools
+	ARCH=$(ARCH) image/build.sh $(IMAGE)
+
+image-test: venv image-tools
+	test -f $(IMAGE) || $(MAKE) image
+	EK_IMAGE=$(IMAGE) $(BIN)/python -m pytest tests/test_image.py -v -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -133,6 +133,9 @@ def check_source(source_text: str) -> list[dict[str, Any]]:
         for key in REQUIRED_ANNOTATIONS:
             if not str(annotations.get(key, "")).strip():
                 raise SourceError(f"{name}: missing annotation {key}")
+        if "job=" in rule["expr"].replace(" ", "") and JOB_SELECTOR not in rule["expr"]:
+            raise SourceError(f"{name}: select the agents' job as {JOB_SELECTOR} (the chart "
+                              "replaces that spelling with prometheusRule.jobSelector)")
         expected = f"{RUNBOOK_BASE}#{anchor(name)}"
         if annotations["runbook_url"] != expected:
             raise SourceError(f"{name}: runbook_url must be {expected}")
