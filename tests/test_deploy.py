@@ -39,9 +39,9 @@ from urllib.parse import urlsplit
 
 import helm_python as helm
 import kubernetes_validate
-from helm_python import _native
 import pytest
 import yaml
+from helm_python import _native
 from kubernetes_validate.utils import ValidationError as SchemaValidationError
 
 from evidence_keeper.settings import SETTINGS_KEYS, Settings, load_settings, parse_duration
@@ -489,7 +489,7 @@ def test_cluster_role_grants_only_pod_reads(manifests: str) -> None:
     )
 
 
-WITH_POLICY = [name for name, objects in MANIFEST_SETS.items() if "NetworkPolicy" in _kinds(objects)]
+WITH_POLICY = [name for name, objs in MANIFEST_SETS.items() if "NetworkPolicy" in _kinds(objs)]
 
 
 @pytest.mark.parametrize("manifests", WITH_POLICY)
