@@ -245,7 +245,7 @@ def dashboard() -> dict[str, Any]:
         "annotations": {"list": []},
         "links": [{"title": "Runbooks", "type": "link", "targetBlank": True,
                    "url": "https://github.com/evidence-keeper/evidence-keeper/blob/main/"
-                          "docs/operations.md#alerts"}],
+                          "docs/operations.md#runbooks"}],
         "panels": panels,
     }
 
