@@ -243,6 +243,26 @@ def test_monitoring_objects_need_the_api_or_force(
     assert "DaemonSet" in kinds
 
 
+def _notes(values: dict[str, Any], api_versions: tuple[str, ...] = ()) -> str:
+    options = {"name": RELEASE, "namespace": NAMESPACE, "api_versions": list(api_versions)}
+    with helm.Chart.load(CHART) as chart:
+        rendered: dict[str, str] = json.loads(_native.call_string(
+            "helm_render", chart._raw(), json.dumps(values), json.dumps(options)))
+    return rendered["evidence-keeper/templates/NOTES.txt"]
+
+
+def test_notes_say_when_monitoring_was_asked_for_but_not_created() -> None:
+    """Never silent: an enabled ServiceMonitor/PrometheusRule the cluster cannot take is a
+    warning in the install's output, and no alerts at all is said too."""
+    on = {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
+    without = _notes(on)
+    assert "WARNING: serviceMonitor.enabled" in without
+    assert "WARNING: prometheusRule.enabled" in without
+    with_api = _notes(on, (MONITORING_API,))
+    assert "WARNING" not in with_api and "PrometheusRule evidence-keeper holds" in with_api
+    assert "No alerts are installed" in _notes({})
+
+
 @pytest.mark.parametrize(
     ("toggle", "kind"),
     [
