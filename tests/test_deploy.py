@@ -259,7 +259,8 @@ def test_notes_say_when_monitoring_was_asked_for_but_not_created() -> None:
     assert "WARNING: serviceMonitor.enabled" in without
     assert "WARNING: prometheusRule.enabled" in without
     with_api = _notes(on, (MONITORING_API,))
-    assert "WARNING" not in with_api and "PrometheusRule evidence-keeper holds" in with_api
+    assert "WARNING: serviceMonitor" not in with_api and "WARNING: prometheusRule" not in with_api
+    assert "PrometheusRule evidence-keeper holds" in with_api
     assert "No alerts are installed" in _notes({})
 
 
