@@ -22,10 +22,13 @@ $(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 # ---------------------------------------------------------------------------------------------
 # Dependency lock: hashes for every file of every pinned release (all platforms and
 # architectures: the same lock builds amd64 and arm64 images). Re-run after changing
-# dependencies in pyproject.toml (or to take upgrades); `make venv` then reinstalls.
+# dependencies in pyproject.toml: existing pins are kept (uv reads them back from the output
+# files), new dependencies are added. `make lock LOCK_FLAGS=--upgrade` takes every upgrade,
+# `LOCK_FLAGS='--upgrade-package boto3'` one. `make venv` then reinstalls.
 UV_VERSION := 0.13.8
+LOCK_FLAGS ?=
 UV_COMPILE = $(VENV)/bin/uv pip compile --quiet --generate-hashes --universal \
-	--python-version 3.11 --custom-compile-command 'make lock'
+	--python-version 3.11 --custom-compile-command 'make lock' $(LOCK_FLAGS)
 
 lock:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
