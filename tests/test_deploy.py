@@ -813,6 +813,29 @@ def test_dashboard_files_are_current() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_dashboard_model() -> None:
+    """Grafana's JSON model: unique ids, a 24-column grid, every query on the datasource
+    variable, every panel of the metrics the issue lists (main's and the new ones)."""
+    model = json.loads((ROOT / "dashboards" / "evidence-keeper.json").read_text(encoding="utf-8"))
+    ids = [p["id"] for p in model["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in model["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["type"] in {"timeseries", "stat", "state-timeline"}, panel["type"]
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert panel["targets"], panel["title"]
+    exprs = " ".join(t["expr"] for p in model["panels"] for t in p.get("targets", []))
+    for metric in ("captured_bytes_total", "shipped_bytes_total", "oldest_unshipped_age_seconds",
+                   "spool_bytes", "sink_up", "open_gaps", "lost_bytes_total",
+                   "previous_logs_total", "container_restarts_total", "task_restarts_total",
+                   "open_files", "build_info", "skipped_files_total"):
+        assert f"evidence_keeper_{metric}" in exprs, metric
+    assert {v["name"] for v in model["templating"]["list"]} == {"datasource", "node"}
+
+
 def test_alert_manifests_are_current() -> None:
     assert _load_build().stale() == []
 
