@@ -596,7 +596,9 @@ def test_security_contexts_merge_over_the_computed_ones() -> None:
     values = {
         "podSecurityContext": {"seLinuxOptions": {"type": "spc_t"}, "runAsUser": 10001},
         "securityContext": {"appArmorProfile": {"type": "RuntimeDefault"},
-                            "capabilities": {"drop": ["ALL"], "add": ["DAC_READ_SEARCH"]}},
+                            "capabilities": {"drop": ["ALL"], "add": ["DAC_READ_SEARCH"]},
+                            # An explicit false wins too (sprig's mergeOverwrite would drop it).
+                            "readOnlyRootFilesystem": False},
     }
     pod = _one(_render(values), "DaemonSet")["spec"]["template"]["spec"]
     computed = _one(_render(), "DaemonSet")["spec"]["template"]["spec"]
