@@ -597,7 +597,7 @@ def test_security_contexts_merge_over_the_computed_ones() -> None:
         "podSecurityContext": {"seLinuxOptions": {"type": "spc_t"}, "runAsUser": 10001},
         "securityContext": {"appArmorProfile": {"type": "RuntimeDefault"},
                             "capabilities": {"drop": ["ALL"], "add": ["DAC_READ_SEARCH"]},
-                            # An explicit false wins too (sprig's mergeOverwrite would drop it).
+                            # An explicit false wins too.
                             "readOnlyRootFilesystem": False},
     }
     pod = _one(_render(values), "DaemonSet")["spec"]["template"]["spec"]
