@@ -29,7 +29,7 @@ import yaml
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 SOURCE: Final = ROOT / "alerts" / "evidence-keeper.rules.yml"
-DEPLOY_RULE: Final = ROOT / "deploy" / "prometheusrule.yaml"
+DEPLOY_RULE: Final = ROOT / "deploy" / "components" / "prometheus-operator" / "prometheusrule.yaml"
 CHART: Final = ROOT / "helm" / "evidence-keeper"
 CHART_RULES: Final = CHART / "files" / "evidence-keeper.rules.yml"
 CHART_TEMPLATE: Final = CHART / "templates" / "prometheusrule.yaml"
@@ -38,6 +38,9 @@ CHART_TEMPLATE: Final = CHART / "templates" / "prometheusrule.yaml"
 RUNBOOK_BASE: Final = (
     "https://github.com/evidence-keeper/evidence-keeper/blob/main/docs/operations.md"
 )
+# The one spelling of the agents' job matcher in the source; the chart replaces it with
+# prometheusRule.jobSelector.
+JOB_SELECTOR: Final = 'job=~".*evidence-keeper.*"'
 SEVERITY_OF_PRIORITY: Final = {"P0": "critical", "P1": "critical", "P2": "warning", "P3": "info"}
 REQUIRED_ANNOTATIONS: Final = ("summary", "description", "runbook_url")
 
@@ -47,7 +50,25 @@ _GENERATED: Final = (
 
 _TEMPLATE: Final = """\
 {{- /* %(generated)s */ -}}
-{{- if .Values.prometheusRule.enabled }}
+{{- /* Off by default; rendered only where monitoring.coreos.com/v1 is served, or forced. */ -}}
+{{- $pr := .Values.prometheusRule }}
+{{- if and $pr.enabled (include "evidence-keeper.monitoringApi" (dict "root" $ "values" $pr)) }}
+{{- $text := .Files.Get "files/evidence-keeper.rules.yml" }}
+{{- $text = $text | replace "%(base)s" $pr.runbookBaseUrl }}
+{{- $text = $text | replace `%(job)s` $pr.jobSelector }}
+{{- $groups := list }}
+{{- range $group := (fromYaml $text).groups }}
+{{- $rules := list }}
+{{- range $rule := $group.rules }}
+{{- if not (get $pr.disabled (toString (get $rule "alert"))) }}
+{{- $labels := merge (dict) (get $rule "labels" | default dict) $pr.additionalRuleLabels }}
+{{- $rules = append $rules (merge (dict "labels" $labels) $rule) }}
+{{- end }}
+{{- end }}
+{{- if $rules }}
+{{- $groups = append $groups (merge (dict "rules" $rules) $group) }}
+{{- end }}
+{{- end }}
 apiVersion: monitoring.coreos.com/v1
 kind: PrometheusRule
 metadata:
@@ -55,13 +76,14 @@ metadata:
   namespace: {{ .Release.Namespace }}
   labels:
     {{- include "evidence-keeper.labels" . | nindent 4 }}
-    {{- with .Values.prometheusRule.labels }}
+    {{- with $pr.labels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
 spec:
-  {{- .Files.Get "files/evidence-keeper.rules.yml" | replace "%(base)s" .Values.prometheusRule.runbookBaseUrl | nindent 2 }}
+  groups:
+    {{- toYaml $groups | nindent 4 }}
 {{- end }}
-"""  # noqa: E501 - one Helm action per line reads better than a split one
+"""
 
 
 class SourceError(Exception):
@@ -111,6 +133,9 @@ def check_source(source_text: str) -> list[dict[str, Any]]:
         for key in REQUIRED_ANNOTATIONS:
             if not str(annotations.get(key, "")).strip():
                 raise SourceError(f"{name}: missing annotation {key}")
+        if "job=" in rule["expr"].replace(" ", "") and JOB_SELECTOR not in rule["expr"]:
+            raise SourceError(f"{name}: select the agents' job as {JOB_SELECTOR} (the chart "
+                              "replaces that spelling with prometheusRule.jobSelector)")
         expected = f"{RUNBOOK_BASE}#{anchor(name)}"
         if annotations["runbook_url"] != expected:
             raise SourceError(f"{name}: runbook_url must be {expected}")
@@ -156,7 +181,7 @@ def render_chart_rules(source_text: str) -> str:
 
 
 def render_chart_template() -> str:
-    return _TEMPLATE % {"generated": _GENERATED, "base": RUNBOOK_BASE}
+    return _TEMPLATE % {"generated": _GENERATED, "base": RUNBOOK_BASE, "job": JOB_SELECTOR}
 
 
 def outputs(source_text: str | None = None) -> dict[Path, str]:

@@ -97,8 +97,12 @@ def _deploy_spec() -> dict[str, Any]:
 def _chart_spec(values: dict[str, Any] | None = None) -> dict[str, Any]:
     import helm_python as helm
 
+    # Off by default and guarded by the operator's API version: force renders it offline.
+    merged = {**(values or {})}
+    merged["prometheusRule"] = {"enabled": True, "force": True,
+                                **merged.get("prometheusRule", {})}
     with helm.Chart.load(CHART) as chart:
-        rendered = chart.render(values or {}, name="evidence-keeper", namespace="evidence-keeper")
+        rendered = chart.render(merged, name="evidence-keeper", namespace="evidence-keeper")
     docs = [
         doc
         for path, text in rendered.items()
@@ -134,6 +138,23 @@ def test_chart_can_point_runbooks_elsewhere() -> None:
     spec = _chart_spec({"prometheusRule": {"runbookBaseUrl": "https://wiki.example/ops.md"}})
     urls = {rule["alert"]: rule["annotations"]["runbook_url"] for rule in _alerts(spec)}
     assert urls == {name: f"https://wiki.example/ops.md#{name.lower()}" for name in urls}
+
+
+def test_severities_page_for_our_own_loss_only() -> None:
+    """Our own loss (or a loss nobody can avoid without acting) pages; an outage of a
+    third-party sink, or of the store while the spool holds the bytes, warns."""
+    severity = {rule["alert"]: rule["labels"]["severity"] for rule in _alerts(_source())}
+    for name in ("EvidenceKeeperLogsLost", "EvidenceKeeperPreviousLogMissing",
+                 "EvidenceKeeperAgentDown", "EvidenceKeeperSpoolNearlyFull",
+                 "EvidenceKeeperSpoolWriteErrors", "EvidenceKeeperNodesUncovered"):
+        assert severity[name] == "critical", name
+    for name in ("EvidenceKeeperSinkDNSFailing", "EvidenceKeeperSinkDown",
+                 "EvidenceKeeperStoreUnreachable", "EvidenceKeeperShippingBacklog"):
+        assert severity[name] == "warning", name
+    for rule in _alerts(_source()):
+        if "evidence_keeper_sink_up" in rule["expr"] and 'sink="store"' not in rule["expr"]:
+            assert rule["labels"]["severity"] != "critical", rule["alert"]
+    assert sum(1 for s in severity.values() if s == "critical") <= len(severity) // 2
 
 
 def test_source_conventions() -> None:

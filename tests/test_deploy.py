@@ -11,27 +11,42 @@
   read-only, non-root, no capabilities, read-only root file system, seccomp RuntimeDefault, the
   downward-API NODE_NAME, a grace period longer than the drain deadline, a ClusterRole with
   get/list/watch pods and get pods/log and nothing else;
-- chart (defaults) and kustomize base agree on all of that, field for field;
+- chart (defaults) and kustomize base agree on all of that, field for field, and so do the
+  optional objects (chart toggles and kustomize components);
+- objects that need the Prometheus Operator's CRDs are off by default and guarded by the API
+  version: rendered with and without ``monitoring.coreos.com/v1`` advertised (helm's
+  ``--api-versions``), and with ``force`` for ``helm template`` without a cluster;
+- the NetworkPolicy's egress is derived from the agent's own parse of ``sink_probes`` and the S3
+  endpoint, and its ingress admits namespaces, never a pod label anyone can set;
 - every EK_* variable is a real setting, and the agent's own settings parser accepts the
-  configuration each manifest gives it.
+  configuration each manifest gives it;
+- generated files (chart README, dashboard, lock coverage) are current.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
+from helm_python import _native
 from kubernetes_validate.utils import ValidationError as SchemaValidationError
 
 from evidence_keeper.settings import SETTINGS_KEYS, Settings, load_settings, parse_duration
+from tests.conftest import AgentThread
+from tests.test_alerts import _load_build
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "evidence-keeper"
@@ -48,6 +63,17 @@ CRD_ALLOWLIST = {
 }
 RELEASE = "evidence-keeper"
 NAMESPACE = "evidence-keeper"
+MONITORING_API = "monitoring.coreos.com/v1"
+COMPONENTS = ("prometheus-operator", "network-policy", "grafana-dashboard", "priority-quota")
+# Objects a chart toggle or a kustomize component adds (none in a default install).
+OPTIONAL_KINDS = {"ServiceMonitor", "PrometheusRule", "NetworkPolicy", "ConfigMap",
+                  "ResourceQuota"}
+# The chart's values that turn every optional object on (kustomize: every component).
+ALL_ON = {
+    "serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+    "networkPolicy": {"enabled": True}, "grafanaDashboard": {"enabled": True},
+    "resourceQuota": {"enabled": True},
+}
 
 # Settings the manifests derive from mounts, ports and secrets rather than from `config`.
 MANAGED_SETTINGS = {"node_name", "log_root", "spool_dir", "listen", "archive_token_file"}
@@ -65,13 +91,19 @@ Objects = list[dict[str, Any]]
 # Loading
 
 
-def _render(values: dict[str, Any] | None = None) -> Objects:
+def _render(values: dict[str, Any] | None = None, *, api_versions: tuple[str, ...] = (),
+            hooks: bool = False) -> Objects:
+    """The chart rendered offline; ``api_versions`` is what ``helm --api-versions`` adds to the
+    capabilities (helm-python-sdk's ``Chart.render`` does not expose it; its native call does).
+    Test hooks (``templates/tests/``) only with ``hooks``."""
+    options = {"name": RELEASE, "namespace": NAMESPACE, "api_versions": list(api_versions)}
     with helm.Chart.load(CHART) as chart:
-        rendered = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
+        rendered: dict[str, str] = json.loads(_native.call_string(
+            "helm_render", chart._raw(), json.dumps(values or {}), json.dumps(options)))
     return [
         doc
         for path, text in sorted(rendered.items())
-        if path.endswith((".yaml", ".yml"))
+        if path.endswith((".yaml", ".yml")) and (hooks or "/templates/tests/" not in path)
         for doc in yaml.safe_load_all(text)
         if doc
     ]
@@ -82,14 +114,17 @@ def _full_values() -> dict[str, Any]:
     return values
 
 
-def _kustomize_base() -> Objects:
-    kustomization = yaml.safe_load((KUSTOMIZE / "kustomization.yaml").read_text(encoding="utf-8"))
-    # A plain base: resources only, so that the files are exactly what gets applied.
-    assert set(kustomization) == {"apiVersion", "kind", "resources"}, kustomization.keys()
+def _kustomize_base(*components: str) -> Objects:
+    """The base's objects plus those of the given components (each a plain resource list)."""
     objects: Objects = []
-    for name in kustomization["resources"]:
-        text = (KUSTOMIZE / name).read_text(encoding="utf-8")
-        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    for directory in (KUSTOMIZE, *(KUSTOMIZE / "components" / c for c in components)):
+        kustomization = yaml.safe_load(
+            (directory / "kustomization.yaml").read_text(encoding="utf-8"))
+        # Resources only, so that the files are exactly what gets applied.
+        assert set(kustomization) == {"apiVersion", "kind", "resources"}, kustomization.keys()
+        for name in kustomization["resources"]:
+            text = (directory / name).read_text(encoding="utf-8")
+            objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
     return objects
 
 
@@ -100,7 +135,7 @@ def chart_default() -> Objects:
 
 @pytest.fixture(scope="module")
 def chart_full() -> Objects:
-    return _render(_full_values())
+    return _render(_full_values(), api_versions=(MONITORING_API,))
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +145,10 @@ def kustomize_base() -> Objects:
 
 def _manifest_sets() -> Iterator[tuple[str, Objects]]:
     yield "kustomize", _kustomize_base()
+    yield "kustomize-components", _kustomize_base(*COMPONENTS)
     yield "chart-default", _render()
-    yield "chart-full", _render(_full_values())
+    yield "chart-all-on", _render(ALL_ON, api_versions=(MONITORING_API,))
+    yield "chart-full", _render(_full_values(), api_versions=(MONITORING_API,))
     yield "chart-root-dac", _render({"security": {"rootWithDacReadSearch": True}})
 
 
@@ -158,24 +195,73 @@ def test_chart_lints_clean(values_name: str) -> None:
 
 
 def test_chart_renders_every_resource(chart_default: Objects, chart_full: Objects) -> None:
-    expected = {
-        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet", "Service",
-        "ServiceMonitor", "PrometheusRule", "NetworkPolicy",
-    }
-    assert _kinds(chart_default) == expected
-    assert _kinds(chart_full) == expected
+    base = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet", "Service"}
+    # A default install applies on any cluster: nothing optional, nothing needing a CRD.
+    assert _kinds(chart_default) == base
+    assert _kinds(chart_full) == base | OPTIONAL_KINDS
     for obj in chart_default + chart_full:
         if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
-            assert obj["metadata"]["namespace"] == NAMESPACE, obj["kind"]
+            expected = "monitoring" if obj["kind"] == "ConfigMap" else NAMESPACE
+            assert obj["metadata"]["namespace"] == expected, obj["kind"]
 
 
 def test_kustomize_base_has_the_same_resources(kustomize_base: Objects) -> None:
     assert _kinds(kustomize_base) == _kinds(_render()) | {"Namespace"}
-    names = {o["metadata"]["name"] for o in kustomize_base}
-    assert names == {"evidence-keeper"}
-    for obj in kustomize_base:
+    assert _kinds(_kustomize_base(*COMPONENTS)) == _kinds(kustomize_base) | OPTIONAL_KINDS
+    for obj in _kustomize_base(*COMPONENTS):
+        assert obj["metadata"]["name"].startswith("evidence-keeper")
         if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
             assert obj["metadata"]["namespace"] == NAMESPACE, obj["kind"]
+
+
+@pytest.mark.parametrize(
+    ("values", "api_versions", "expected"),
+    [
+        # Off by default, whatever the cluster serves.
+        ({}, (), set()),
+        ({}, (MONITORING_API,), set()),
+        # Turned on, on a cluster without the operator's CRDs: nothing that would fail to apply.
+        ({"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}, (), set()),
+        # Turned on where the API is served (helm install asks the cluster; helm template
+        # --api-versions monitoring.coreos.com/v1 tells it).
+        ({"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+         (MONITORING_API,), {"ServiceMonitor", "PrometheusRule"}),
+        ({"serviceMonitor": {"enabled": True}}, (MONITORING_API,), {"ServiceMonitor"}),
+        # helm template without a cluster: force.
+        ({"serviceMonitor": {"enabled": True, "force": True},
+          "prometheusRule": {"enabled": True, "force": True}}, (),
+         {"ServiceMonitor", "PrometheusRule"}),
+        # force alone does not turn anything on.
+        ({"serviceMonitor": {"force": True}, "prometheusRule": {"force": True}}, (), set()),
+    ],
+)
+def test_monitoring_objects_need_the_api_or_force(
+    values: dict[str, Any], api_versions: tuple[str, ...], expected: set[str]
+) -> None:
+    kinds = _kinds(_render(values, api_versions=api_versions))
+    assert kinds & {"ServiceMonitor", "PrometheusRule"} == expected
+    assert "DaemonSet" in kinds
+
+
+def _notes(values: dict[str, Any], api_versions: tuple[str, ...] = ()) -> str:
+    options = {"name": RELEASE, "namespace": NAMESPACE, "api_versions": list(api_versions)}
+    with helm.Chart.load(CHART) as chart:
+        rendered: dict[str, str] = json.loads(_native.call_string(
+            "helm_render", chart._raw(), json.dumps(values), json.dumps(options)))
+    return rendered["evidence-keeper/templates/NOTES.txt"]
+
+
+def test_notes_say_when_monitoring_was_asked_for_but_not_created() -> None:
+    """Never silent: an enabled ServiceMonitor/PrometheusRule the cluster cannot take is a
+    warning in the install's output, and no alerts at all is said too."""
+    on = {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
+    without = _notes(on)
+    assert "WARNING: serviceMonitor.enabled" in without
+    assert "WARNING: prometheusRule.enabled" in without
+    with_api = _notes(on, (MONITORING_API,))
+    assert "WARNING: serviceMonitor" not in with_api and "WARNING: prometheusRule" not in with_api
+    assert "PrometheusRule evidence-keeper holds" in with_api
+    assert "No alerts are installed" in _notes({})
 
 
 @pytest.mark.parametrize(
@@ -184,12 +270,16 @@ def test_kustomize_base_has_the_same_resources(kustomize_base: Objects) -> None:
         ("serviceMonitor", "ServiceMonitor"),
         ("prometheusRule", "PrometheusRule"),
         ("networkPolicy", "NetworkPolicy"),
+        ("grafanaDashboard", "ConfigMap"),
+        ("resourceQuota", "ResourceQuota"),
     ],
 )
 def test_optional_resources_are_toggled_by_values(toggle: str, kind: str) -> None:
-    objects = _render({toggle: {"enabled": False}})
-    assert kind not in _kinds(objects)
-    assert "DaemonSet" in _kinds(objects)
+    on = _render({toggle: {"enabled": True}}, api_versions=(MONITORING_API,))
+    assert kind in _kinds(on)
+    off = _render({**ALL_ON, toggle: {"enabled": False}}, api_versions=(MONITORING_API,))
+    assert kind not in _kinds(off)
+    assert "DaemonSet" in _kinds(off)
 
 
 def test_rbac_and_service_account_can_be_brought_by_the_operator() -> None:
@@ -420,17 +510,134 @@ def test_cluster_role_grants_only_pod_reads(manifests: str) -> None:
     )
 
 
-@pytest.mark.parametrize("manifests", MANIFEST_SETS)
+WITH_POLICY = [name for name, objs in MANIFEST_SETS.items() if "NetworkPolicy" in _kinds(objs)]
+
+
+@pytest.mark.parametrize("manifests", WITH_POLICY)
 def test_network_policy_opens_only_the_api_port(manifests: str) -> None:
     objects = MANIFEST_SETS[manifests]
     policy = _one(objects, "NetworkPolicy")["spec"]
     port = int(_env(_agent(_one(objects, "DaemonSet")))["EK_LISTEN"].rsplit(":", 1)[1])
     assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["ingress"], "no ingress rule: Prometheus could not scrape"
     for rule in policy["ingress"]:
         assert rule["ports"] == [{"port": port, "protocol": "TCP"}]
         assert rule["from"], "an ingress rule without peers would admit everyone"
-    egress_ports = {(p["port"], p["protocol"]) for p in policy["egress"][0]["ports"]}
+        for peer in rule["from"]:
+            # Issue 12: a pod label is set by whoever creates the pod; a namespace's labels by
+            # cluster admins. Peers are namespaces (every pod in them) or CIDRs, never pods.
+            assert "podSelector" not in peer, peer
+            assert set(peer) in ({"namespaceSelector"}, {"ipBlock"}), peer
+            if "namespaceSelector" in peer:
+                assert peer["namespaceSelector"], "an empty selector admits every namespace"
+    egress_ports = {(p["port"], p["protocol"]) for rule in policy["egress"]
+                    for p in rule.get("ports", [])}
     assert {(53, "UDP"), (53, "TCP"), (443, "TCP")} <= egress_ports
+
+
+def _policy_tcp_ports(objects: Objects) -> set[int]:
+    """TCP ports the policy lets the agent reach on any destination."""
+    return {
+        int(p["port"])
+        for rule in _one(objects, "NetworkPolicy")["spec"]["egress"] if "to" not in rule
+        for p in rule["ports"] if p["protocol"] == "TCP"
+    }
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"sink_probes": "otel=collector:4317", "s3_endpoint_url": "http://minio.minio:9000"},
+        {"sink_probes": "a=http://web.example,b=https://x.example:8443/health,c=dns:dd.example,"
+                        "d=[2001:db8::1]:6514,e=HTTPS://Y.example/"},
+        {"s3_endpoint_url": "https://storage.example"},
+    ],
+)
+def test_network_policy_egress_is_derived_from_the_configuration(config: dict[str, Any]) -> None:
+    """Every port the agent will connect to (by its own parse of the settings) is open."""
+    objects = _render({"networkPolicy": {"enabled": True}, "config": config})
+    agent_env = {k: v for k, v in _env(_agent(_one(objects, "DaemonSet"))).items()
+                 if isinstance(v, str)}
+    settings = load_settings(None, environ={**agent_env, "NODE_NAME": "node-a"})
+    needed = {443, 6443} | {p.port for p in settings.sink_probes if p.port is not None}
+    if settings.s3_endpoint_url:
+        url = urlsplit(settings.s3_endpoint_url)
+        needed.add(url.port or (80 if url.scheme == "http" else 443))
+    assert _policy_tcp_ports(objects) == needed | {53}  # and DNS over TCP
+    # The credential endpoints: EKS Pod Identity and IMDS, port 80, nowhere else.
+    (creds,) = [r for r in _one(objects, "NetworkPolicy")["spec"]["egress"] if "to" in r]
+    assert {peer["ipBlock"]["cidr"] for peer in creds["to"]} == {
+        "169.254.170.23/32", "fd00:ec2::23/128", "169.254.169.254/32"}
+    assert creds["ports"] == [{"port": 80, "protocol": "TCP"}]
+
+
+def test_network_policy_ingress_is_configurable() -> None:
+    values = {"networkPolicy": {"enabled": True, "ingress": {
+        "namespaceSelectors": [{"matchLabels": {"team": "sre"}}],
+        "fromReleaseNamespace": False, "ipBlocks": ["10.0.0.0/28"]}}}
+    (rule,) = _one(_render(values), "NetworkPolicy")["spec"]["ingress"]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"team": "sre"}}},
+                            {"ipBlock": {"cidr": "10.0.0.0/28"}}]
+    # The defaults: Prometheus's namespace and the release's own (the helm test pod).
+    (rule,) = _one(_render({"networkPolicy": {"enabled": True}}), "NetworkPolicy")["spec"][
+        "ingress"]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}},
+    ]
+    # The schema refuses a pod selector among the namespace selectors.
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({"networkPolicy": {"enabled": True, "ingress": {
+            "namespaceSelectors": [{"podSelector": {"matchLabels": {"x": "y"}}}]}}})
+
+
+def test_security_contexts_merge_over_the_computed_ones() -> None:
+    values = {
+        "podSecurityContext": {"seLinuxOptions": {"type": "spc_t"}, "runAsUser": 10001},
+        "securityContext": {"appArmorProfile": {"type": "RuntimeDefault"},
+                            "capabilities": {"drop": ["ALL"], "add": ["DAC_READ_SEARCH"]},
+                            # An explicit false wins too.
+                            "readOnlyRootFilesystem": False},
+    }
+    pod = _one(_render(values), "DaemonSet")["spec"]["template"]["spec"]
+    computed = _one(_render(), "DaemonSet")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {**computed["securityContext"], **values[
+        "podSecurityContext"]}
+    agent_sc = _agent({"spec": {"template": {"spec": pod}}})["securityContext"]
+    computed_sc = _agent({"spec": {"template": {"spec": computed}}})["securityContext"]
+    assert agent_sc == {**computed_sc, **values["securityContext"]}
+
+
+def test_resource_quota_admits_the_priority_class() -> None:
+    objects = _render({"resourceQuota": {"enabled": True}, "priorityClassName": "x-critical"})
+    quota = _one(objects, "ResourceQuota")["spec"]
+    assert quota["scopeSelector"]["matchExpressions"] == [
+        {"scopeName": "PriorityClass", "operator": "In", "values": ["x-critical"]}]
+    assert int(quota["hard"]["pods"]) > 0
+    # Without a priority class there is nothing to admit.
+    assert "ResourceQuota" not in _kinds(_render({"resourceQuota": {"enabled": True},
+                                                  "priorityClassName": ""}))
+
+
+def test_prometheus_rule_disable_labels_and_job_selector() -> None:
+    base = _one(_render({"prometheusRule": {"enabled": True, "force": True}}), "PrometheusRule")
+    values = {"prometheusRule": {
+        "enabled": True, "force": True, "disabled": {"EvidenceKeeperSinkFlapping": True,
+                                                     "EvidenceKeeperSinkDown": False},
+        "additionalRuleLabels": {"team": "sre", "severity": "ignored"},
+        "jobSelector": 'job="ek"'}}
+    rule = _one(_render(values), "PrometheusRule")
+
+    def alerts(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {r["alert"]: r for g in obj["spec"]["groups"] for r in g["rules"]}
+
+    before, after = alerts(base), alerts(rule)
+    assert set(before) - set(after) == {"EvidenceKeeperSinkFlapping"}
+    for name, r in after.items():
+        assert r["labels"] == {**before[name]["labels"], "team": "sre"}, name  # own labels win
+        assert 'job=~".*evidence-keeper.*"' not in r["expr"], name
+    assert 'up{job="ek"}' in after["EvidenceKeeperAgentDown"]["expr"]
 
 
 def test_irsa_hook(kustomize_base: Objects, chart_full: Objects) -> None:
@@ -495,11 +702,22 @@ def test_chart_and_kustomize_agree(chart_default: Objects, kustomize_base: Objec
         chart_obj, base_obj = _one(chart_default, kind), _one(kustomize_base, kind)
         assert chart_obj["roleRef"] == base_obj["roleRef"]
         assert chart_obj["subjects"] == base_obj["subjects"]
-    for kind in ("Service", "ServiceMonitor", "NetworkPolicy", "PrometheusRule"):
-        assert _one(chart_default, kind)["spec"] == _one(kustomize_base, kind)["spec"], kind
+    assert _one(chart_default, "Service")["spec"] == _one(kustomize_base, "Service")["spec"]
     chart_sa = _one(chart_default, "ServiceAccount")
     base_sa = _one(kustomize_base, "ServiceAccount")
     assert chart_sa["automountServiceAccountToken"] == base_sa["automountServiceAccountToken"]
+
+
+def test_chart_toggles_and_kustomize_components_agree() -> None:
+    chart = MANIFEST_SETS["chart-all-on"]
+    components = MANIFEST_SETS["kustomize-components"]
+    for kind in ("ServiceMonitor", "NetworkPolicy", "PrometheusRule", "ResourceQuota"):
+        assert _one(chart, kind)["spec"] == _one(components, kind)["spec"], kind
+    chart_cm, base_cm = _one(chart, "ConfigMap"), _one(components, "ConfigMap")
+    assert chart_cm["data"] == base_cm["data"]
+    for cm in (chart_cm, base_cm):
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        json.loads(cm["data"]["evidence-keeper.json"])
 
 
 def test_namespace_admits_host_paths(kustomize_base: Objects) -> None:
@@ -510,9 +728,21 @@ def test_namespace_admits_host_paths(kustomize_base: Objects) -> None:
 @pytest.mark.skipif(
     shutil.which("kubectl") is None, reason="kubectl (for `kubectl kustomize`) is not installed"
 )
-def test_kubectl_kustomize_builds_the_same_objects(kustomize_base: Objects) -> None:
+@pytest.mark.parametrize("components", [(), COMPONENTS])
+def test_kubectl_kustomize_builds_the_same_objects(
+    tmp_path: Path, components: tuple[str, ...]
+) -> None:
+    # An overlay as an operator writes one: the base plus components (relative paths: kustomize
+    # refuses absolute ones).
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    rel = os.path.relpath(KUSTOMIZE, overlay)
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [rel], "components": [f"{rel}/components/{c}" for c in components],
+    }), encoding="utf-8")
     proc = subprocess.run(
-        ["kubectl", "kustomize", str(KUSTOMIZE)],
+        ["kubectl", "kustomize", str(overlay)],
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stderr
@@ -521,44 +751,153 @@ def test_kubectl_kustomize_builds_the_same_objects(kustomize_base: Objects) -> N
         return obj["kind"], obj["metadata"]["name"]
 
     built = sorted((d for d in yaml.safe_load_all(proc.stdout) if d), key=key)
-    assert built == sorted(kustomize_base, key=key)
+    assert built == sorted(_kustomize_base(*components), key=key)
 
 
 # --------------------------------------------------------------------------------------------
-# The image
+# helm test
 
 
-def test_dockerfile() -> None:
-    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
-    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
-    assert base, "the base image is an ARG with a pinned default"
-    assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", base[1]), base[1]
-    stages = re.findall(r"^FROM (\S+) AS (\w+)$", text, re.M)
-    assert stages == [("${PYTHON_IMAGE}", "build"), ("${PYTHON_IMAGE}", "runtime")]
-    build_stage, runtime_stage = text.split("AS runtime", 1)
-    assert "pip wheel" in build_stage and "--no-index" in build_stage
-    assert "COPY --from=build" in runtime_stage
-    user = re.findall(r"^USER (\d+)(?::(\d+))?$", runtime_stage, re.M)
-    assert user and int(user[-1][0]) > 0, "the runtime stage must end as a non-root uid"
-    assert re.search(r'^ENTRYPOINT \["evidence-keeper"\]$', text, re.M)
-    assert re.search(r'^CMD \["run"\]$', text, re.M)
+def test_helm_test_pod_runs_preflight_against_the_agents() -> None:
+    objects = _render(hooks=True)
+    (pod,) = [o for o in objects if o["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    command = container["command"]
+    assert command[:2] == ["python3", "-c"] and "preflight" in command[2]
+    service = _one(objects, "Service")
+    assert command[3] == f"{service['metadata']['name']}.{NAMESPACE}.svc"
+    assert int(command[4]) == service["spec"]["ports"][0]["port"]
+    assert container["image"] == _agent(_one(objects, "DaemonSet"))["image"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    kubernetes_validate.validate(pod, KUBERNETES_VERSIONS[-1], strict=True)
+    assert "Pod" not in _kinds(_render({"helmTest": {"enabled": False}}, hooks=True))
+
+
+def _preflight_script() -> list[str]:
+    (pod,) = [o for o in _render(hooks=True) if o["kind"] == "Pod"]
+    command: list[str] = pod["spec"]["containers"][0]["command"]
+    return command
+
+
+def test_helm_test_script_against_a_real_agent(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """The pod's own script, run here: it finds the agent by name and runs preflight on it."""
+    command = _preflight_script()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    with AgentThread(make_settings()) as agent:
+        host, port = agent.agent.api_address or ("", 0)
+        proc = subprocess.run([sys.executable, "-c", command[2], "localhost", str(port)],
+                              capture_output=True, text=True, timeout=120, env=env, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"preflight http://{host}:{port}: ok" in proc.stdout
+    # No agent behind the name: one clear line, exit 1.
+    proc = subprocess.run([sys.executable, "-c", command[2], "no-such-service.invalid", "9095"],
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("preflight: no ready agent behind no-such-service")
+
+
+# --------------------------------------------------------------------------------------------
+# Generated files are current
+
+
+def test_chart_readme_is_current() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "helm" / "readme.py"), "--check"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dashboard_files_are_current() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "dashboards" / "build.py"), "--check"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dashboard_model() -> None:
+    """Grafana's JSON model: unique ids, a 24-column grid, every query on the datasource
+    variable, every panel of the metrics the issue lists (main's and the new ones)."""
+    model = json.loads((ROOT / "dashboards" / "evidence-keeper.json").read_text(encoding="utf-8"))
+    ids = [p["id"] for p in model["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in model["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["type"] in {"timeseries", "stat", "state-timeline"}, panel["type"]
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert panel["targets"], panel["title"]
+    exprs = " ".join(t["expr"] for p in model["panels"] for t in p.get("targets", []))
+    for metric in ("captured_bytes_total", "shipped_bytes_total", "oldest_unshipped_age_seconds",
+                   "spool_bytes", "sink_up", "open_gaps", "lost_bytes_total",
+                   "previous_logs_total", "container_restarts_total", "task_restarts_total",
+                   "open_files", "build_info", "skipped_files_total"):
+        assert f"evidence_keeper_{metric}" in exprs, metric
+    assert {v["name"] for v in model["templating"]["list"]} == {"datasource", "node"}
+
+
+def test_alert_manifests_are_current() -> None:
+    assert _load_build().stale() == []
+
+
+# --------------------------------------------------------------------------------------------
+# The image recipe and the dependency lock
+
+
+def test_image_recipe() -> None:
+    """What `make image` promises, in the recipe itself (`make image-test` runs the image)."""
+    text = (ROOT / "image" / "build.sh").read_text(encoding="utf-8")
+    assert "--require-hashes" in text and "pipdl -r requirements.lock" in text
+    assert "--require-hashes -r /tmp/wheels/requirements.lock" in text
+    assert "--storage-driver vfs" in text and "--isolation chroot" in text
+    assert "mmdebstrap" in text and "bookworm" in text
+    assert re.search(r"--user 65532:65532", text)
+    assert "oci-archive:" in text
     for label in ("title", "description", "version", "revision", "created", "source",
                   "licenses"):
         assert f"org.opencontainers.image.{label}=" in text, label
-    ignore = [
-        line.strip()
-        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
-    # An allow-list: nothing but the wheel's sources enters the build context.
-    assert ignore[:4] == ["*", "!pyproject.toml", "!README.md", "!evidence_keeper/"]
+    assert not (ROOT / "Dockerfile").exists(), "one recipe: image/build.sh"
+
+
+def test_locks_cover_pyproject() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "lockcheck.py")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    runtime = (ROOT / "requirements.lock").read_text(encoding="utf-8")
+    boto3 = re.search(r"^boto3==(\d+)\.(\d+)\.(\d+)", runtime, re.M)
+    assert boto3 and tuple(map(int, boto3.groups())) >= (1, 34, 41), "EKS Pod Identity"
+
+
+def test_lockcheck_names_a_dependency_the_lock_lacks(tmp_path: Path) -> None:
+    for name in ("pyproject.toml", "requirements.lock", "requirements-dev.lock"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    pyproject = (tmp_path / "pyproject.toml").read_text(encoding="utf-8")
+    (tmp_path / "pyproject.toml").write_text(
+        pyproject.replace('"zstandard>=0.22",', '"zstandard>=0.22",\n  "shtab>=1.7",'),
+        encoding="utf-8")
+    lockcheck = _load_module(ROOT / "tools" / "lockcheck.py")
+    problems = lockcheck.check(tmp_path)
+    assert problems == ["requirements.lock: shtab is not pinned (pyproject.toml asks 'shtab>=1.7')",
+                        "requirements-dev.lock: shtab is not pinned "
+                        "(pyproject.toml asks 'shtab>=1.7')"]
+
+
+def _load_module(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_operations_guide_has_every_section_the_manifests_point_to() -> None:
     guide = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
     anchors = set(re.findall(r'<a id="([^"]+)"></a>', guide))
     sources = [
-        ROOT / "Dockerfile", *sorted(KUSTOMIZE.glob("*.yaml")), *sorted(CHART.rglob("*.yaml")),
+        ROOT / "image" / "build.sh", *sorted(KUSTOMIZE.rglob("*.yaml")),
+        *sorted(CHART.rglob("*.yaml")), CHART / "README.md",
         CHART / "templates" / "NOTES.txt", ROOT / "alerts" / "evidence-keeper.rules.yml",
     ]
     for path in sources:

@@ -10,6 +10,8 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -131,3 +133,96 @@ def test_dns_alert_fires_and_resolves(tmp_path: Path, make_settings: Callable[..
         finally:
             proc.terminate()
             proc.wait(timeout=20)
+
+
+# --------------------------------------------------------------------------------------------
+# The Grafana dashboard's queries, in the same real Prometheus scraping a real agent.
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "dashboards" / "evidence-keeper.json"
+# Panels whose metrics every agent on main exports: they must show data at once. Panels of
+# metrics other helpers add (build info, open files, task restarts...) must only be valid PromQL.
+KEY_PANELS = {
+    "Agents up", "Captured bytes/s", "Shipped bytes/s", "Backlog age", "Spool fill",
+    "Sink up per check", "Streams and tailed files", "Unshipped bytes",
+}
+
+
+def _grafana_variables(expr: str) -> str:
+    """What Grafana sends for the dashboard's variables: All nodes, a 1m rate window."""
+    return expr.replace("$node", ".*").replace("$__rate_interval", "1m")
+
+
+def _query(base: str, expr: str) -> Any:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        return _get(url)
+    except urllib.error.HTTPError as exc:  # 400 bad_data: the query does not parse
+        return json.loads(exc.read())
+
+
+def test_dashboard_queries_are_valid_and_key_panels_have_data(
+    tmp_path: Path, make_settings: Callable[..., Settings], prometheus_bin: str, dns: FlakyDNS
+) -> None:
+    model = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    queries = [
+        (panel["title"], target["expr"])
+        for panel in model["panels"] if panel["type"] != "row"
+        for target in panel["targets"]
+    ]
+    assert {title for title, _ in queries} >= KEY_PANELS
+    settings = make_settings(sink_probes=f"datadog=dns:{SINK_HOST}", probe_interval_s=0.5)
+    with AgentThread(settings, resolver=dns) as agent:
+        host, port = agent.agent.api_address or ("", 0)
+        (tmp_path / "pods").mkdir(exist_ok=True)
+        prom_port = _free_port()
+        cfg = tmp_path / "prometheus.yml"
+        cfg.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [{"job_name": "evidence-keeper",
+                                "static_configs": [{"targets": [f"{host}:{port}"],
+                                                    "labels": {"node": "node-1"}}]}],
+        }))
+        with (tmp_path / "prom.log").open("wb") as prom_log:
+            proc = subprocess.Popen(
+                [prometheus_bin, f"--config.file={cfg}",
+                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
+                stdout=subprocess.DEVNULL, stderr=prom_log)
+        base = f"http://127.0.0.1:{prom_port}"
+        try:
+            # Every query parses and evaluates, from the first scrape on.
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if _get(f"{base}/api/v1/query?query=up")["data"]["result"]:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, (tmp_path / "prom.log").read_text()
+                time.sleep(0.5)
+            for title, expr in queries:
+                answer = _query(base, _grafana_variables(expr))
+                assert answer["status"] == "success", f"{title}: {expr}: {answer}"
+            # Key panels show data once a few scrapes are in (rates need two samples).
+            deadline = time.monotonic() + 60
+            while True:
+                empty = sorted(t for t in KEY_PANELS if not _panel_has_data(base, t, queries))
+                if not empty:
+                    break
+                assert time.monotonic() < deadline, f"panels without data: {empty}"
+                time.sleep(1)
+            # The template variable's own query finds the node.
+            nodes = _get(f"{base}/api/v1/label/node/values?"
+                         + urllib.parse.urlencode({"match[]": "evidence_keeper_spool_max_bytes"}))
+            assert nodes["data"] == ["node-1"]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
+def _panel_has_data(base: str, title: str, queries: list[tuple[str, str]]) -> bool:
+    """A panel shows data when any of its queries returns a series."""
+    return any(
+        _query(base, _grafana_variables(expr))["data"]["result"]
+        for t, expr in queries if t == title
+    )
