@@ -69,6 +69,7 @@ test: venv promtool kubectl
 lint: venv
 	$(BIN)/ruff check evidence_keeper tests bench alerts dashboards tools helm/readme.py image/slim.py
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 demo: venv
 	$(BIN)/evidence-keeper demo
