@@ -118,3 +118,8 @@ class Metrics:
             "Container instances (streams) tracked.",
             registry=r,
         )
+        self.ledger_unshipped_records = Gauge(
+            "evidence_keeper_ledger_unshipped_records",
+            "Gap ledger records (gap changes) not yet in the store's ledger objects.",
+            registry=r,
+        )

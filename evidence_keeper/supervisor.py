@@ -8,7 +8,8 @@ Task tree (one root ``asyncio.TaskGroup``)::
     ├── commit     seal by age, fsync, checkpoint, evict (every commit_interval_s < 1 s)
     ├── monitor    backlog gap, spool gauges, heartbeat, ledger retention (every second)
     ├── sinks      probe the log sinks and the store, sink_outage gaps with coverage
-    └── ship       sealed segments → store, backoff and circuit breaker
+    ├── ship       sealed segments → store, backoff and circuit breaker
+    └── ledger     gap records → the store's ledger objects (ship/ledger.py)
     (+ the HTTP API, started first and stopped last so /metrics answers during the drain)
 
 Each loop is *guarded*: an exception is logged with its task name and the loop restarts after
@@ -18,7 +19,8 @@ and a cancelled ``to_thread`` would leave its thread running against the state).
 
 Shutdown (SIGTERM), bounded by ``shutdown_timeout_s``:
 
-1. stop intake: discover and tail finish their current pass and return;
+1. stop intake: discover and tail finish their current pass and return; the gap ledger is
+   shipped first (the record of loss is the smallest and most precious evidence);
 2. seal every open segment, fsync and checkpoint (nothing captured is at risk from here on);
 3. drain the shipper until everything committed is stored or the deadline passes;
 4. a last checkpoint records the acknowledgements; what did not ship stays in the spool and
@@ -48,6 +50,7 @@ from evidence_keeper.logs import get_logger
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss
 from evidence_keeper.settings import Settings
+from evidence_keeper.ship.ledger import LedgerShipConfig, LedgerShipper
 from evidence_keeper.ship.shipper import ShipConfig, Shipper
 from evidence_keeper.ship.store import Store, StoreError, open_store
 from evidence_keeper.spool.spool import Spool
@@ -110,6 +113,16 @@ class Agent:
             ),
             metrics=self.metrics,
         )
+        self.ledger_shipper = LedgerShipper(
+            self.ledger, self.store,
+            LedgerShipConfig(
+                node=settings.node_name, cluster=settings.cluster,
+                compression=settings.compression, level=settings.compression_level,
+                object_lock_days=settings.object_lock_days,
+                flush_interval_s=settings.flush_interval_s,
+            ),
+            metrics=self.metrics,
+        )
         self.resolvers = ResolverPool(resolver)
         self.sinks = SinkMonitor(
             settings.sink_probes, store=self.store, ledger=self.ledger, spool=self.spool,
@@ -129,6 +142,7 @@ class Agent:
         self.api_extensions: list[Callable[[web.Application], None]] = []
         self.api_address: tuple[str, int] | None = None
         self._backlog_gap: int | None = None
+        self._shutdown_deadline = 0.0
         install_archive(self)
 
     def _record_loss(self, loss: Loss) -> None:
@@ -222,6 +236,7 @@ class Agent:
             self._backlog_gap = None
         for kind, n in self.ledger.open_counts().items():
             self.metrics.open_gaps.labels(kind=kind).set(n)
+        self.metrics.ledger_unshipped_records.set(self.ledger_shipper.unshipped())
 
     def _heartbeat(self) -> None:
         self.ledger.set_meta("heartbeat", rfc3339(datetime.now(UTC)))
@@ -284,6 +299,8 @@ class Agent:
                       "backlog_open": self._backlog_gap is not None},
             "sinks": [s.to_json() for s in self.sinks.states.values()],
             "kubernetes": {"mode": st.kube_mode, "detail": st.kube_detail},
+            "ledger": {"unshipped_records": self.ledger_shipper.unshipped(),
+                       "last_error": self.ledger_shipper.last_error},
         }
 
     async def gap_rows(self, **filters: Any) -> list[dict[str, Any]]:
@@ -345,6 +362,7 @@ class Agent:
         except OSError as exc:
             raise StartupError(f"cannot listen on {self.settings.listen}: {exc}") from exc
         ship_stop = asyncio.Event()
+        ledger_stop = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as tg:
                 intake = [
@@ -358,8 +376,11 @@ class Agent:
                 if self.kube is not None:
                     intake.append(tg.create_task(self._guard("kube", self.kube.run), name="kube"))
                 ship = tg.create_task(self.shipper.run(stop=ship_stop), name="ship")
+                ledger = tg.create_task(self.ledger_shipper.run(stop=ledger_stop),
+                                        name="ledger")
                 await stop.wait()
                 await self.shutdown(intake, ship, ship_stop)
+                await self._drain_ledger(ledger, ledger_stop)
         finally:
             await runner.cleanup()
 
@@ -372,6 +393,13 @@ class Agent:
         for t in pending:
             log.error("task did not stop in time; cancelling", task=t.get_name())
             t.cancel()
+        # The ledger first: a few records, and the only account of what was lost.
+        ledger_deadline = time.monotonic() + max(0.1, (deadline - time.monotonic()) / 3)
+        if not await self.ledger_shipper.drain(ledger_deadline):
+            log.error("gap ledger not fully shipped at shutdown; it ships on the next start",
+                      unshipped_records=self.ledger_shipper.unshipped(),
+                      error=self.ledger_shipper.last_error)
+        self._shutdown_deadline = deadline
         await asyncio.to_thread(self.spool.seal_all)
         await asyncio.to_thread(self.spool.commit)
         self.shipper.wakeup.set()
@@ -389,6 +417,13 @@ class Agent:
         await asyncio.to_thread(self.ledger.set_meta, "stopped_at", rfc3339(datetime.now(UTC)))
         left = self.spool.total_bytes()
         log.info("shutdown complete", drained=drained, unshipped_bytes=left)
+
+    async def _drain_ledger(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+        """After the segments: ship the records the drain itself made (coverage, backlog)."""
+        stop.set()
+        await task
+        deadline = max(self._shutdown_deadline, time.monotonic() + 0.5)
+        await self.ledger_shipper.drain(deadline)
 
     def close(self) -> None:
         self.shipper.close()
