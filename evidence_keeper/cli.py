@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from evidence_keeper import cluster
 from evidence_keeper.api.client import ApiError, call, default_url
 from evidence_keeper.logs import configure_logging
 from evidence_keeper.settings import ConfigError, Settings, load_settings
@@ -51,24 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a whole archive as a tar: its manifest and the bytes it lists")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
 
-    p = sub.add_parser("gaps", help="list gaps from a running agent's ledger")
-    _add_config(p)
-    p.add_argument("--url", help="agent API (default: from the configured listen address)")
-    p.add_argument("--since", help="RFC3339 or a duration back from now, e.g. 30m")
-    p.add_argument("--until", help="RFC3339 or a duration back from now")
-    p.add_argument("--kind", choices=["sink_outage", "loss", "backlog", "agent_down"])
-    p.add_argument("--namespace")
-    p.add_argument("--open", action="store_true", help="only gaps still open")
-    p.add_argument("--json", action="store_true", help="the API's JSON document")
-
-    p = sub.add_parser("preflight",
-                       help="exit 0 only if sinks are up and shipping is current (chaos gate)")
-    _add_config(p)
-    p.add_argument("--url", help="agent API (default: from the configured listen address)")
-    p.add_argument("--since", default="1h",
-                   help="fail on loss gaps newer than this (RFC3339 or duration; default 1h)")
-    p.add_argument("--max-backlog-s", type=float,
-                   help="largest acceptable oldest-unshipped age (default: backlog_threshold_s)")
+    cluster.add_gaps_parser(sub)
+    cluster.add_preflight_parser(sub)
 
     p = sub.add_parser("archive", help="seal and archive the evidence of a scope (POST /archive)")
     _add_config(p)
@@ -94,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check an archive: segments, hashes, chains, digest")
     _add_config(p)
-    p.add_argument("archive_id", metavar="ARCHIVE_ID")
+    p.add_argument("archive_id", metavar="ARCHIVE_ID", nargs="?")
     p.add_argument("--json", action="store_true", help="the report as JSON")
+    cluster.add_verify_ledger_arguments(p)
 
     p = sub.add_parser("search", help="search the store for lines matching a pattern")
     _add_config(p)
@@ -123,9 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "export":
             return cmd_export(args)
         if args.command == "gaps":
-            return cmd_gaps(args)
+            return cluster.run_gaps(args)
         if args.command == "preflight":
-            return cmd_preflight(args)
+            return cluster.run_preflight(args)
         if args.command == "archive":
             return cmd_archive(args)
         if args.command == "verify":
@@ -420,6 +406,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from evidence_keeper.archive.verify import format_report, verify_archive
     from evidence_keeper.ship.store import StoreError
 
+    if args.ledger or args.archive_id is None:
+        return cluster.run_verify_ledger(args)
     settings = _settings(args)
     store = _read_store(settings)
     progress = _Progress("verified", unit="segments")
@@ -516,75 +504,6 @@ def _url(args: argparse.Namespace) -> str:
     if args.url:
         return str(args.url)
     return default_url(_settings(args).listen)
-
-
-def format_gaps(doc: dict[str, Any]) -> str:
-    rows = [("ID", "KIND", "START", "END", "WHAT", "DETAIL")]
-    for g in doc["gaps"]:
-        if g["kind"] == "loss":
-            what = (f"{g.get('namespace')}/{g.get('pod')}/{g.get('container')}#{g.get('restart')}"
-                    f" @{g.get('offset')} +{g.get('bytes') if g.get('bytes') is not None else '?'}"
-                    f" {g.get('reason', '')}")
-        else:
-            what = " ".join(str(x) for x in (g.get("sink"), g.get("check"), g.get("reason"))
-                            if x)
-        detail = g.get("detail") or ""
-        cov = g.get("coverage")
-        if cov:
-            detail = (f"coverage: {cov['streams']} streams, {cov['captured_bytes']} B captured,"
-                      f" {cov['shipped_bytes']} B shipped; {detail}")
-        rows.append((str(g["id"]), g["kind"], g["start"][:19], (g["end"] or "open")[:19],
-                     what, detail[:90]))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5]
-             for r in rows]
-    lines.append(f"{len(doc['gaps'])} gaps on node {doc['node']} (generated {doc['generated_at']})")
-    return "\n".join(lines)
-
-
-def cmd_gaps(args: argparse.Namespace) -> int:
-    params = {k: getattr(args, k) for k in ("since", "until", "kind", "namespace")
-              if getattr(args, k)}
-    if args.open:
-        params["open"] = "true"
-    _, doc = call(_url(args), "/gaps", params=params)
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print(format_gaps(doc))
-    return 0
-
-
-def cmd_preflight(args: argparse.Namespace) -> int:
-    """The gate a chaos test runs first: every sink up, store current, no recent loss."""
-    url = _url(args)
-    max_backlog = args.max_backlog_s
-    if max_backlog is None:
-        max_backlog = _settings(args).backlog_threshold_s if not args.url else 60.0
-    _, ready = call(url, "/readyz", accept_status=(503,))
-    _, loss = call(url, "/gaps", params={"kind": "loss", "since": args.since})
-    problems: list[str] = []
-    checks: list[tuple[bool, str]] = []
-    checks.append((bool(ready.get("ready")), "agent ready (spool recovered, log root tailed)"))
-    for s in ready.get("sinks", []):
-        ok = s.get("up") is True
-        why = "" if ok else f": {s.get('failed_check') or 'not probed yet'} {s.get('error') or ''}"
-        checks.append((ok, f"sink {s['sink']} ({s['target']}) up{why}".rstrip()))
-    age = float(ready.get("spool", {}).get("oldest_unshipped_age_s", 0))
-    checks.append((age <= max_backlog,
-                   f"shipping current (oldest unshipped {age:.1f}s <= {max_backlog:g}s)"))
-    n_loss = len(loss.get("gaps", []))
-    checks.append((n_loss == 0, f"no loss gaps since {args.since} ({n_loss} found)"))
-    for ok, text in checks:
-        print(f"  {'ok  ' if ok else 'FAIL'}  {text}")
-        if not ok:
-            problems.append(text)
-    if problems:
-        print(f"preflight failed: {len(problems)} problem(s); evidence would be at risk",
-              file=sys.stderr)
-        return 1
-    print("preflight passed: sinks up, shipping current, no recent loss")
-    return 0
 
 
 if __name__ == "__main__":

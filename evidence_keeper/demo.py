@@ -30,8 +30,8 @@ from typing import Any
 
 from evidence_keeper.api.client import call
 from evidence_keeper.archive.export import export_stream, find_streams
-from evidence_keeper.cli import format_gaps
 from evidence_keeper.cli import main as cli_main
+from evidence_keeper.cluster import format_gaps
 from evidence_keeper.logs import configure_logging
 from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings, load_settings

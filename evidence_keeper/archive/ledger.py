@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -219,7 +220,7 @@ def check_chains(objects: Sequence[LedgerObject]) -> tuple[list[Problem], list[s
         elif first.meta and first.meta.get("ek-prev-sha256", "") != "":
             problems.append((first.key, "the first object of a chain must have an empty"
                                         " ek-prev-sha256"))
-        for prev, obj in zip(chain, chain[1:], strict=False):
+        for prev, obj in itertools.pairwise(chain):
             problems.extend(_link(prev, obj))
     return problems, notes
 
@@ -297,6 +298,15 @@ def ledger_entries(objects: Sequence[LedgerObject], *, since: datetime | None,
                         "sha256": obj.sha256, "prev_sha256": obj.meta.get("ek-prev-sha256", ""),
                         "records": len(obj.records)})
     return out
+
+
+def window_entries(store: Store, cluster: str, *, since: datetime | None,
+                   until: datetime | None, nodes: Iterable[str] | None = None,
+                   exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """The ``ledger`` list of a manifest: read the nodes' ledgers, keep the window's objects."""
+    skip = set(exclude)
+    objects = [o for o in read_ledger(store, cluster, nodes=nodes) if o.node not in skip]
+    return ledger_entries(objects, since=since, until=until)
 
 
 def verify_entries(store: Store, entries: object, where: str) -> tuple[list[Problem], int]:
