@@ -240,13 +240,15 @@ class LedgerShipper:
     def ship_all(self) -> int:
         """Ship until the outbox is empty (blocking); returns records shipped."""
         total = 0
-        while True:
-            with self._lock:
-                n = self.ship_once()
+        try:
+            while True:
+                with self._lock:
+                    n = self.ship_once()
+                if n == 0:
+                    return total
+                total += n
+        finally:
             self.metrics.ledger_unshipped_records.set(self.unshipped())
-            if n == 0:
-                return total
-            total += n
 
     # ------------------------------------------------------------------ async side
     async def tick(self) -> bool:
