@@ -532,7 +532,8 @@ def format_gaps(doc: dict[str, Any], *, with_node: bool = False) -> str:
         rows.append((*node, str(g["id"]), g["kind"], g["start"][:19], (g["end"] or "open")[:19],
                      what, detail[:90]))
     lines = [table(rows)]
-    where = (f"{len(doc.get('nodes') or [])} nodes" if with_node else f"node {doc['node']}")
+    n = len(doc.get("nodes") or [])
+    where = f"{n} node{'' if n == 1 else 's'}" if with_node else f"node {doc['node']}"
     lines.append(f"{len(doc['gaps'])} gaps on {where} (generated {doc['generated_at']})")
     return "\n".join(lines)
 
@@ -622,8 +623,8 @@ def _gaps_from_store(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     else:
         print(format_gaps(doc, with_node=True))
-        print(f"read {len(objects)} ledger objects of {len(nodes)} nodes from"
-              f" {store.describe()}", file=sys.stderr)
+        print(f"read {len(objects)} ledger objects of {len(nodes)}"
+              f" node{'' if len(nodes) == 1 else 's'} from {store.describe()}", file=sys.stderr)
     if not objects:
         print(f"no ledger objects in {store.describe()} for cluster {settings.cluster}"
               + (f" node {args.node}" if args.node else ""), file=sys.stderr)
@@ -713,11 +714,11 @@ def _preflight_all_nodes(args: argparse.Namespace) -> int:
                    loss_since=args.since, max_backlog=max_backlog, progress=_Progress())
     if args.output == "json":
         print(json.dumps(fleet_json(fleet, window_since=_rfc3339(since)), indent=2))
+        if not fleet.ok:  # CI logs show stderr even when they keep the JSON as an artifact
+            print(verdict(fleet), file=sys.stderr)
     else:
         print(format_fleet(fleet, window=args.since))
         print(verdict(fleet))
-    if not fleet.ok:
-        print(verdict(fleet), file=sys.stderr)
     return 0 if fleet.ok else 1
 
 

@@ -216,7 +216,7 @@ def test_preflight_all_nodes_names_a_node_without_agent_and_a_sink_outage_on_its
             row4 = next(line for line in out.splitlines() if line.startswith("node-4"))
             assert "NONE" in row4 and row4.rstrip().endswith("FAIL")
             assert "node node-4: no evidence-keeper agent" in out
-            assert "cluster preflight FAILED: 1 of 4 nodes (node-4)" in err
+            assert "cluster preflight FAILED: 1 of 4 nodes (node-4)" in out
             assert kube.proxied and all("Authorization" not in h for *_x, h in kube.proxied)
 
             # Excluded, or outside the node selector: the cluster passes.

@@ -274,8 +274,8 @@ def format_ledger_report(report: LedgerReport, where: str) -> str:
     lines = [f"gap ledger in {where}"]
     lines += [f"  FAIL  {k}: {m}" for k, m in report.problems]
     lines += [f"  note  {n}" for n in report.notes]
-    what = (f"{report.nodes} nodes, {report.objects} ledger objects,"
-            f" {report.records} records")
+    what = (f"{report.nodes} node{'' if report.nodes == 1 else 's'}, {report.objects} ledger"
+            f" objects, {report.records} records")
     if report.ok:
         lines.append(f"verified: {what}; every body, hash and chain link matches")
     else:
