@@ -32,6 +32,7 @@ from typing import Any, Final, Protocol
 
 from evidence_keeper.api.client import ApiError, call, default_url
 from evidence_keeper.archive.ledger import (
+    LedgerObject,
     format_ledger_report,
     newest_gaps,
     read_ledger,
@@ -45,7 +46,7 @@ from evidence_keeper.archive.service import (
 )
 from evidence_keeper.model import GAP_KINDS
 from evidence_keeper.settings import Settings, load_settings, parse_duration
-from evidence_keeper.ship.store import StoreError, open_store
+from evidence_keeper.ship.store import Store, StoreError, open_store
 
 AGENT_SELECTOR: Final = "app.kubernetes.io/name=evidence-keeper"
 QUERY_WORKERS: Final = 16
@@ -576,9 +577,14 @@ def _gaps_all_nodes(args: argparse.Namespace) -> int:
     fleet = survey(args, settings, gaps_params=_gaps_params(args),
                    loss_since=args.since or "the start of the ledger",
                    max_backlog=settings.backlog_threshold_s, progress=_Progress())
-    gaps = sorted((g for r in fleet.rows for g in r.gaps),
-                  key=lambda g: (str(g.get("start")), str(g["node"]), int(g["id"])))
-    complete = all(r.agent in ("ready", "not-ready") for r in fleet.rows)
+    silent = [r.node for r in fleet.rows if r.agent not in ("ready", "not-ready")]
+    gaps = [g for r in fleet.rows for g in r.gaps]
+    if silent:
+        # What those agents shipped before they went quiet: the store's ledger knows.
+        shipped, _objects, _store = _store_gaps(args, settings, silent)
+        gaps += [{**g, "source": "store"} for g in shipped]
+    gaps.sort(key=lambda g: (str(g.get("start")), str(g["node"]), int(g["id"])))
+    complete = not silent
     if args.output == "json":
         doc = fleet_json(fleet, window_since=args.since)
         doc["complete"] = complete
@@ -590,35 +596,40 @@ def _gaps_all_nodes(args: argparse.Namespace) -> int:
         print(format_gaps({"gaps": gaps, "nodes": fleet.rows,
                            "generated_at": fleet.generated_at}, with_node=True))
         if not complete:
-            print("some nodes could not report their gaps (no agent or unreachable): read"
-                  " their shipped ledger with `evidence-keeper gaps --from-store --node NODE`",
-                  file=sys.stderr)
+            print(f"no live answer from {', '.join(silent)}: their gaps above are what their"
+                  " agents shipped to the store's ledger before", file=sys.stderr)
     return 0 if complete else 1
 
 
-def _gaps_from_store(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+def _store_gaps(args: argparse.Namespace, settings: Settings, nodes: list[str] | None,
+                ) -> tuple[list[dict[str, Any]], list[LedgerObject], Store]:
+    """The newest state of the nodes' gaps from the store's ledger, filtered as ``/gaps``."""
     now = datetime.now(UTC)
     since = parse_when(args.since, "--since", now)
     until = parse_when(args.until, "--until", now)
     if since and until and since > until:
         raise CommandError("--since is after --until")
     store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
-    progress = _Progress()
-    objects = read_ledger(store, settings.cluster, nodes=[args.node] if args.node else None,
-                          progress=progress)
-    gaps = newest_gaps(objects, since=since, until=until, kind=args.kind, node=args.node)
+    objects = read_ledger(store, settings.cluster, nodes=nodes, progress=_Progress())
+    gaps = newest_gaps(objects, since=since, until=until, kind=args.kind)
     if args.namespace:
         gaps = [g for g in gaps if g.get("namespace") == args.namespace]
     if args.open:
         gaps = [g for g in gaps if g.get("end") is None]
+    return gaps, objects, store
+
+
+def _gaps_from_store(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    gaps, objects, store = _store_gaps(args, settings, [args.node] if args.node else None)
     problems = [(o.key, p) for o in objects for p in o.problems]
     for key, p in problems:
         print(f"warning: {key}: {p} (run `evidence-keeper verify --ledger`)", file=sys.stderr)
     nodes = sorted({o.node for o in objects})
     doc = {"cluster": settings.cluster, "store": store.describe(),
-           "generated_at": _rfc3339(now), "nodes": nodes, "objects": len(objects),
-           "damaged_objects": sorted({k for k, _ in problems}), "gaps": gaps}
+           "generated_at": _rfc3339(datetime.now(UTC)), "nodes": nodes,
+           "objects": len(objects), "damaged_objects": sorted({k for k, _ in problems}),
+           "gaps": gaps}
     if args.output == "json":
         print(json.dumps(doc, indent=2))
     else:

@@ -347,6 +347,19 @@ def test_gaps_from_store_survive_sigkill_and_a_lost_spool(
         shutil.rmtree(doomed.spool)
 
         config = cli_config(tmp_path, store_url)
+        with FakeKube() as kube:  # node-a's pod is still there, crash-looping
+            kube.add_node("node-a")
+            kube.add_node("node-b")
+            kube.add_agent("node-a", None, ready=False)
+            kube.add_agent("node-b", other.url)
+            kubeconfig = str(kube.write_kubeconfig(tmp_path / "kubeconfig"))
+            rc, out, err = run_cli(capsys, "gaps", "--config", config, "--all-nodes",
+                                   "--kubeconfig", kubeconfig, "-o", "json")
+        assert rc == 1 and json.loads(out)["complete"] is False
+        via_store = [g for g in json.loads(out)["gaps"] if g["node"] == "node-a"]
+        assert sorted(g["id"] for g in via_store) == sorted(g["id"] for g in before)
+        assert {g["source"] for g in via_store} == {"store"}
+
         rc, out, err = run_cli(capsys, "gaps", "--config", config, "--from-store",
                                "--node", "node-a", "-o", "json")
         assert rc == 0, err

@@ -113,6 +113,8 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        # Bumped by every outbox record: the ledger shipper skips its tick while it is unchanged.
+        self.changes = 0
         self.ledger_id = self._ensure_ledger_id()
 
     def _ensure_ledger_id(self) -> str:
@@ -220,6 +222,7 @@ class Ledger:
                    (gap_id, state))
         db.execute("INSERT INTO ledger_records (gap_id, recorded_at, state) VALUES (?, ?, ?)",
                    (gap_id, recorded_at, state))
+        self.changes += 1
 
     def records_after(self, seq: int, *, limit: int) -> list[LedgerRecord]:
         """Outbox records with a sequence number above ``seq``, oldest first."""

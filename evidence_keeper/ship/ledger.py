@@ -142,6 +142,7 @@ class LedgerShipper:
         self.last_error: str | None = None
         self.failures = 0
         self._retry_at = 0.0
+        self._seen = -1  # ledger.changes when the outbox was last found empty
         # The loop and the shutdown drain may overlap: one batch in flight at a time.
         self._lock = threading.Lock()
 
@@ -255,6 +256,9 @@ class LedgerShipper:
         """Ship what is waiting unless backing off; True when the outbox is empty."""
         if self.clock() < self._retry_at:
             return False
+        if not self.failures and self.ledger.changes == self._seen:
+            return True  # nothing recorded since the outbox was last empty: no thread hop
+        seen = self.ledger.changes
         try:
             await asyncio.to_thread(self.ship_all)
         except StoreError as exc:
@@ -266,6 +270,7 @@ class LedgerShipper:
         if self.failures:
             log.info("ledger shipping works again")
         self.failures, self.last_error = 0, None
+        self._seen = seen
         return True
 
     def _failed(self, exc: Exception) -> None:
