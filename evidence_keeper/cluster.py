@@ -311,6 +311,7 @@ class NodeRow:
     loss_unknown_length: int = 0
     gaps: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -335,7 +336,11 @@ def query_node(node: Node, pods: Sequence[AgentPod], client: AgentClient, *,
     """Ask this node's agent for ``/readyz`` and ``/gaps`` (blocking)."""
     row = NodeRow(node=node.name, cordoned=node.cordoned, node_ready=node.ready)
     if not pods:
-        row.failures.append(f"node {node.name}: {NO_AGENT}")
+        if node.cordoned:
+            # Not schedulable: no agent is required there (one that runs must still pass).
+            row.notes.append(f"node {node.name}: cordoned, no agent (not required)")
+        else:
+            row.failures.append(f"node {node.name}: {NO_AGENT}")
         return row
     pod = next((p for p in pods if p.ready), pods[0])  # a rolling update may show two
     row.agent_pod = pod.name
@@ -487,6 +492,7 @@ def format_fleet(fleet: Fleet, *, window: str) -> str:
     lines = [table(rows)]
     for r in fleet.rows:
         lines += [f"  FAIL  {f}" for f in r.failures]
+        lines += [f"  note  {n}" for n in r.notes]
     if fleet.excluded:
         lines.append(f"  excluded: {', '.join(fleet.excluded)}")
     for p in fleet.orphans:

@@ -278,10 +278,11 @@ def test_preflight_all_nodes_names_a_node_without_agent_and_a_sink_outage_on_its
         link.close()
 
 
-def test_preflight_all_nodes_agent_not_answering(tmp_path: Path, sink: SinkServer,
+def test_preflight_all_nodes_agent_not_answering_and_a_cordoned_node(tmp_path: Path, sink: SinkServer,
                                                   agents: list[AgentProcess],
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """A crash-looping agent pod (no answer through the proxy) fails its node, by name."""
+    """A crash-looping agent pod (no answer through the proxy) fails its node, by name; a
+    cordoned node is not schedulable and needs no agent."""
     store_url = f"file://{tmp_path / 'store'}"
     a = AgentProcess(tmp_path, "node-1", store_url=store_url, sink_port=sink.port)
     agents.append(a.start())
@@ -290,6 +291,7 @@ def test_preflight_all_nodes_agent_not_answering(tmp_path: Path, sink: SinkServe
         kube.add_node("node-2")
         kube.add_agent("node-1", a.url)
         kube.add_agent("node-2", None, name="evidence-keeper-crashing", ready=False)
+        kube.add_node("node-3", unschedulable=True)  # cordoned, no agent: not required
         kubeconfig = str(kube.write_kubeconfig(tmp_path / "kubeconfig"))
         rc, out, _ = run_cli(capsys, "preflight", "--config", cli_config(tmp_path, store_url),
                              "--all-nodes", "--kubeconfig", kubeconfig, "-o", "json")
@@ -298,8 +300,10 @@ def test_preflight_all_nodes_agent_not_answering(tmp_path: Path, sink: SinkServe
     rows = {r["node"]: r for r in doc["nodes"]}
     assert rows["node-1"]["ok"] is True
     assert rows["node-2"]["agent"] == "unreachable"
-    assert doc["failures"][0].startswith(
+    assert len(doc["failures"]) == 1 and doc["failures"][0].startswith(
         "node node-2: agent evidence-keeper-crashing does not answer (error trying to reach")
+    assert rows["node-3"]["ok"] is True and rows["node-3"]["cordoned"] is True
+    assert rows["node-3"]["notes"] == ["node node-3: cordoned, no agent (not required)"]
 
 
 # ------------------------------------------------------------------------------ from the store

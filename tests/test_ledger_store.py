@@ -11,6 +11,7 @@ import asyncio
 import json
 import sqlite3
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,8 @@ from evidence_keeper.ship.ledger import (
 )
 from evidence_keeper.ship.s3 import S3Store
 from evidence_keeper.ship.store import FileStore, Store, StoreError
+from evidence_keeper.sim import KubeletSim
+from evidence_keeper.supervisor import Agent
 from tests.conftest import AgentThread, running_agent, wait_until
 from tests.test_s3 import _aws_env, moto_url, s3
 
@@ -331,21 +334,59 @@ def test_s3_object_lock_and_a_lost_reply(tmp_path: Path, moto_url: str) -> None:
 
 
 # ------------------------------------------------------------------------------ the agent
-async def test_the_agent_ships_its_ledger_and_drains_it_at_shutdown(
+async def test_the_agent_ships_its_ledger_within_the_flush_interval(
         make_settings: Callable[..., Settings], tmp_path: Path) -> None:
     settings = make_settings(flush_interval_s=1.0)
     store = FileStore(tmp_path / "store")
     async with running_agent(settings) as agent:
         await asyncio.to_thread(loss, agent.ledger, 0)
-        started = time.monotonic()
         await wait_until(lambda: len(stored_records(store)) == 1, within=10,
                          what="the loss record in the store")
-        assert time.monotonic() - started < 10
         ready = await asyncio.to_thread(agent.readiness)
         assert ready["ledger"] == {"unshipped_records": 0, "last_error": None}
-        # Recorded just before SIGTERM: the shutdown drain ships it.
-        await asyncio.to_thread(loss, agent.ledger, 100)
-    assert [r["gap"]["offset"] for r in stored_records(store)] == [0, 100]
+        assert agent.api_address is not None
+        url = f"http://{agent.api_address[0]}:{agent.api_address[1]}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+        assert b"\nevidence_keeper_ledger_unshipped_records 0.0\n" in text
+
+
+class ClosedUntilShutdown(FaultyStore):
+    """Refuses ledger objects while the agent runs: only the shutdown drain can ship them."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.stopping: Callable[[], bool] = lambda: False
+        self.order: list[str] = []
+
+    def put(self, key: str, body: bytes, meta: Mapping[str, str], *,
+            retain_until: datetime | None = None) -> None:
+        if "/_ledger/" in key and not self.stopping():
+            raise StoreError("ledger refused while running (injected)")
+        if self.stopping():
+            self.order.append("ledger" if "/_ledger/" in key else "segment")
+        super().put(key, body, meta, retain_until=retain_until)
+
+
+async def test_shutdown_drains_the_ledger_before_the_segments(
+        make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    # A long flush interval: the segment is still open at SIGTERM and ships in the drain.
+    settings = make_settings(flush_interval_s=30.0)
+    store = ClosedUntilShutdown(FileStore(tmp_path / "store"))
+    sim = KubeletSim(tmp_path / "pods")
+    sim.add_pod("shop", "orders-1", containers=("app",))
+
+    def prepare(agent: Agent) -> None:
+        store.stopping = agent.intake_closed.is_set
+
+    async with running_agent(settings, store=store, prepare=prepare) as agent:
+        sim.write("shop", "orders-1", "app", "captured, not yet shipped")
+        await wait_until(lambda: agent.spool.total_bytes() > 0, within=10, what="capture")
+        await asyncio.to_thread(loss, agent.ledger, 0)
+        await wait_until(lambda: agent.ledger_shipper.last_error is not None, within=10,
+                         what="the ledger refused while running")
+        assert agent.metrics.ledger_unshipped_records._value.get() == 1
+    assert [r["gap"]["offset"] for r in stored_records(store)] == [0]
+    assert store.order[0] == "ledger" and "segment" in store.order, store.order
 
 
 def test_archive_manifest_lists_ledger_objects_and_verify_checks_them(
