@@ -12,9 +12,11 @@ Three ways to ask "what was lost, and is every log path working?":
 * the store (``gaps --from-store``): the ledger objects every agent shipped, read with no
   agent running, newest state per gap (``archive/ledger.py``).
 
-The module is shaped like a command package: :func:`add_gaps_parser` / :func:`run_gaps` and
-:func:`add_preflight_parser` / :func:`run_preflight`; ``run_*`` return the exit code and print
-one clear line on error (exit 2).
+The fleet itself (nodes, agents, rows, verdict) is :mod:`evidence_keeper.fleet`; the store's
+ledger is :mod:`evidence_keeper.archive.ledger`. This module is shaped like a command package:
+:func:`add_gaps_parser` / :func:`run_gaps` and :func:`add_preflight_parser` /
+:func:`run_preflight` (and ``verify --ledger``); ``run_*`` return the exit code and print one
+clear line on error (exit 2).
 """
 
 from __future__ import annotations
@@ -24,11 +26,9 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Protocol
+from typing import Any
 
 from evidence_keeper.api.client import ApiError, call, default_url
 from evidence_keeper.archive.ledger import (
@@ -38,19 +38,20 @@ from evidence_keeper.archive.ledger import (
     read_ledger,
     verify_ledger,
 )
-from evidence_keeper.archive.service import (
-    AgentPod,
-    ClusterError,
-    kube_client,
-    list_agent_pods,
+from evidence_keeper.archive.service import ClusterError, kube_client
+from evidence_keeper.fleet import (
+    AGENT_SELECTOR,
+    Selection,
+    agent_checks,
+    fleet_json,
+    format_fleet,
+    survey,
+    table,
+    verdict,
 )
 from evidence_keeper.model import GAP_KINDS
 from evidence_keeper.settings import Settings, load_settings, parse_duration
 from evidence_keeper.ship.store import Store, StoreError, open_store
-
-AGENT_SELECTOR: Final = "app.kubernetes.io/name=evidence-keeper"
-QUERY_WORKERS: Final = 16
-NO_AGENT: Final = "no evidence-keeper agent — logs on this node are not preserved"
 
 
 class CommandError(Exception):
@@ -141,8 +142,35 @@ def _rfc3339(ts: datetime) -> str:
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _excluded(args: argparse.Namespace) -> set[str]:
-    return {n.strip() for item in args.exclude_node for n in item.split(",") if n.strip()}
+def _selection(args: argparse.Namespace, settings: Settings) -> Selection:
+    return Selection(
+        node_selector=args.node_selector,
+        exclude=frozenset(n.strip() for item in args.exclude_node for n in item.split(",")
+                          if n.strip()),
+        agent_namespace=args.agent_namespace, agent_selector=args.agent_selector,
+        port=args.agent_port or settings.listen_port, via=args.via)
+
+
+def _survey(args: argparse.Namespace, settings: Settings, **kw: Any) -> Any:
+    try:
+        return survey(kube_client(args.kubeconfig), _selection(args, settings),
+                      progress=_Progress("asked", "agents"), **kw)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
+class _Progress:
+    """``<verb> N/M <unit>`` on stderr, only when the work takes longer than 2 s."""
+
+    def __init__(self, verb: str, unit: str) -> None:
+        self.verb, self.unit = verb, unit
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.started >= 2.0 and (now - self.last >= 5.0 or done == total):
+            self.last = now
+            print(f"{self.verb} {done}/{total} {self.unit}", file=sys.stderr, flush=True)
 
 
 def _fail(exc: Exception) -> int:
@@ -157,365 +185,6 @@ def _modes(args: argparse.Namespace, *, store: bool) -> None:
         raise CommandError(f"{' and '.join(chosen)} exclude each other")
     if not args.all_nodes and (args.exclude_node or args.node_selector):
         raise CommandError("--exclude-node and --node-selector need --all-nodes")
-
-
-# ------------------------------------------------------------------------------ agents
-class AgentClient(Protocol):
-    def get(self, pod: AgentPod, path: str, params: dict[str, str] | None = None,
-            ) -> tuple[int, dict[str, Any]]: ...
-
-
-class ProxyClient:
-    """GET an agent's API through ``/api/v1/namespaces/<ns>/pods/<pod>:<port>/proxy/...``."""
-
-    def __init__(self, api: Any, *, namespace: str, port: int, timeout_s: float = 15.0) -> None:
-        self.api, self.namespace, self.port, self.timeout_s = api, namespace, port, timeout_s
-
-    def get(self, pod: AgentPod, path: str, params: dict[str, str] | None = None,
-            ) -> tuple[int, dict[str, Any]]:
-        from kubernetes.client.exceptions import ApiException
-
-        resource = f"/api/v1/namespaces/{self.namespace}/pods/{pod.name}:{self.port}/proxy{path}"
-        try:
-            req = self.api.param_serialize(
-                method="GET", resource_path=resource, query_params=list((params or {}).items()),
-                header_params={"Accept": "application/json", "User-Agent": "evidence-keeper"},
-                auth_settings=["BearerToken"])
-            resp = self.api.call_api(*req, _request_timeout=self.timeout_s)
-            status, data = int(resp.status), resp.read()
-        except ApiException as exc:
-            status, data = int(exc.status or 0), (exc.body or b"")
-        except Exception as exc:
-            return 0, {"error": f"cannot reach {pod.name} through the API server: {exc}"}
-        return status, _doc(data, status)
-
-
-class PodIPClient:
-    """GET an agent's API at ``http://<pod IP>:<port>`` (from inside the cluster)."""
-
-    def __init__(self, *, port: int, timeout_s: float = 15.0) -> None:
-        self.port, self.timeout_s = port, timeout_s
-
-    def get(self, pod: AgentPod, path: str, params: dict[str, str] | None = None,
-            ) -> tuple[int, dict[str, Any]]:
-        if not pod.ip:
-            return 0, {"error": f"pod {pod.name} has no IP"}
-        try:
-            return call(f"http://{pod.ip}:{self.port}", path, params=params,
-                        timeout=self.timeout_s, accept_status=(400, 404, 500, 502, 503))
-        except ApiError as exc:
-            return 0, {"error": str(exc)}
-
-
-def _doc(data: bytes | str, status: int) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-        return {"error": text.strip()[:200] or f"empty answer (HTTP {status})"}
-    if not isinstance(doc, dict):
-        return {"error": "not a JSON object"}
-    if doc.get("kind") == "Status":  # the API server's own answer: the pod was not reached
-        return {"error": str(doc.get("message") or doc.get("reason") or "API server error")}
-    return doc
-
-
-@dataclass(frozen=True, slots=True)
-class Node:
-    name: str
-    cordoned: bool
-    ready: bool
-
-
-def list_nodes(api: Any, *, selector: str | None) -> list[Node]:
-    """The cluster's nodes (by label selector), read as plain JSON."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        core: Any = client.CoreV1Api(api)
-        kwargs: dict[str, Any] = {"_preload_content": False, "_request_timeout": 30}
-        if selector:
-            kwargs["label_selector"] = selector
-        doc = json.loads(core.list_node(**kwargs).read())
-    except ApiException as exc:
-        raise ClusterError(f"cannot list nodes: HTTP {exc.status} {exc.reason}") from None
-    except Exception as exc:
-        raise ClusterError(f"cannot list nodes: {exc}") from None
-    out = []
-    for item in doc.get("items") or []:
-        conds = {c.get("type"): c.get("status") for c in item.get("status", {}).get(
-            "conditions") or []}
-        out.append(Node(name=str(item.get("metadata", {}).get("name", "")),
-                        cordoned=bool(item.get("spec", {}).get("unschedulable")),
-                        ready=conds.get("Ready") == "True"))
-    return sorted(out, key=lambda n: n.name)
-
-
-# ------------------------------------------------------------------------------ checks
-Check = tuple[bool, str]
-
-
-def sink_checks(sink: dict[str, Any]) -> dict[str, bool | None]:
-    """Per check of one sink from ``/readyz``: the debounced view of ``sink_up{sink,check}``."""
-    checks = list(sink.get("checks") or [sink.get("failed_check") or sink.get("kind") or "up"])
-    up = sink.get("up")
-    if up is None:
-        return dict.fromkeys(checks, None)
-    if up:
-        return dict.fromkeys(checks, True)
-    failed = sink.get("failed_check") or checks[0]
-    out: dict[str, bool | None] = {}
-    passed = True
-    for c in checks:
-        if c == failed:
-            passed = False
-        out[c] = passed
-    if failed not in out:
-        out[failed] = False
-    return out
-
-
-def agent_checks(ready: dict[str, Any], loss: dict[str, Any], *, since: str,
-                 max_backlog: float) -> list[Check]:
-    """What ``preflight`` requires of one agent, as (ok, text) pairs."""
-    checks: list[Check] = [(bool(ready.get("ready")),
-                            "agent ready (spool recovered, log root tailed)")]
-    for s in ready.get("sinks", []):
-        ok = s.get("up") is True
-        why = "" if ok else f": {s.get('failed_check') or 'not probed yet'} {s.get('error') or ''}"
-        checks.append((ok, f"sink {s['sink']} ({s['target']}) up{why}".rstrip()))
-    age = float(ready.get("spool", {}).get("oldest_unshipped_age_s", 0))
-    checks.append((age <= max_backlog,
-                   f"shipping current (oldest unshipped {age:.1f}s <= {max_backlog:g}s)"))
-    n_loss = len(loss.get("gaps", []))
-    checks.append((n_loss == 0, f"no loss gaps since {since} ({n_loss} found)"))
-    return checks
-
-
-@dataclass
-class NodeRow:
-    """One node's line of the cluster table."""
-
-    node: str
-    agent_pod: str | None = None
-    agent: str = "none"  # none | ready | not-ready | unreachable
-    cordoned: bool = False
-    node_ready: bool = True
-    sinks: list[dict[str, Any]] = field(default_factory=list)
-    shipping_current: bool | None = None
-    oldest_unshipped_age_s: float | None = None
-    ledger_unshipped_records: int | None = None
-    loss_gaps: int | None = None
-    lost_bytes: int | None = None
-    loss_unknown_length: int = 0
-    gaps: list[dict[str, Any]] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("gaps")
-        d["ok"] = self.ok
-        return d
-
-
-def _loss_summary(row: NodeRow, gaps: list[dict[str, Any]]) -> None:
-    losses = [g for g in gaps if g.get("kind") == "loss"]
-    row.loss_gaps = len(losses)
-    row.lost_bytes = sum(int(g["bytes"]) for g in losses if g.get("bytes") is not None)
-    row.loss_unknown_length = sum(1 for g in losses if g.get("bytes") is None)
-
-
-def query_node(node: Node, pods: Sequence[AgentPod], client: AgentClient, *,
-               gaps_params: dict[str, str], loss_since: str, max_backlog: float) -> NodeRow:
-    """Ask this node's agent for ``/readyz`` and ``/gaps`` (blocking)."""
-    row = NodeRow(node=node.name, cordoned=node.cordoned, node_ready=node.ready)
-    if not pods:
-        if node.cordoned:
-            # Not schedulable: no agent is required there (one that runs must still pass).
-            row.notes.append(f"node {node.name}: cordoned, no agent (not required)")
-        else:
-            row.failures.append(f"node {node.name}: {NO_AGENT}")
-        return row
-    pod = next((p for p in pods if p.ready), pods[0])  # a rolling update may show two
-    row.agent_pod = pod.name
-    status, ready = client.get(pod, "/readyz")
-    if status not in (200, 503) or "ready" not in ready:
-        row.agent = "unreachable"
-        row.failures.append(f"node {node.name}: agent {pod.name} does not answer"
-                            f" ({ready.get('error') or f'HTTP {status}'})")
-        return row
-    row.agent = "ready" if ready.get("ready") else "not-ready"
-    row.sinks = [{"sink": s.get("sink"), "target": s.get("target"), "up": s.get("up"),
-                  "checks": sink_checks(s), "error": s.get("error")}
-                 for s in ready.get("sinks", [])]
-    row.oldest_unshipped_age_s = float(ready.get("spool", {}).get("oldest_unshipped_age_s", 0))
-    row.ledger_unshipped_records = (ready.get("ledger") or {}).get("unshipped_records")
-    row.shipping_current = row.oldest_unshipped_age_s <= max_backlog
-    status, gaps = client.get(pod, "/gaps", gaps_params)
-    if status != 200:
-        row.failures.append(f"node {node.name}: /gaps failed ({gaps.get('error')})")
-        gaps = {"gaps": []}
-    row.gaps = [{**g, "node": node.name} for g in gaps.get("gaps", [])]
-    _loss_summary(row, row.gaps)
-    loss = {"gaps": [g for g in row.gaps if g.get("kind") == "loss"]}
-    for ok, text in agent_checks(ready, loss, since=loss_since, max_backlog=max_backlog):
-        if not ok:
-            row.failures.append(f"node {node.name}: {text}")
-    return row
-
-
-@dataclass
-class Fleet:
-    rows: list[NodeRow]
-    excluded: list[str]
-    orphans: list[AgentPod]  # agent pods on nodes that are not in the selection
-    generated_at: str
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.rows) and all(r.ok for r in self.rows)
-
-
-def survey(args: argparse.Namespace, settings: Settings, *, gaps_params: dict[str, str],
-           loss_since: str, max_backlog: float,
-           progress: Callable[[int, int], None] | None = None) -> Fleet:
-    """Every selected node with its agent's answers (blocking; agents asked in parallel)."""
-    api = kube_client(args.kubeconfig)
-    nodes = list_nodes(api, selector=args.node_selector)
-    excluded = _excluded(args)
-    unknown = excluded - {n.name for n in nodes}
-    if unknown:
-        raise CommandError(f"--exclude-node: no node named {', '.join(sorted(unknown))}")
-    nodes = [n for n in nodes if n.name not in excluded]
-    if not nodes:
-        raise CommandError("no nodes selected" + (f" by {args.node_selector!r}"
-                                                  if args.node_selector else ""))
-    pods = list_agent_pods(api, namespace=args.agent_namespace, selector=args.agent_selector)
-    by_node: dict[str, list[AgentPod]] = {}
-    for p in pods:
-        by_node.setdefault(p.node, []).append(p)
-    port = args.agent_port or settings.listen_port
-    client: AgentClient = (ProxyClient(api, namespace=args.agent_namespace, port=port)
-                           if args.via == "proxy" else PodIPClient(port=port))
-    rows: list[NodeRow] = []
-    with ThreadPoolExecutor(max_workers=QUERY_WORKERS, thread_name_prefix="ek-fleet") as pool:
-        futures = [pool.submit(query_node, n, by_node.get(n.name, []), client,
-                               gaps_params=gaps_params, loss_since=loss_since,
-                               max_backlog=max_backlog) for n in nodes]
-        for done, fut in enumerate(futures, start=1):
-            rows.append(fut.result())
-            if progress is not None:
-                progress(done, len(futures))
-    names = {n.name for n in nodes}
-    orphans = [p for p in pods if p.node not in names and p.node not in excluded]
-    return Fleet(rows, sorted(excluded), orphans, _rfc3339(datetime.now(UTC)))
-
-
-class _Progress:
-    """``asked N/M agents`` on stderr, only when the survey takes longer than 2 s."""
-
-    def __init__(self) -> None:
-        self.started = self.last = time.monotonic()
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.started >= 2.0 and (now - self.last >= 5.0 or done == total):
-            self.last = now
-            print(f"asked {done}/{total} agents", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------ rendering
-def _sinks_text(row: NodeRow) -> str:
-    if row.agent in ("none", "unreachable"):
-        return "-"
-    parts = []
-    for s in row.sinks:
-        checks: dict[str, bool | None] = s["checks"]
-        if all(v is True for v in checks.values()):
-            parts.append(f"{s['sink']} up")
-        elif all(v is None for v in checks.values()):
-            parts.append(f"{s['sink']} unprobed")
-        else:
-            parts.append(f"{s['sink']} DOWN(" + ",".join(
-                f"{c}:{'ok' if v else 'FAIL' if v is False else '?'}"
-                for c, v in checks.items()) + ")")
-    return " ".join(parts) or "-"
-
-
-def _shipping_text(row: NodeRow) -> str:
-    if row.shipping_current is None:
-        return "-"
-    age = f"{row.oldest_unshipped_age_s or 0:.1f}s"
-    text = f"current ({age})" if row.shipping_current else f"BEHIND ({age})"
-    if row.ledger_unshipped_records:
-        text += f" ledger+{row.ledger_unshipped_records}"
-    return text
-
-
-def _loss_text(row: NodeRow) -> str:
-    if row.loss_gaps is None:
-        return "-"
-    if row.loss_gaps == 0:
-        return "none"
-    unknown = f" +{row.loss_unknown_length} unknown" if row.loss_unknown_length else ""
-    return f"{row.loss_gaps} gaps, {row.lost_bytes} B{unknown}"
-
-
-def _agent_text(row: NodeRow) -> str:
-    text = {"none": "NONE", "not-ready": "NOT READY", "unreachable": "UNREACHABLE"}.get(
-        row.agent, row.agent)
-    if row.cordoned:
-        text += " (cordoned)"
-    if not row.node_ready:
-        text += " (node NotReady)"
-    return text
-
-
-def table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
-
-
-def format_fleet(fleet: Fleet, *, window: str) -> str:
-    rows: list[Sequence[str]] = [("NODE", "AGENT", "SINKS", "SHIPPING", f"LOSS ({window})",
-                                  "VERDICT")]
-    for r in fleet.rows:
-        rows.append((r.node, _agent_text(r), _sinks_text(r), _shipping_text(r), _loss_text(r),
-                     "ok" if r.ok else "FAIL"))
-    lines = [table(rows)]
-    for r in fleet.rows:
-        lines += [f"  FAIL  {f}" for f in r.failures]
-        lines += [f"  note  {n}" for n in r.notes]
-    if fleet.excluded:
-        lines.append(f"  excluded: {', '.join(fleet.excluded)}")
-    for p in fleet.orphans:
-        lines.append(f"  note  agent pod {p.name} runs on node {p.node or '?'}, which is not"
-                     " selected")
-    return "\n".join(lines)
-
-
-def verdict(fleet: Fleet) -> str:
-    failed = [r for r in fleet.rows if not r.ok]
-    if not failed:
-        return (f"cluster preflight passed: {len(fleet.rows)} nodes, every agent ready, sinks"
-                " up, shipping current, no loss")
-    return (f"cluster preflight FAILED: {len(failed)} of {len(fleet.rows)} nodes"
-            f" ({', '.join(r.node for r in failed)}); evidence would be at risk")
-
-
-def fleet_json(fleet: Fleet, *, window_since: str | None) -> dict[str, Any]:
-    return {"generated_at": fleet.generated_at, "ok": fleet.ok, "verdict": verdict(fleet),
-            "window_since": window_since, "excluded": fleet.excluded,
-            "nodes": [r.to_json() for r in fleet.rows],
-            "failures": [f for r in fleet.rows for f in r.failures],
-            "orphan_agents": [{"pod": p.name, "node": p.node} for p in fleet.orphans]}
 
 
 def format_gaps(doc: dict[str, Any], *, with_node: bool = False) -> str:
@@ -580,9 +249,9 @@ def _gaps_all_nodes(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     parse_when(args.since, "--since", now)  # a bad value is one line here, not N agent errors
     parse_when(args.until, "--until", now)
-    fleet = survey(args, settings, gaps_params=_gaps_params(args),
-                   loss_since=args.since or "the start of the ledger",
-                   max_backlog=settings.backlog_threshold_s, progress=_Progress())
+    fleet = _survey(args, settings, gaps_params=_gaps_params(args),
+                    loss_since=args.since or "the start of the ledger",
+                    max_backlog=settings.backlog_threshold_s)
     silent = [r.node for r in fleet.rows if r.agent not in ("ready", "not-ready")]
     gaps = [g for r in fleet.rows for g in r.gaps]
     if silent:
@@ -616,7 +285,8 @@ def _store_gaps(args: argparse.Namespace, settings: Settings, nodes: list[str] |
     if since and until and since > until:
         raise CommandError("--since is after --until")
     store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
-    objects = read_ledger(store, settings.cluster, nodes=nodes, progress=_Progress())
+    objects = read_ledger(store, settings.cluster, nodes=nodes,
+                          progress=_Progress("read", "ledger objects"))
     gaps = newest_gaps(objects, since=since, until=until, kind=args.kind)
     if args.namespace:
         gaps = [g for g in gaps if g.get("namespace") == args.namespace]
@@ -666,7 +336,8 @@ def run_verify_ledger(args: argparse.Namespace) -> int:
         settings = _settings(args)
         store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
         report = verify_ledger(store, settings.cluster,
-                               nodes=[args.node] if args.node else None, progress=_Progress())
+                               nodes=[args.node] if args.node else None,
+                               progress=_Progress("verified", "ledger objects"))
     except (CommandError, StoreError) as exc:
         return _fail(exc)
     if args.json:
@@ -726,9 +397,8 @@ def _preflight_all_nodes(args: argparse.Namespace) -> int:
     assert since is not None
     max_backlog = (args.max_backlog_s if args.max_backlog_s is not None
                    else settings.backlog_threshold_s)
-    fleet = survey(args, settings,
-                   gaps_params={"kind": "loss", "since": _rfc3339(since)},
-                   loss_since=args.since, max_backlog=max_backlog, progress=_Progress())
+    fleet = _survey(args, settings, gaps_params={"kind": "loss", "since": _rfc3339(since)},
+                    loss_since=args.since, max_backlog=max_backlog)
     if args.output == "json":
         print(json.dumps(fleet_json(fleet, window_since=_rfc3339(since)), indent=2))
         if not fleet.ok:  # CI logs show stderr even when they keep the JSON as an artifact

@@ -278,9 +278,9 @@ def test_preflight_all_nodes_names_a_node_without_agent_and_a_sink_outage_on_its
         link.close()
 
 
-def test_preflight_all_nodes_agent_not_answering_and_a_cordoned_node(tmp_path: Path, sink: SinkServer,
-                                                  agents: list[AgentProcess],
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_preflight_all_nodes_agent_not_answering_and_a_cordoned_node(
+        tmp_path: Path, sink: SinkServer, agents: list[AgentProcess],
+        capsys: pytest.CaptureFixture[str]) -> None:
     """A crash-looping agent pod (no answer through the proxy) fails its node, by name; a
     cordoned node is not schedulable and needs no agent."""
     store_url = f"file://{tmp_path / 'store'}"
