@@ -422,3 +422,36 @@ def test_gaps_from_store_survive_sigkill_and_a_lost_spool(
         assert key in json.loads(out)["damaged_objects"] and key in err
     finally:
         link.close()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["preflight", "--all-nodes", "--url", "http://127.0.0.1:9"], "exclude each other"),
+    (["gaps", "--from-store", "--all-nodes"], "exclude each other"),
+    (["preflight", "--exclude-node", "node-1"], "need --all-nodes"),
+    (["gaps", "--node", "node-1"], "add --from-store"),
+    (["preflight", "--all-nodes", "--kubeconfig", "/nonexistent/kubeconfig"],
+     "cannot load Kubernetes credentials"),
+    (["gaps", "--from-store", "--since", "2025-11-10T12:00:00"], "needs a time zone"),
+    (["gaps", "--from-store", "--since", "1h", "--until", "2h"], "--since is after --until"),
+    (["verify"], "verify needs an ARCHIVE_ID, or --ledger"),
+    (["verify", "--ledger", "0" * 24], "takes no ARCHIVE_ID"),
+])
+def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               argv: list[str], message: str) -> None:
+    config = cli_config(tmp_path, f"file://{tmp_path / 'store'}")
+    rc, out, err = run_cli(capsys, *argv, "--config", config)
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert "Traceback" not in err
+
+
+def test_the_api_server_down_is_one_line(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeKube() as kube:
+        kubeconfig = str(kube.write_kubeconfig(tmp_path / "kubeconfig"))
+        kube.down()
+        rc, _, err = run_cli(capsys, "preflight", "--all-nodes", "--kubeconfig", kubeconfig,
+                             "--config", cli_config(tmp_path, f"file://{tmp_path}/store"))
+        kube.up()
+    assert rc == 2 and err.startswith("evidence-keeper: cannot list nodes:"), err
+    assert len(err.strip().splitlines()) == 1
