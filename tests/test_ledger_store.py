@@ -389,38 +389,61 @@ async def test_shutdown_drains_the_ledger_before_the_segments(
     assert store.order[0] == "ledger" and "segment" in store.order, store.order
 
 
+def _archive(t: AgentThread, token: str, label: str) -> dict[str, Any]:
+    _, doc = call(t.url, "/archive", method="POST", token=token,
+                  body={"namespace": "shop", "since": "1h", "reason": "INC-14", "label": label})
+    deadline = time.monotonic() + 30
+    while doc["status"] not in ("complete", "failed"):
+        assert time.monotonic() < deadline, doc
+        time.sleep(0.1)
+        _, doc = call(t.url, f"/archives/{doc['id']}", token=token)
+    assert doc["status"] == "complete", doc
+    return dict(doc)
+
+
 def test_archive_manifest_lists_ledger_objects_and_verify_checks_them(
         make_settings: Callable[..., Settings], tmp_path: Path) -> None:
-    token = tmp_path / "token"
-    token.write_text("ledger-archive-token-0123456789")
-    settings = make_settings(archive_token_file=str(token))
+    token = "ledger-archive-token-0123456789"
+    (tmp_path / "token").write_text(token)
+    settings = make_settings(archive_token_file=str(tmp_path / "token"))
     store = FileStore(tmp_path / "store")
     with AgentThread(settings) as t:
-        t.agent.ledger.record_loss(Loss(SID, 0, 10, "evicted", "spool budget"),
-                                   at=datetime.now(UTC))
-        t.agent.ledger.open_gap("sink_outage", dedup="x", at=datetime.now(UTC) - timedelta(
-            days=3), sink="old", check="dns")  # outside the window
-        _, doc = call(t.url, "/archive", method="POST", token=token.read_text(),
-                      body={"namespace": "shop", "since": "1h", "reason": "INC-14"})
-        deadline = time.monotonic() + 30
-        while doc["status"] not in ("complete", "failed"):
-            assert time.monotonic() < deadline
+        ledger = t.agent.ledger
+        # An outage that ended two days ago: its object is outside the window.
+        old = ledger.open_gap("sink_outage", dedup="x", at=datetime.now(UTC) - timedelta(days=3),
+                              sink="old", check="dns")
+        ledger.close_gap(old, at=datetime.now(UTC) - timedelta(days=2))
+        deadline = time.monotonic() + 20
+        while len(stored_records(store)) < 2:
+            assert time.monotonic() < deadline, "the old outage was not shipped"
             time.sleep(0.1)
-            _, doc = call(t.url, f"/archives/{doc['id']}", token=token.read_text())
-    assert doc["status"] == "complete", doc
-    manifest = json.loads(store.get(doc["manifest_key"]))
-    entries = manifest["ledger"]
-    assert entries and all(e["node"] == "node-1" for e in entries)
-    records = [r for o in read_ledger(store, "default") if o.key in {e["key"] for e in entries}
-               for r in o.records]
-    assert {r["gap"]["kind"] for r in records} >= {"loss"}
-    report = verify_archive(store, cluster="default", archive_id=doc["id"])
-    assert report.ok, report.problems
-    assert any("gap-ledger objects" in n for n in report.notes)
-    victim = tmp_path / "store" / entries[0]["key"]
-    body = bytearray(victim.read_bytes())
-    body[len(body) // 2] ^= 0x01
-    victim.write_bytes(bytes(body))
-    report = verify_archive(store, cluster="default", archive_id=doc["id"])
-    assert not report.ok
-    assert entries[0]["key"] in {p.key for p in report.problems}
+        ledger.record_loss(Loss(SID, 0, 10, "evicted", "spool budget"), at=datetime.now(UTC))
+        doc = _archive(t, token, "first")
+        manifest = json.loads(store.get(doc["manifest_key"]))
+        entries = manifest["ledger"]
+        listed = {e["key"] for e in entries}
+        records = [r for o in read_ledger(store, "default") if o.key in listed
+                   for r in o.records]
+        assert [r["gap"]["kind"] for r in records] == ["loss"], records
+        assert all(e["node"] == "node-1" and e["sha256"] for e in entries)
+        report = verify_archive(store, cluster="default", archive_id=doc["id"])
+        assert report.ok, report.problems
+        assert any("gap-ledger objects" in n for n in report.notes)
+
+        # One flipped byte in a listed ledger object: verify names it.
+        victim = tmp_path / "store" / entries[0]["key"]
+        body = bytearray(victim.read_bytes())
+        body[len(body) // 2] ^= 0x01
+        victim.write_bytes(bytes(body))
+        report = verify_archive(store, cluster="default", archive_id=doc["id"])
+        assert not report.ok
+        assert entries[0]["key"] in {p.key for p in report.problems}
+
+        # A later archive does not vouch for the damaged object: it lists it without a hash.
+        later = _archive(t, token, "second")
+    damaged = [e for e in json.loads(store.get(later["manifest_key"]))["ledger"]
+               if e["sha256"] is None]
+    assert [e["key"] for e in damaged] == [entries[0]["key"]]
+    report = verify_archive(store, cluster="default", archive_id=later["id"])
+    assert any(p.key == entries[0]["key"] and "already damaged" in p.message
+               for p in report.problems), report.problems

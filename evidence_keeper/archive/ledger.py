@@ -289,10 +289,15 @@ def ledger_entries(objects: Sequence[LedgerObject], *, since: datetime | None,
     """Manifest entries of the ledger objects that hold records of gaps in the window."""
     wanted = {(g["node"], g["ledger_id"], int(g["id"]))
               for g in newest_gaps(objects, since=since, until=until, node=node)}
-    out = []
+    out: list[dict[str, Any]] = []
     for obj in objects:
-        if obj.sha256 is None or obj.problems:
-            continue  # unreadable: verify of the ledger names it; a manifest lists evidence
+        if obj.problems:
+            # Damaged before the archive was made: listed without a hash the manifest would
+            # vouch for, so verify names it instead of blessing what is there now.
+            if obj.node == node or node is None:
+                out.append({"key": obj.key, "node": obj.node, "seq": obj.lk.seq,
+                            "sha256": None, "error": "; ".join(obj.problems)})
+            continue
         if any(gap_identity(r) in wanted for r in obj.records):
             out.append({"key": obj.key, "node": obj.node, "seq": obj.lk.seq,
                         "sha256": obj.sha256, "prev_sha256": obj.meta.get("ek-prev-sha256", ""),
@@ -327,6 +332,9 @@ def verify_entries(store: Store, entries: object, where: str) -> tuple[list[Prob
             continue
         listed[e["key"]] = (lk, e)
     for key, (lk, e) in listed.items():
+        if e.get("sha256") is None:
+            problems.append((key, f"already damaged when the archive was made: {e.get('error')}"))
+            continue
         obj = read_object(store, lk, key)
         problems.extend((key, p) for p in obj.problems)
         if obj.sha256 is not None and obj.sha256 != e.get("sha256"):
