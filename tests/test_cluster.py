@@ -75,7 +75,7 @@ class AgentProcess:
             "discover_interval_s": 0.2, "tail_interval_s": 0.05, "commit_interval_s": 0.1,
             "listen": "127.0.0.1:0", "log_level": "info", "shutdown_timeout_s": 10,
             "sink_probes": f"loki=127.0.0.1:{sink_port}", "probe_interval_s": 0.3,
-            "probe_timeout_s": 1, "backlog_threshold_s": 30,
+            "probe_timeout_s": 3, "backlog_threshold_s": 30,
         }
         conf.update(settings)
         self.config.write_text(yaml.safe_dump(conf))
@@ -263,6 +263,12 @@ def test_preflight_all_nodes_names_a_node_without_agent_and_a_sink_outage_on_its
             rc, out, err = run_cli(capsys, "gaps", *base, "--exclude-node", "node-4")
             assert rc == 0, err
             assert "sink_outage" in out and "loki tcp" in out
+            # Only open gaps: nothing can be said of loss (loss gaps are never open).
+            rc, out, _ = run_cli(capsys, "gaps", *base, "--exclude-node", "node-4", "--open",
+                                 "-o", "json")
+            doc = json.loads(out)
+            assert rc == 0 and {r["loss_gaps"] for r in doc["nodes"]} == {None}
+            assert [g["node"] for g in doc["gaps"]] == ["node-2"]
 
             # node-4 gets an agent: the whole cluster is covered.
             link.up()
