@@ -346,10 +346,10 @@ def test_gaps_from_store_survive_sigkill_and_a_lost_spool(
                  what="the truncation recorded")
         link.down()
         wait_for(lambda: doomed.sink_up(False), within=30, what="loki down again")
+        before = doomed.gaps()  # then wait: everything in it is in the store before the kill
         wait_for(doomed.ledger_shipped, within=30, what="node-a's ledger shipped")
-        before = doomed.gaps()
-        kinds = sorted(g["kind"] for g in before)
-        assert kinds == ["loss", "sink_outage", "sink_outage"], before
+        kinds = [g["kind"] for g in before]
+        assert kinds.count("sink_outage") == 2 and "loss" in kinds, before
         assert any(g["kind"] == "sink_outage" and g["end"] is None for g in before)
         assert sid.namespace == NS
 
