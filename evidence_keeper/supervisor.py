@@ -30,6 +30,7 @@ Shutdown (SIGTERM), bounded by ``shutdown_timeout_s``:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -421,12 +422,18 @@ class Agent:
     async def _drain_ledger(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
         """After the segments: ship the records the drain itself made (coverage, backlog)."""
         stop.set()
-        await task
         deadline = max(self._shutdown_deadline, time.monotonic() + 0.5)
+        _, pending = await asyncio.wait({task}, timeout=max(0.1, deadline - time.monotonic()))
+        for t in pending:  # its tick waits for a store call that hangs
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
         await self.ledger_shipper.drain(deadline)
+        await self.ledger_shipper.abandon()
 
     def close(self) -> None:
         self.shipper.close()
+        self.ledger_shipper.close()
         self.sinks.close()
         self.resolvers.close()
         self.tailer.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 import time
 import urllib.request
 import uuid
@@ -447,3 +448,43 @@ def test_archive_manifest_lists_ledger_objects_and_verify_checks_them(
     report = verify_archive(store, cluster="default", archive_id=later["id"])
     assert any(p.key == entries[0]["key"] and "already damaged" in p.message
                for p in report.problems), report.problems
+
+
+class HangingLedger(FaultyStore):
+    """Ledger puts hang (a store that accepts the connection and never answers)."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.release = threading.Event()
+        self.hung = threading.Event()
+
+    def put(self, key: str, body: bytes, meta: Mapping[str, str], *,
+            retain_until: datetime | None = None) -> None:
+        if "/_ledger/" in key:
+            self.hung.set()
+            self.release.wait(120)
+        super().put(key, body, meta, retain_until=retain_until)
+
+
+async def test_a_hanging_store_does_not_hold_the_shutdown_past_its_deadline(
+        make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    store = HangingLedger(FileStore(tmp_path / "store"))
+    settings = make_settings(shutdown_timeout_s=2)
+    try:
+        async with running_agent(settings, store=store) as agent:
+            await asyncio.to_thread(loss, agent.ledger, 0)
+            await wait_until(store.hung.is_set, within=10, what="a ledger put hanging")
+            stopping = time.monotonic()
+        # The deadline is 2 s; a put that never answers must not stretch it to the store's
+        # timeouts (the bound here is generous for a loaded machine, not a benchmark).
+        assert time.monotonic() - stopping < 15
+    finally:
+        store.release.set()  # the put lands now; its commit finds the ledger closed
+    await wait_until(lambda: bool(store.puts), within=10, what="the hung put to land")
+    # The next start: the record is still in the outbox, the batch pending; the put that
+    # landed after the shutdown is found by its hash and committed, not put again.
+    ledger = Ledger(Path(settings.spool_dir) / "ledger.sqlite")
+    assert ledger.count_records_after(0) == 1
+    assert shipper(ledger, store).ship_all() == 1
+    assert len(store.puts) == 1 and len(stored_records(store)) == 1
+    ledger.close()

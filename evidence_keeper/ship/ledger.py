@@ -31,12 +31,14 @@ that was lost) continues the node's chain after the last object the store holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -145,6 +147,13 @@ class LedgerShipper:
         self._seen = -1  # ledger.changes when the outbox was last found empty
         # The loop and the shutdown drain may overlap: one batch in flight at a time.
         self._lock = threading.Lock()
+        # A thread of its own: a store call that hangs must not hold the default executor
+        # (or its shutdown at exit), nor the shutdown past its deadline.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ek-ledger")
+        self._step: asyncio.Task[bool] | None = None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ blocking steps
     def _state(self) -> ShipState:
@@ -260,7 +269,7 @@ class LedgerShipper:
             return True  # nothing recorded since the outbox was last empty: no thread hop
         seen = self.ledger.changes
         try:
-            await asyncio.to_thread(self.ship_all)
+            await asyncio.get_running_loop().run_in_executor(self._pool, self.ship_all)
         except StoreError as exc:
             self._failed(exc)
             return False
@@ -295,15 +304,37 @@ class LedgerShipper:
                 pass
 
     async def drain(self, deadline: float) -> bool:
-        """Ship everything recorded so far, retrying until ``deadline`` (monotonic)."""
+        """Ship everything recorded so far, retrying until ``deadline`` (monotonic).
+
+        A store call that hangs does not hold the caller past the deadline: the step keeps
+        running (its thread cannot be interrupted) and the next drain waits for it again.
+        """
         self._retry_at = 0.0
         while True:
-            if await self.tick():
+            left = deadline - self.clock()
+            if left <= 0:
+                return False
+            if self._step is None or self._step.done():
+                self._step = asyncio.create_task(self.tick(), name="ledger-drain")
+            done, _ = await asyncio.wait({self._step}, timeout=left)
+            if not done:
+                return False
+            if self._step.result():
                 return True
             left = deadline - self.clock()
             if left <= 0:
                 return False
             await asyncio.sleep(min(left, max(0.05, self._retry_at - self.clock())))
+
+    async def abandon(self) -> None:
+        """At the end of shutdown: stop waiting for a drain step stuck in the store."""
+        step, self._step = self._step, None
+        if step is not None and not step.done():
+            log.error("ledger shipping still waits for the store at the deadline; the records"
+                      " ship on the next start", unshipped_records=self.unshipped())
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await step
 
 
 def describe_state(ledger: Ledger) -> dict[str, Any]:
