@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 
 from evidence_keeper.api.client import call
 from evidence_keeper.archive.ledger import newest_gaps, read_ledger, verify_ledger
@@ -488,3 +489,13 @@ async def test_a_hanging_store_does_not_hold_the_shutdown_past_its_deadline(
     assert shipper(ledger, store).ship_all() == 1
     assert len(store.puts) == 1 and len(stored_records(store)) == 1
     ledger.close()
+
+
+def test_a_hostile_ledger_object_is_an_error_not_an_out_of_memory(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store")
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (32 << 20))  # 32 MiB of zeros
+    key = ledger_key("default", "node-1", 0, "zst")
+    store.put(key, bomb, {"ek-length": "64", "ek-sha256": "0" * 64, "ek-prev-sha256": ""})
+    report = verify_ledger(store, "default")
+    assert not report.ok
+    assert (key, "body decompresses to more than 64 bytes (ek-length)") in report.problems
