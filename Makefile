@@ -81,6 +81,7 @@ bench: venv
 	$(BIN)/python -m bench.s3_bench
 	$(BIN)/python -m bench.kube_bench
 	$(BIN)/python -m bench.search_bench
+	$(BIN)/python -m bench.ledger_bench
 
 # ---------------------------------------------------------------------------------------------
 # The OCI image, built and tested without a Docker engine (image/build.sh: mmdebstrap + buildah,

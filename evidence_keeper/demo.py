@@ -3,13 +3,15 @@
 The demo starts a real S3 endpoint on loopback (moto's server, when installed: ``make demo``
 installs it) with an Object Lock bucket, and a sink probe for the Datadog log intake whose DNS
 is broken, as it was on Nov 10. It builds a kubelet log tree with the simulator, starts the
-real agent on it (the same ``Agent`` as ``run``), runs ``preflight`` (which fails, as it
-should have on Nov 10), plays the sock-shop incident in real time (orders failing with
+real agent on it (the same ``Agent`` as ``run``), runs ``preflight --all-nodes`` through a
+simulated API server (which fails, as it should have on Nov 10: the sink's DNS is broken and a
+second node has no agent at all), plays the sock-shop incident in real time (orders failing with
 ``PAYMENT_FAILED``, a rotation that splits a line, a deleted pod, the restarts that wiped the
 evidence on Nov 11, the DNS fix), shows ``/gaps`` before and after the fix, shuts the agent
 down in order and proves, from the store alone, that the evidence was kept: every stream
 exported from the store is compared byte for byte with what the simulated containers wrote,
-and the ``PAYMENT_FAILED`` lines are printed from the export.
+and the ``PAYMENT_FAILED`` lines are printed from the export. The gap ledger is read back
+from the store with no agent running (``gaps --from-store``) and its chain verified.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any, Final
 
 from evidence_keeper.api.client import call
 from evidence_keeper.archive.export import export_stream, find_streams
-from evidence_keeper.commands import archive, export, preflight, search, verify
+from evidence_keeper.commands import archive, export, gaps, preflight, search, verify
 from evidence_keeper.commands.base import build_parser, dispatch, subcommand
 from evidence_keeper.commands.render import format_gaps
 from evidence_keeper.logs import configure_logging
@@ -39,6 +41,7 @@ from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings, load_settings
 from evidence_keeper.ship.store import FileStore, Store
 from evidence_keeper.sim import KubeletSim, nov10_incident, play
+from evidence_keeper.sim.apiserver import SimAgent, SimApiServer
 from evidence_keeper.sim.scenario import NAMESPACE, PAYMENT_FAILED_MARKER, ScenarioStep
 from evidence_keeper.supervisor import Agent
 
@@ -50,7 +53,7 @@ BOLD, DIM, RED, GREEN, RESET = (
 def cli_main(argv: list[str]) -> int:
     """The commands the demo shows, run exactly as ``evidence-keeper`` runs them."""
     parser = build_parser(prog="evidence-keeper", description="the demo's commands",
-                          commands=(preflight, archive, verify, search, export))
+                          commands=(preflight, gaps, archive, verify, search, export))
     return dispatch(parser, argv)
 
 
@@ -143,8 +146,7 @@ async def _run_agent_during(agent: Agent, sim: KubeletSim, steps: list[ScenarioS
                 task.result()
             await asyncio.sleep(0.1)
         url = f"http://{agent.api_address[0]}:{agent.api_address[1]}"
-        _h("evidence-keeper preflight, before the chaos test (the gate the runbook lacked)")
-        await asyncio.to_thread(cli_main, ["preflight", "--url", url, "--since", "1h"])
+        await asyncio.to_thread(_cluster_preflight, agent, url)
         print(f"  {DIM}(on Nov 10 the test went ahead anyway; so does this replay){RESET}")
         _h("Replaying the incident (agent running)")
         started = time.monotonic()
@@ -174,6 +176,39 @@ async def _run_agent_during(agent: Agent, sim: KubeletSim, steps: list[ScenarioS
     finally:
         stop.set()
         await task
+
+
+UNCOVERED_NODE = "ip-10-0-1-57.ec2.internal"
+
+
+def _cluster_preflight(agent: Agent, url: str) -> None:
+    """``preflight --all-nodes`` through a simulated API server: this node, and one more node
+    where the DaemonSet has no pod (a taint it does not tolerate), as nobody noticed on Nov 10."""
+    _h("evidence-keeper preflight --all-nodes, before the chaos test (the gate the runbook"
+       " lacked)")
+    node = agent.settings.node_name
+    nodes = sorted([node, UNCOVERED_NODE])
+    with SimApiServer(nodes=nodes, agents=[SimAgent("evidence-keeper-x7k2p", node, url)]) as api:
+        kubeconfig = api.write_kubeconfig(Path(agent.settings.spool_dir).parent / "kubeconfig")
+        print(f"  {DIM}(the API server knows {len(nodes)} nodes; the DaemonSet has a pod on one:"
+              f" {UNCOVERED_NODE} has a taint it does not tolerate){RESET}", flush=True)
+        sys.stdout.flush()
+        cli_main(["preflight", "--all-nodes", "--kubeconfig", str(kubeconfig), "--since", "1h",
+                  "--agent-port", str(agent.settings.listen_port or 9095)])
+        sys.stdout.flush()
+
+
+def _ledger_from_store(cfg: Path) -> int:
+    _h("The gap ledger from the store alone (no agent running): evidence-keeper gaps"
+       " --from-store")
+    sys.stdout.flush()
+    cli_main(["gaps", "--from-store", "--config", str(cfg)])
+    sys.stdout.flush()
+    _h("evidence-keeper verify --ledger  (every node's ledger chain: bodies, hashes, links)")
+    sys.stdout.flush()
+    rc = cli_main(["verify", "--ledger", "--config", str(cfg)])
+    sys.stdout.flush()
+    return rc
 
 
 def _report(settings: Settings, agent: Agent, sim: KubeletSim, store: Store,
@@ -229,6 +264,7 @@ def _report(settings: Settings, agent: Agent, sim: KubeletSim, store: Store,
             witness = witness or (sid if found_here else None)
             failed_lines += found_here
 
+    ledger_ok = _ledger_from_store(cfg) == 0
     verified = 1
     if archive_ids and archive_ids[0]:
         _h(f"evidence-keeper verify {archive_ids[0]}  (hashes, chain, presence, digest)")
@@ -243,7 +279,7 @@ def _report(settings: Settings, agent: Agent, sim: KubeletSim, store: Store,
           f" received; every stream byte-exact: {'yes' if exact else 'NO'};"
           f" archive verified: {'yes' if verified == 0 else 'NO'}")
     _hint(settings, store, keep, witness)
-    ok = exact and bool(failed_lines) and verified == 0 and searched == 0
+    ok = exact and bool(failed_lines) and verified == 0 and searched == 0 and ledger_ok
     return 0 if ok else 1
 
 

@@ -160,6 +160,11 @@ class Metrics:
             ["errno"],
             registry=r,
         )
+        self.ledger_unshipped_records = Gauge(
+            "evidence_keeper_ledger_unshipped_records",
+            "Gap ledger records (gap changes) not yet in the store's ledger objects.",
+            registry=r,
+        )
 
     def _add_process_metrics(self, r: CollectorRegistry, build: BuildInfo) -> None:
         """``build_info`` and the standard ``process_*`` metrics (CPU, memory, descriptors,

@@ -8,7 +8,8 @@ Task tree (one root ``asyncio.TaskGroup``)::
     ├── commit     seal by age, fsync, checkpoint, evict (every commit_interval_s < 1 s)
     ├── monitor    backlog gap, spool gauges, heartbeat, ledger retention (every second)
     ├── sinks      probe the log sinks and the store, sink_outage gaps with coverage
-    └── ship       sealed segments → store, backoff and circuit breaker
+    ├── ship       sealed segments → store, backoff and circuit breaker
+    └── ledger     gap records → the store's ledger objects (ship/ledger.py)
     (+ the HTTP API, started first and stopped last so /metrics answers during the drain)
 
 Each loop is *guarded*: an exception is logged with its task name and the loop restarts after
@@ -18,7 +19,8 @@ and a cancelled ``to_thread`` would leave its thread running against the state).
 
 Shutdown (SIGTERM), bounded by ``shutdown_timeout_s``:
 
-1. stop intake: discover and tail finish their current pass and return;
+1. stop intake: discover and tail finish their current pass and return; the gap ledger is
+   shipped first (the record of loss is the smallest and most precious evidence);
 2. seal every open segment, fsync and checkpoint (nothing captured is at risk from here on);
 3. drain the shipper until everything committed is stored or the deadline passes;
 4. a last checkpoint records the acknowledgements; what did not ship stays in the spool and
@@ -28,6 +30,7 @@ Shutdown (SIGTERM), bounded by ``shutdown_timeout_s``:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -49,6 +52,7 @@ from evidence_keeper.logs import get_logger
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss
 from evidence_keeper.settings import Settings
+from evidence_keeper.ship.ledger import LedgerShipConfig, LedgerShipper
 from evidence_keeper.ship.shipper import ShipConfig, Shipper
 from evidence_keeper.ship.store import Store, StoreError, open_store
 from evidence_keeper.spool.spool import Spool
@@ -113,6 +117,16 @@ class Agent:
             ),
             metrics=self.metrics,
         )
+        self.ledger_shipper = LedgerShipper(
+            self.ledger, self.store,
+            LedgerShipConfig(
+                node=settings.node_name, cluster=settings.cluster,
+                compression=settings.compression, level=settings.compression_level,
+                object_lock_days=settings.object_lock_days,
+                flush_interval_s=settings.flush_interval_s,
+            ),
+            metrics=self.metrics,
+        )
         self.resolvers = ResolverPool(resolver)
         self.sinks = SinkMonitor(
             settings.sink_probes, store=self.store, ledger=self.ledger, spool=self.spool,
@@ -135,6 +149,7 @@ class Agent:
         self.api_extensions: list[Callable[[web.Application], None]] = []
         self.api_address: tuple[str, int] | None = None
         self._backlog_gap: int | None = None
+        self._shutdown_deadline = 0.0
         install_archive(self)
 
     def _record_loss(self, loss: Loss) -> None:
@@ -214,6 +229,7 @@ class Agent:
             self._backlog_gap = None
         for kind, n in self.ledger.open_counts().items():
             self.metrics.open_gaps.labels(kind=kind).set(n)
+        self.metrics.ledger_unshipped_records.set(self.ledger_shipper.unshipped())
 
     def _heartbeat(self) -> None:
         self.ledger.set_meta("heartbeat", rfc3339(datetime.now(UTC)))
@@ -276,6 +292,8 @@ class Agent:
                       "backlog_open": self._backlog_gap is not None},
             "sinks": [s.to_json() for s in self.sinks.states.values()],
             "kubernetes": {"mode": st.kube_mode, "detail": st.kube_detail},
+            "ledger": {"unshipped_records": self.ledger_shipper.unshipped(),
+                       "last_error": self.ledger_shipper.last_error},
         }
 
     async def gap_rows(self, **filters: Any) -> list[dict[str, Any]]:
@@ -342,7 +360,7 @@ class Agent:
             runner = await serve(self, self.settings.listen_host, self.settings.listen_port)
         except OSError as exc:
             raise StartupError(f"cannot listen on {self.settings.listen}: {exc}") from exc
-        ship_stop, http_stop = asyncio.Event(), asyncio.Event()
+        ship_stop, ledger_stop, http_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
         async with asyncio.TaskGroup() as tg:
             http = tg.create_task(self._serve_until(runner, http_stop), name="http")
             try:
@@ -351,8 +369,12 @@ class Agent:
                 ship = tg.create_task(
                     self._guarded("ship", lambda: self.shipper.run(stop=ship_stop),
                                   stop=ship_stop), name="ship")
-                await self._wait_stop(stop, [*intake, ship])
+                ledger = tg.create_task(
+                    self._guarded("ledger", lambda: self.ledger_shipper.run(stop=ledger_stop),
+                                  stop=ledger_stop), name="ledger")
+                await self._wait_stop(stop, [*intake, ship, ledger])
                 await self.shutdown(intake, ship, ship_stop)
+                await self._drain_ledger(ledger, ledger_stop)
             finally:
                 http_stop.set()
                 await asyncio.shield(http)
@@ -394,6 +416,13 @@ class Agent:
         # Intake loops finish their current pass (a cancelled to_thread would leave its thread
         # running against the state): they are cancelled only past the deadline.
         await stop_tasks(intake, within=max(0.1, deadline - time.monotonic()), cancel=False)
+        # The ledger first: a few records, and the only account of what was lost.
+        ledger_deadline = time.monotonic() + max(0.1, (deadline - time.monotonic()) / 3)
+        if not await self.ledger_shipper.drain(ledger_deadline):
+            log.error("gap ledger not fully shipped at shutdown; it ships on the next start",
+                      unshipped_records=self.ledger_shipper.unshipped(),
+                      error=self.ledger_shipper.last_error)
+        self._shutdown_deadline = deadline
         await asyncio.to_thread(self.spool.seal_all)
         await asyncio.to_thread(self.spool.commit)
         self.shipper.wakeup.set()
@@ -407,8 +436,21 @@ class Agent:
         left = self.spool.total_bytes()
         log.info("shutdown complete", drained=drained, unshipped_bytes=left)
 
+    async def _drain_ledger(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+        """After the segments: ship the records the drain itself made (coverage, backlog)."""
+        stop.set()
+        deadline = max(self._shutdown_deadline, time.monotonic() + 0.5)
+        _, pending = await asyncio.wait({task}, timeout=max(0.1, deadline - time.monotonic()))
+        for t in pending:  # its tick waits for a store call that hangs
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.ledger_shipper.drain(deadline)
+        await self.ledger_shipper.abandon()
+
     def close(self) -> None:
         self.shipper.close()
+        self.ledger_shipper.close()
         self.sinks.close()
         self.resolvers.close()
         self.tailer.close()

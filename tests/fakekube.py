@@ -16,6 +16,11 @@ It serves just what evidence-keeper uses, the way the API server and kubelet do:
   with the record's timestamp in front when ``timestamps=true``), from a ``log_source`` callable
   (tests pass the :class:`~evidence_keeper.sim.KubeletSim` record). ``follow`` streams new records
   until the container instance has terminated, like kubelet.
+* Nodes and the pod proxy (a fleet of agents, see the section "nodes and the pod proxy"):
+  ``GET /api/v1/nodes`` (``labelSelector``) and ``/api/v1/nodes/{name}``; ``labelSelector`` on
+  pod lists; and ``/api/v1/namespaces/{ns}/pods/{name}[:port]/proxy/{path}``, which forwards
+  to the agent registered for that pod on loopback the way kube-apiserver does: without the
+  caller's ``Authorization``, with a 503 ``Status`` when the pod cannot be reached.
 * Faults: :meth:`inject` makes the next requests of a kind fail with a 503 ``Status``, hang, drop
   the connection (mid-stream for watches and logs), or answer 410; :meth:`down` / :meth:`up` take
   the whole server off the network (the listener closes, live connections are cut).
@@ -38,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 LogSource = Callable[[str, str, str, str, int], bytes | None]
 """``(namespace, pod, pod_uid, container, restart) -> raw log file bytes`` (None: unknown)."""
@@ -168,6 +173,7 @@ class FakeKube:
         self._site: web.TCPSite | None = None
         self._handlers: dict[asyncio.Task[Any], tuple[str, web.Request]] = {}
         self.port = 0
+        self._init_fleet()
 
     # ------------------------------------------------------------------ server lifecycle
     @property
@@ -213,6 +219,7 @@ class FakeKube:
         app.router.add_get("/api/v1/pods", self._pods_handler)
         app.router.add_get("/api/v1/namespaces/{ns}/pods", self._pods_handler)
         app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}/log", self._log_handler)
+        self._add_fleet_routes(app)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
@@ -304,7 +311,8 @@ class FakeKube:
                           handler: Callable[[web.Request], Any]) -> web.StreamResponse:
         task = asyncio.current_task()
         assert task is not None
-        kind = ("log" if request.path.endswith("/log") else
+        kind = ("proxy" if "/proxy" in request.path else
+                "log" if request.path.endswith("/log") else
                 "watch" if request.query.get("watch") in ("true", "1") else "list")
         self._handlers[task] = (kind, request)
         with self._lock:
@@ -495,7 +503,8 @@ class FakeKube:
             return await self._watch(request, ns, selector)
         with self._lock:
             self.stats.lists += 1
-            items = [copy.deepcopy(p) for p in self._pods.values() if _matches(p, ns, selector)]
+            items = [copy.deepcopy(p) for p in self._pods.values() if _matches(p, ns, selector)
+                     and _labels_match(p, request.query.get("labelSelector"))]
             rv = self._rv
         return web.json_response({"kind": "PodList", "apiVersion": "v1",
                                   "metadata": {"resourceVersion": str(rv)}, "items": items})
@@ -617,6 +626,144 @@ class FakeKube:
                 break
             await asyncio.sleep(self.log_poll_s)
         return resp
+
+
+    # ------------------------------------------------------------------ nodes and the pod proxy
+    # Kept apart from the pod machinery above: the fleet commands (gaps/preflight --all-nodes,
+    # archive --all-nodes, a kubectl plugin) need nodes, label selectors and the proxy only.
+    def _init_fleet(self) -> None:
+        self._nodes: dict[str, dict[str, Any]] = {}
+        self._agents: dict[tuple[str, str], str] = {}  # (namespace, pod) -> http://host:port
+        self.proxied: list[tuple[str, str, str, dict[str, str]]] = []  # method, pod, path, hdrs
+
+    def _add_fleet_routes(self, app: web.Application) -> None:
+        app.router.add_get("/api/v1/nodes", self._nodes_handler)
+        app.router.add_get("/api/v1/nodes/{name}", self._node_handler)
+        app.router.add_route("*", "/api/v1/namespaces/{ns}/pods/{name}/proxy", self._proxy)
+        app.router.add_route("*", "/api/v1/namespaces/{ns}/pods/{name}/proxy/{path:.*}",
+                             self._proxy)
+
+    def add_node(self, name: str, *, labels: dict[str, str] | None = None,
+                 unschedulable: bool = False, ready: bool = True) -> dict[str, Any]:
+        node = {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "uid": f"node-uid-{name}", "resourceVersion": "1",
+                         "creationTimestamp": k8s_time(),
+                         "labels": {"kubernetes.io/hostname": name, **(labels or {})}},
+            "spec": {"unschedulable": True} if unschedulable else {},
+            "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False",
+                                       "reason": "KubeletReady" if ready else "KubeletNotReady"}],
+                       "addresses": [{"type": "Hostname", "address": name}]},
+        }
+        with self._lock:
+            self._rv += 1
+            node["metadata"]["resourceVersion"] = str(self._rv)
+            self._nodes[name] = node
+        return copy.deepcopy(node)
+
+    def remove_node(self, name: str) -> None:
+        with self._lock:
+            self._nodes.pop(name, None)
+
+    def add_agent(self, node: str, url: str | None, *, namespace: str = "evidence-keeper",
+                  name: str | None = None, ready: bool = True,
+                  labels: dict[str, str] | None = None) -> str:
+        """An agent pod of the DaemonSet on ``node`` (the chart's labels), proxied to ``url``
+        (None: the pod exists but nothing answers, like a pod that crash-loops)."""
+        name = name or f"evidence-keeper-{secrets.token_hex(3)}"
+        self.add_pod(namespace, name, uid=f"uid-{name}", containers=("agent",), node=node,
+                     labels=labels or {"app.kubernetes.io/name": "evidence-keeper",
+                                       "app.kubernetes.io/instance": "evidence-keeper"},
+                     owner=("DaemonSet", "evidence-keeper"))
+        if not ready:
+            def not_ready(pod: Pod) -> None:
+                for cs in pod["status"]["containerStatuses"]:
+                    cs["ready"] = False
+            self.update(namespace, name, not_ready)
+        self.route_agent(namespace, name, url)
+        return name
+
+    def route_agent(self, namespace: str, name: str, url: str | None) -> None:
+        """Where the pod proxy sends requests for pod ``name`` (None: unreachable)."""
+        with self._lock:
+            if url is None:
+                self._agents.pop((namespace, name), None)
+            else:
+                self._agents[(namespace, name)] = url.rstrip("/")
+
+    async def _nodes_handler(self, request: web.Request) -> web.Response:
+        selector = request.query.get("labelSelector")
+        with self._lock:
+            items = [copy.deepcopy(n) for n in self._nodes.values()
+                     if _labels_match(n, selector)]
+            rv = self._rv
+        items.sort(key=lambda n: n["metadata"]["name"])
+        return web.json_response({"kind": "NodeList", "apiVersion": "v1",
+                                  "metadata": {"resourceVersion": str(rv)}, "items": items})
+
+    async def _node_handler(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        with self._lock:
+            node = copy.deepcopy(self._nodes.get(name))
+        if node is None:
+            return web.json_response(_status(404, "NotFound", f'nodes "{name}" not found'),
+                                     status=404)
+        return web.json_response(node)
+
+    async def _proxy(self, request: web.Request) -> web.StreamResponse:
+        ns = request.match_info["ns"]
+        name, _, _port = request.match_info["name"].partition(":")
+        path = "/" + request.match_info.get("path", "")
+        with self._lock:
+            pod = self._pods.get((ns, name))
+            target = self._agents.get((ns, name))
+        if pod is None:
+            return web.json_response(_status(404, "NotFound", f'pods "{name}" not found'),
+                                     status=404)
+        # kube-apiserver authenticates the caller and does not pass its credentials on.
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("authorization", "host", "content-length")}
+        with self._lock:
+            self.proxied.append((request.method, name, path, headers))
+        unreachable = _status(503, "ServiceUnavailable",
+                              f"error trying to reach service: dial tcp {name}: connect:"
+                              " connection refused")
+        if target is None:
+            return web.json_response(unreachable, status=503)
+        query = ("?" + request.query_string) if request.query_string else ""
+        try:
+            async with ClientSession() as http_, http_.request(
+                    request.method, f"{target}{path}{query}", data=await request.read(),
+                    headers=headers, timeout=ClientTimeout(total=30)) as resp:
+                body = await resp.read()
+                return web.Response(status=resp.status, body=body,
+                                    headers={"Content-Type": resp.headers.get(
+                                        "Content-Type", "application/octet-stream")})
+        except (ClientError, OSError, TimeoutError):
+            return web.json_response(unreachable, status=503)
+
+
+def _labels_match(obj: dict[str, Any], raw: str | None) -> bool:
+    """Equality-based label selectors (``a=b,c!=d``, ``key``, ``!key``), as the API applies."""
+    labels = obj["metadata"].get("labels") or {}
+    for part in (raw or "").split(","):
+        term = part.strip()
+        if not term:
+            continue
+        if "!=" in term:
+            key, _, value = term.partition("!=")
+            if labels.get(key.strip()) == value.strip():
+                return False
+        elif "=" in term:
+            key, _, value = term.replace("==", "=").partition("=")
+            if labels.get(key.strip()) != value.strip():
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
 
 
 def _event(etype: str, pod: Pod) -> bytes:

@@ -56,6 +56,7 @@ from evidence_keeper.api.contract import (
     parse_json_body,
     parse_time,
 )
+from evidence_keeper.archive.ledger import window_entries
 from evidence_keeper.archive.manifest import (
     ARCHIVE_ID,
     MANIFEST_VERSION,
@@ -428,6 +429,8 @@ class ArchiveService:
                 targets = await asyncio.to_thread(self._seal, scope)
                 await self._wait_shipped(job, targets)
                 await self._stage(job, "writing the manifest")
+                # The gap records of the window go to the store first: the manifest lists them.
+                await self.agent.ledger_shipper.drain(time.monotonic() + 30)
                 gaps = await self._gaps(scope)
                 doc = await asyncio.to_thread(self._write_manifest, job, scope, gaps,
                                               len(targets))
@@ -531,6 +534,8 @@ class ArchiveService:
             "lifecycle": lifecycle_records(store, settings.cluster, scope,
                                            nodes={settings.node_name}, local=local),
             "gaps": gaps,
+            "ledger": window_entries(store, settings.cluster, since=scope.since,
+                                     until=scope.until, nodes=[settings.node_name]),
         })
         retain = None
         if settings.object_lock_days > 0:
@@ -787,6 +792,9 @@ def cluster_archive(store: Store, *, cluster: str, pods: Sequence[AgentPod],
         "segments": [e.to_json() for e in uncovered.segments],
         "lifecycle": lifecycle_records(store, cluster, scope, nodes=None, exclude=covered),
         "gaps": [],
+        # Nodes no node manifest speaks for (gone, or their archive failed): their ledgers.
+        "ledger": window_entries(store, cluster, since=scope.since, until=scope.until,
+                                 exclude=covered),
     })
     retain = None
     if object_lock_days > 0:

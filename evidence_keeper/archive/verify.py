@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from evidence_keeper.archive.ledger import verify_entries
 from evidence_keeper.archive.manifest import (
     ARCHIVE_ID,
     ManifestError,
@@ -104,6 +105,7 @@ def verify_archive(store: Store, *, cluster: str, archive_id: str,
     key, doc = found
     report.manifest_key = key
     report.kind = str(doc.get("kind") or "node")
+    _verify_ledger_list(store, doc, key, report)
     entries = _entries(doc, key, report, store=store, cluster=cluster)
     for node in doc.get("nodes") or []:
         entries += _verify_node(store, cluster, node, key, report)
@@ -177,6 +179,7 @@ def _verify_node(store: Store, cluster: str, node: object, key: str,
     if found is None:
         return []
     node_key, doc = found
+    _verify_ledger_list(store, doc, node_key, report)
     if doc.get("digest") != node.get("manifest_digest"):
         report.fail(node_key, f"node manifest of {name} is not the one the cluster manifest"
                               " recorded (digest differs)")
@@ -206,6 +209,17 @@ def _hash_body(store: Store, entry: SegmentEntry) -> tuple[str | None, list[str]
         return None, [f"body does not decompress to the segment:"
                       f" {str(exc).removeprefix(f'{entry.key}: ')}"]
     return h.hexdigest(), []
+
+
+def _verify_ledger_list(store: Store, doc: Mapping[str, Any], key: str,
+                        report: VerifyReport) -> None:
+    """The gap-ledger objects a manifest lists: bodies, hashes and links to their chain."""
+    problems, checked = verify_entries(store, doc.get("ledger"), key)
+    for where, message in problems:
+        report.fail(where, message)
+    if checked:
+        report.notes.append(f"{checked} gap-ledger objects listed by {key} checked (bodies,"
+                            " sha256, chain links)")
 
 
 def _check_one(store: Store, entry: SegmentEntry) -> tuple[_Checked, list[str]]:

@@ -8,6 +8,7 @@ import sys
 from typing import Any, Final
 
 from evidence_keeper.api.client import call
+from evidence_keeper.commands import cluster
 from evidence_keeper.commands.base import EXIT_NEGATIVE, EXIT_OK, subcommand
 from evidence_keeper.commands.common import add_config, add_output, agent_url, settings
 from evidence_keeper.commands.render import Check, format_checks, json_doc
@@ -17,6 +18,7 @@ DEFAULT_MAX_BACKLOG_S: Final = 60.0  # with --url and no config: the default bac
 EXIT_CODES: Final = """\
 exit codes:
   0  every check passed: agent ready, sinks up, shipping current, no recent loss
+     (--all-nodes: on every schedulable node, each of which has an agent)
   1  at least one check failed (each is listed; -o json for a machine-readable report)
   2  error: the agent cannot be reached, bad arguments or configuration"""
 
@@ -36,6 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_config(p)
     p.add_argument("--url", help="agent API (default: from the configured listen address)")
     add_checks(p)
+    cluster.add_fleet(p)
     return p
 
 
@@ -73,6 +76,8 @@ def report(results: list[Check], *, output: str, where: dict[str, Any]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.all_nodes or args.exclude_node or args.node_selector:
+        return cluster.run_preflight(args)
     url = agent_url(args)
     max_backlog = args.max_backlog_s
     if max_backlog is None:

@@ -8,6 +8,7 @@ from typing import Any, Final
 
 from evidence_keeper.archive.manifest import ManifestError
 from evidence_keeper.archive.verify import format_report, verify_archive
+from evidence_keeper.commands import cluster
 from evidence_keeper.commands.base import EXIT_NEGATIVE, EXIT_OK, CliError, subcommand
 from evidence_keeper.commands.common import Progress, add_config, add_output, read_store, settings
 from evidence_keeper.commands.render import json_doc
@@ -25,12 +26,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subcommand(subparsers, NAME, help="check an archive: segments, hashes, chains, digest",
                    exit_codes=EXIT_CODES)
     add_config(p)
-    p.add_argument("archive_id", metavar="ARCHIVE_ID")
+    p.add_argument("archive_id", metavar="ARCHIVE_ID", nargs="?",
+                   help="the archive to check (none, or --ledger: the gap ledger's chains)")
     add_output(p, json_help="the report")
+    cluster.add_verify_ledger_arguments(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ledger or args.archive_id is None:
+        return cluster.run_verify_ledger(args)
     cfg = settings(args)
     store = read_store(cfg, scope=False)
     progress = Progress("verified", unit="segments")

@@ -91,7 +91,7 @@ class SinkState:
         last = self.last
         return {
             "sink": self.name, "kind": self.kind, "target": self.target,
-            "up": self.up,
+            "up": self.up, "checks": list(self.checks),
             "failed_check": None if last is None else last.failed,
             "error": None if last is None else last.error,
             "last_probe": None if self.last_at is None else self.last_at.isoformat(),

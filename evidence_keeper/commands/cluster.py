@@ -1,0 +1,376 @@
+"""``gaps`` and ``preflight``: one agent, every node of the cluster, or the store's ledger.
+
+Three ways to ask "what was lost, and is every log path working?":
+
+* one agent (``--url``): its ``/gaps`` and ``/readyz``, as before;
+* every node (``--all-nodes``): the API server's node list is the truth about what must be
+  covered, and the agent pods are found by the chart's labels (as ``archive --all-nodes``
+  does). Each agent is asked through the API server's pod proxy (or its pod IP, ``--via``).
+  The answer is one row per node: agent ready, sinks up per check, shipping current, loss in
+  the window; a node with no agent is a named failure, because its logs are preserved by
+  nobody. ``preflight --all-nodes`` exits 0 only if every selected node passes;
+* the store (``gaps --from-store``): the ledger objects every agent shipped, read with no
+  agent running, newest state per gap (``archive/ledger.py``).
+
+The fleet itself (nodes, agents, rows, verdict) is :mod:`evidence_keeper.fleet`; the store's
+ledger is :mod:`evidence_keeper.archive.ledger`. The ``gaps``, ``preflight`` and ``verify`` command
+modules add :func:`add_fleet` (and :func:`add_verify_ledger_arguments`) to their parsers and
+hand these modes to :func:`run_gaps`, :func:`run_preflight` and :func:`run_verify_ledger`,
+which return the exit code and print one clear line on error (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from evidence_keeper.api.client import ApiError, call, default_url
+from evidence_keeper.archive.ledger import (
+    LedgerObject,
+    format_ledger_report,
+    newest_gaps,
+    read_ledger,
+    verify_ledger,
+)
+from evidence_keeper.archive.service import ClusterError, kube_client
+from evidence_keeper.fleet import (
+    AGENT_SELECTOR,
+    Selection,
+    agent_checks,
+    fleet_json,
+    format_fleet,
+    survey,
+    table,
+    verdict,
+)
+from evidence_keeper.settings import Settings, load_settings, parse_duration
+from evidence_keeper.ship.store import Store, StoreError, open_store
+
+
+class CommandError(Exception):
+    """A user-facing failure: one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------ parsers
+def add_fleet(p: argparse.ArgumentParser) -> None:
+    """``--all-nodes`` and how to find the nodes and their agents (gaps, preflight)."""
+    g = p.add_argument_group("every node (--all-nodes)")
+    g.add_argument("--all-nodes", action="store_true",
+                   help="every node of the cluster, through the API server")
+    g.add_argument("--kubeconfig", metavar="PATH", help="default: in-cluster, else $KUBECONFIG")
+    g.add_argument("--node-selector", metavar="SELECTOR",
+                   help="only nodes with these labels (e.g. node-role.kubernetes.io/worker=)")
+    g.add_argument("--exclude-node", action="append", default=[], metavar="NODE",
+                   help="leave this node out (repeatable, or a comma list)")
+    g.add_argument("--agent-namespace", default="evidence-keeper")
+    g.add_argument("--agent-selector", default=AGENT_SELECTOR)
+    g.add_argument("--agent-port", type=int, help="default: the port of the listen setting")
+    g.add_argument("--via", choices=["proxy", "pod-ip"], default="proxy",
+                   help="reach agents through the API server's pod proxy or at their pod IPs")
+
+
+# ------------------------------------------------------------------------------ helpers
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def parse_when(value: str | None, name: str, now: datetime) -> datetime | None:
+    """RFC3339 or a duration back from ``now`` (as the API's ``since``/``until``)."""
+    if value is None:
+        return None
+    v = value.strip()
+    if v and v[0].isdigit() and not re.fullmatch(r"\d{4}-.*", v):
+        try:
+            return now - timedelta(seconds=parse_duration(v))
+        except (ValueError, OverflowError):
+            raise CommandError(f"{name}: {value!r} is neither RFC3339 nor a duration"
+                               " like 30m") from None
+    try:
+        ts = datetime.fromisoformat(v.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise CommandError(f"{name}: {value!r} is neither RFC3339 nor a duration"
+                           " like 30m") from None
+    if ts.tzinfo is None:
+        raise CommandError(f"{name}: {value!r} needs a time zone (e.g. Z)")
+    return ts.astimezone(UTC)
+
+
+def _rfc3339(ts: datetime) -> str:
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _selection(args: argparse.Namespace, settings: Settings) -> Selection:
+    return Selection(
+        node_selector=args.node_selector,
+        exclude=frozenset(n.strip() for item in args.exclude_node for n in item.split(",")
+                          if n.strip()),
+        agent_namespace=args.agent_namespace, agent_selector=args.agent_selector,
+        port=args.agent_port or settings.listen_port, via=args.via)
+
+
+def _survey(args: argparse.Namespace, settings: Settings, **kw: Any) -> Any:
+    try:
+        return survey(kube_client(args.kubeconfig), _selection(args, settings),
+                      progress=_Progress("asked", "agents"), **kw)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
+class _Progress:
+    """``<verb> N/M <unit>`` on stderr, only when the work takes longer than 2 s."""
+
+    def __init__(self, verb: str, unit: str) -> None:
+        self.verb, self.unit = verb, unit
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.started >= 2.0 and (now - self.last >= 5.0 or done == total):
+            self.last = now
+            print(f"{self.verb} {done}/{total} {self.unit}", file=sys.stderr, flush=True)
+
+
+def _fail(exc: Exception) -> int:
+    print(f"evidence-keeper: {exc}", file=sys.stderr)
+    return 2
+
+
+def _modes(args: argparse.Namespace, *, store: bool) -> None:
+    chosen = [flag for flag, on in (("--url", bool(args.url)), ("--all-nodes", args.all_nodes),
+                                    ("--from-store", store and args.from_store)) if on]
+    if len(chosen) > 1:
+        raise CommandError(f"{' and '.join(chosen)} exclude each other")
+    if not args.all_nodes and (args.exclude_node or args.node_selector):
+        raise CommandError("--exclude-node and --node-selector need --all-nodes")
+
+
+def format_gaps(doc: dict[str, Any], *, with_node: bool = False) -> str:
+    """The gaps table (``doc`` as ``/gaps`` returns it); ``with_node`` adds a NODE column."""
+    head = ("NODE",) if with_node else ()
+    rows: list[Sequence[str]] = [(*head, "ID", "KIND", "START", "END", "WHAT", "DETAIL")]
+    for g in doc["gaps"]:
+        if g["kind"] == "loss":
+            what = (f"{g.get('namespace')}/{g.get('pod')}/{g.get('container')}#{g.get('restart')}"
+                    f" @{g.get('offset')} +{g.get('bytes') if g.get('bytes') is not None else '?'}"
+                    f" {g.get('reason', '')}")
+        else:
+            what = " ".join(str(x) for x in (g.get("sink"), g.get("check"), g.get("reason"))
+                            if x)
+        detail = g.get("detail") or ""
+        cov = g.get("coverage")
+        if cov:
+            detail = (f"coverage: {cov['streams']} streams, {cov['captured_bytes']} B captured,"
+                      f" {cov['shipped_bytes']} B shipped; {detail}")
+        node = (str(g.get("node")),) if with_node else ()
+        rows.append((*node, str(g["id"]), g["kind"], g["start"][:19], (g["end"] or "open")[:19],
+                     what, detail[:90]))
+    lines = [table(rows)]
+    n = len(doc.get("nodes") or [])
+    where = f"{n} node{'' if n == 1 else 's'}" if with_node else f"node {doc['node']}"
+    lines.append(f"{len(doc['gaps'])} gaps on {where} (generated {doc['generated_at']})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ gaps
+def _gaps_params(args: argparse.Namespace) -> dict[str, str]:
+    params = {k: getattr(args, k) for k in ("since", "until", "kind", "namespace")
+              if getattr(args, k)}
+    if args.open:
+        params["open"] = "true"
+    return params
+
+
+def run_gaps(args: argparse.Namespace) -> int:
+    try:
+        _modes(args, store=True)
+        if args.node and not args.from_store:
+            raise CommandError("--node reads one node's ledger from the store: add --from-store"
+                               " (or use --all-nodes)")
+        if args.from_store:
+            return _gaps_from_store(args)
+        if args.all_nodes:
+            return _gaps_all_nodes(args)
+        _, doc = call(_url(args), "/gaps", params=_gaps_params(args))
+    except (CommandError, ApiError, ClusterError, StoreError) as exc:
+        return _fail(exc)
+    print(json.dumps(doc, indent=2) if args.output == "json" else format_gaps(doc))
+    return 0
+
+
+def _url(args: argparse.Namespace) -> str:
+    return str(args.url) if args.url else default_url(_settings(args).listen)
+
+
+def _gaps_all_nodes(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    now = datetime.now(UTC)
+    parse_when(args.since, "--since", now)  # a bad value is one line here, not N agent errors
+    parse_when(args.until, "--until", now)
+    fleet = _survey(args, settings, gaps_params=_gaps_params(args),
+                    loss_since=args.since or "the start of the ledger",
+                    max_backlog=settings.backlog_threshold_s)
+    silent = [r.node for r in fleet.rows if r.agent not in ("ready", "not-ready")]
+    gaps = [g for r in fleet.rows for g in r.gaps]
+    if silent:
+        # What those agents shipped before they went quiet: the store's ledger knows.
+        shipped, _objects, _store = _store_gaps(args, settings, silent)
+        gaps += [{**g, "source": "store"} for g in shipped]
+    gaps.sort(key=lambda g: (str(g.get("start")), str(g["node"]), int(g["id"])))
+    complete = not silent
+    if args.output == "json":
+        doc = fleet_json(fleet, window_since=args.since)
+        doc["complete"] = complete
+        doc["gaps"] = gaps
+        print(json.dumps(doc, indent=2))
+    else:
+        print(format_fleet(fleet, window=args.since or "all"))
+        print()
+        print(format_gaps({"gaps": gaps, "nodes": fleet.rows,
+                           "generated_at": fleet.generated_at}, with_node=True))
+        if not complete:
+            print(f"no live answer from {', '.join(silent)}: their gaps above are what their"
+                  " agents shipped to the store's ledger before", file=sys.stderr)
+    return 0 if complete else 1
+
+
+def _store_gaps(args: argparse.Namespace, settings: Settings, nodes: list[str] | None,
+                ) -> tuple[list[dict[str, Any]], list[LedgerObject], Store]:
+    """The newest state of the nodes' gaps from the store's ledger, filtered as ``/gaps``."""
+    now = datetime.now(UTC)
+    since = parse_when(args.since, "--since", now)
+    until = parse_when(args.until, "--until", now)
+    if since and until and since > until:
+        raise CommandError("--since is after --until")
+    store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
+    objects = read_ledger(store, settings.cluster, nodes=nodes,
+                          progress=_Progress("read", "ledger objects"))
+    gaps = newest_gaps(objects, since=since, until=until, kind=args.kind)
+    if args.namespace:
+        gaps = [g for g in gaps if g.get("namespace") == args.namespace]
+    if args.open:
+        gaps = [g for g in gaps if g.get("end") is None]
+    return gaps, objects, store
+
+
+def _gaps_from_store(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    gaps, objects, store = _store_gaps(args, settings, [args.node] if args.node else None)
+    problems = [(o.key, p) for o in objects for p in o.problems]
+    for key, p in problems:
+        print(f"warning: {key}: {p} (run `evidence-keeper verify --ledger`)", file=sys.stderr)
+    nodes = sorted({o.node for o in objects})
+    doc = {"cluster": settings.cluster, "store": store.describe(),
+           "generated_at": _rfc3339(datetime.now(UTC)), "nodes": nodes,
+           "objects": len(objects), "damaged_objects": sorted({k for k, _ in problems}),
+           "gaps": gaps}
+    if args.output == "json":
+        print(json.dumps(doc, indent=2))
+    else:
+        print(format_gaps(doc, with_node=True))
+        print(f"read {len(objects)} ledger objects of {len(nodes)}"
+              f" node{'' if len(nodes) == 1 else 's'} from {store.describe()}", file=sys.stderr)
+    if not objects:
+        print(f"no ledger objects in {store.describe()} for cluster {settings.cluster}"
+              + (f" node {args.node}" if args.node else ""), file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------ verify --ledger
+def add_verify_ledger_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ledger", action="store_true",
+                   help="check the gap ledger's chains in the store instead of an archive")
+    p.add_argument("--node", help="with --ledger: only this node's chain")
+
+
+def run_verify_ledger(args: argparse.Namespace) -> int:
+    """``verify --ledger``: every ledger chain (or one node's) as segment chains are checked."""
+    try:
+        if not args.ledger:
+            raise CommandError("verify needs an ARCHIVE_ID, or --ledger for the gap ledger")
+        if args.archive_id is not None:
+            raise CommandError("verify --ledger takes no ARCHIVE_ID (an archive's ledger"
+                               " objects are checked with the archive)")
+        settings = _settings(args)
+        store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
+        report = verify_ledger(store, settings.cluster,
+                               nodes=[args.node] if args.node else None,
+                               progress=_Progress("verified", "ledger objects"))
+    except (CommandError, StoreError) as exc:
+        return _fail(exc)
+    if args.output == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(format_ledger_report(report, f"{store.describe()} (cluster {settings.cluster})"))
+    if report.objects == 0:
+        print("no ledger objects found" + (f" for node {args.node}" if args.node else ""),
+              file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+# ------------------------------------------------------------------------------ preflight
+def run_preflight(args: argparse.Namespace) -> int:
+    try:
+        _modes(args, store=False)
+        if args.all_nodes:
+            return _preflight_all_nodes(args)
+        return _preflight_one(args)
+    except (CommandError, ApiError, ClusterError, StoreError) as exc:
+        return _fail(exc)
+
+
+def _max_backlog(args: argparse.Namespace) -> float:
+    if args.max_backlog_s is not None:
+        return float(args.max_backlog_s)
+    return _settings(args).backlog_threshold_s if not args.url else 60.0
+
+
+def _preflight_one(args: argparse.Namespace) -> int:
+    """The gate a chaos test runs first: every sink up, store current, no recent loss."""
+    url = _url(args)
+    max_backlog = _max_backlog(args)
+    _, ready = call(url, "/readyz", accept_status=(503,))
+    _, loss = call(url, "/gaps", params={"kind": "loss", "since": args.since})
+    checks = agent_checks(ready, loss, since=args.since, max_backlog=max_backlog)
+    problems = [text for ok, text in checks if not ok]
+    if args.output == "json":
+        print(json.dumps({"ok": not problems, "node": ready.get("node"),
+                          "checks": [{"ok": ok, "check": text} for ok, text in checks]},
+                         indent=2))
+    else:
+        for ok, text in checks:
+            print(f"  {'ok  ' if ok else 'FAIL'}  {text}")
+    if problems:
+        print(f"preflight failed: {len(problems)} problem(s); evidence would be at risk",
+              file=sys.stderr)
+        return 1
+    if args.output != "json":
+        print("preflight passed: sinks up, shipping current, no recent loss")
+    return 0
+
+
+def _preflight_all_nodes(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    since = parse_when(args.since, "--since", datetime.now(UTC))
+    assert since is not None
+    max_backlog = (args.max_backlog_s if args.max_backlog_s is not None
+                   else settings.backlog_threshold_s)
+    fleet = _survey(args, settings, gaps_params={"kind": "loss", "since": _rfc3339(since)},
+                    loss_since=args.since, max_backlog=max_backlog)
+    if args.output == "json":
+        print(json.dumps(fleet_json(fleet, window_since=_rfc3339(since)), indent=2))
+        if not fleet.ok:  # CI logs show stderr even when they keep the JSON as an artifact
+            print(verdict(fleet), file=sys.stderr)
+    else:
+        print(format_fleet(fleet, window=args.since))
+        print(verdict(fleet))
+    return 0 if fleet.ok else 1
+
+
+__all__ = ["add_fleet", "add_verify_ledger_arguments", "format_gaps", "run_gaps",
+           "run_preflight", "run_verify_ledger"]

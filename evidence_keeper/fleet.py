@@ -1,0 +1,398 @@
+"""The cluster as the API server sees it: every node, its agent, and what the agent says.
+
+The node list is the truth about what must be covered; agent pods are found by the chart's
+labels (as ``archive --all-nodes`` does) and each agent is asked for ``/readyz`` and ``/gaps``
+through the API server's pod proxy (``pods/<name>:<port>/proxy/...``; the API server
+authenticates the caller and does not pass its credentials on) or at its pod IP, in parallel.
+
+Each node becomes one :class:`NodeRow`: agent ready, sinks up per check (the debounced view of
+``sink_up{sink,check}``), shipping current, loss in the window, and the named failures. A node
+with no agent pod is a failure of its own, unless it is cordoned (not schedulable): nobody
+preserves its logs and no ledger anywhere records that.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Protocol
+
+from evidence_keeper.api.client import ApiError, call
+from evidence_keeper.archive.service import AgentPod, ClusterError, list_agent_pods
+
+AGENT_SELECTOR: Final = "app.kubernetes.io/name=evidence-keeper"
+QUERY_WORKERS: Final = 16
+NO_AGENT: Final = "no evidence-keeper agent — logs on this node are not preserved"
+
+__all__ = ["AGENT_SELECTOR", "NO_AGENT", "ClusterError", "Fleet", "NodeRow", "Selection",
+           "agent_checks", "fleet_json", "format_fleet", "survey", "table", "verdict"]
+
+
+def rfc3339(ts: datetime) -> str:
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# ------------------------------------------------------------------------------ agents
+class AgentClient(Protocol):
+    def get(self, pod: AgentPod, path: str, params: dict[str, str] | None = None,
+            ) -> tuple[int, dict[str, Any]]: ...
+
+
+class ProxyClient:
+    """GET an agent's API through ``/api/v1/namespaces/<ns>/pods/<pod>:<port>/proxy/...``."""
+
+    def __init__(self, api: Any, *, namespace: str, port: int, timeout_s: float = 15.0) -> None:
+        self.api, self.namespace, self.port, self.timeout_s = api, namespace, port, timeout_s
+
+    def get(self, pod: AgentPod, path: str, params: dict[str, str] | None = None,
+            ) -> tuple[int, dict[str, Any]]:
+        from kubernetes.client.exceptions import ApiException
+
+        resource = f"/api/v1/namespaces/{self.namespace}/pods/{pod.name}:{self.port}/proxy{path}"
+        try:
+            req = self.api.param_serialize(
+                method="GET", resource_path=resource, query_params=list((params or {}).items()),
+                header_params={"Accept": "application/json", "User-Agent": "evidence-keeper"},
+                auth_settings=["BearerToken"])
+            resp = self.api.call_api(*req, _request_timeout=self.timeout_s)
+            status, data = int(resp.status), resp.read()
+        except ApiException as exc:
+            status, data = int(exc.status or 0), (exc.body or b"")
+        except Exception as exc:
+            return 0, {"error": f"cannot reach {pod.name} through the API server: {exc}"}
+        return status, _doc(data, status)
+
+
+class PodIPClient:
+    """GET an agent's API at ``http://<pod IP>:<port>`` (from inside the cluster)."""
+
+    def __init__(self, *, port: int, timeout_s: float = 15.0) -> None:
+        self.port, self.timeout_s = port, timeout_s
+
+    def get(self, pod: AgentPod, path: str, params: dict[str, str] | None = None,
+            ) -> tuple[int, dict[str, Any]]:
+        if not pod.ip:
+            return 0, {"error": f"pod {pod.name} has no IP"}
+        try:
+            return call(f"http://{pod.ip}:{self.port}", path, params=params,
+                        timeout=self.timeout_s, accept_status=(400, 404, 500, 502, 503))
+        except ApiError as exc:
+            return 0, {"error": str(exc)}
+
+
+def _doc(data: bytes | str, status: int) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        return {"error": text.strip()[:200] or f"empty answer (HTTP {status})"}
+    if not isinstance(doc, dict):
+        return {"error": "not a JSON object"}
+    if doc.get("kind") == "Status":  # the API server's own answer: the pod was not reached
+        return {"error": str(doc.get("message") or doc.get("reason") or "API server error")}
+    return doc
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    cordoned: bool
+    ready: bool
+
+
+def list_nodes(api: Any, *, selector: str | None) -> list[Node]:
+    """The cluster's nodes (by label selector), read as plain JSON."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        core: Any = client.CoreV1Api(api)
+        kwargs: dict[str, Any] = {"_preload_content": False, "_request_timeout": 30}
+        if selector:
+            kwargs["label_selector"] = selector
+        doc = json.loads(core.list_node(**kwargs).read())
+    except ApiException as exc:
+        raise ClusterError(f"cannot list nodes: HTTP {exc.status} {exc.reason}") from None
+    except Exception as exc:
+        raise ClusterError(f"cannot list nodes: {exc}") from None
+    out = []
+    for item in doc.get("items") or []:
+        conds = {c.get("type"): c.get("status") for c in item.get("status", {}).get(
+            "conditions") or []}
+        out.append(Node(name=str(item.get("metadata", {}).get("name", "")),
+                        cordoned=bool(item.get("spec", {}).get("unschedulable")),
+                        ready=conds.get("Ready") == "True"))
+    return sorted(out, key=lambda n: n.name)
+
+
+# ------------------------------------------------------------------------------ checks
+Check = tuple[bool, str]
+
+
+def sink_checks(sink: dict[str, Any]) -> dict[str, bool | None]:
+    """Per check of one sink from ``/readyz``: the debounced view of ``sink_up{sink,check}``."""
+    checks = list(sink.get("checks") or [sink.get("failed_check") or sink.get("kind") or "up"])
+    up = sink.get("up")
+    if up is None:
+        return dict.fromkeys(checks, None)
+    if up:
+        return dict.fromkeys(checks, True)
+    failed = sink.get("failed_check") or checks[0]
+    out: dict[str, bool | None] = {}
+    passed = True
+    for c in checks:
+        if c == failed:
+            passed = False
+        out[c] = passed
+    if failed not in out:
+        out[failed] = False
+    return out
+
+
+def agent_checks(ready: dict[str, Any], loss: dict[str, Any], *, since: str,
+                 max_backlog: float) -> list[Check]:
+    """What ``preflight`` requires of one agent, as (ok, text) pairs."""
+    checks: list[Check] = [(bool(ready.get("ready")),
+                            "agent ready (spool recovered, log root tailed)")]
+    for s in ready.get("sinks", []):
+        ok = s.get("up") is True
+        why = "" if ok else f": {s.get('failed_check') or 'not probed yet'} {s.get('error') or ''}"
+        checks.append((ok, f"sink {s['sink']} ({s['target']}) up{why}".rstrip()))
+    age = float(ready.get("spool", {}).get("oldest_unshipped_age_s", 0))
+    checks.append((age <= max_backlog,
+                   f"shipping current (oldest unshipped {age:.1f}s <= {max_backlog:g}s)"))
+    n_loss = len(loss.get("gaps", []))
+    checks.append((n_loss == 0, f"no loss gaps since {since} ({n_loss} found)"))
+    return checks
+
+
+@dataclass
+class NodeRow:
+    """One node's line of the cluster table."""
+
+    node: str
+    agent_pod: str | None = None
+    agent: str = "none"  # none | ready | not-ready | unreachable
+    cordoned: bool = False
+    node_ready: bool = True
+    sinks: list[dict[str, Any]] = field(default_factory=list)
+    shipping_current: bool | None = None
+    oldest_unshipped_age_s: float | None = None
+    ledger_unshipped_records: int | None = None
+    loss_gaps: int | None = None
+    lost_bytes: int | None = None
+    loss_unknown_length: int = 0
+    gaps: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("gaps")
+        d["ok"] = self.ok
+        return d
+
+
+def _loss_summary(row: NodeRow, gaps: list[dict[str, Any]]) -> None:
+    losses = [g for g in gaps if g.get("kind") == "loss"]
+    row.loss_gaps = len(losses)
+    row.lost_bytes = sum(int(g["bytes"]) for g in losses if g.get("bytes") is not None)
+    row.loss_unknown_length = sum(1 for g in losses if g.get("bytes") is None)
+
+
+def query_node(node: Node, pods: Sequence[AgentPod], client: AgentClient, *,
+               gaps_params: dict[str, str], loss_since: str, max_backlog: float) -> NodeRow:
+    """Ask this node's agent for ``/readyz`` and ``/gaps`` (blocking)."""
+    row = NodeRow(node=node.name, cordoned=node.cordoned, node_ready=node.ready)
+    if not pods:
+        if node.cordoned:
+            # Not schedulable: no agent is required there (one that runs must still pass).
+            row.notes.append(f"node {node.name}: cordoned, no agent (not required)")
+        else:
+            row.failures.append(f"node {node.name}: {NO_AGENT}")
+        return row
+    pod = next((p for p in pods if p.ready), pods[0])  # a rolling update may show two
+    row.agent_pod = pod.name
+    status, ready = client.get(pod, "/readyz")
+    if status not in (200, 503) or "ready" not in ready:
+        row.agent = "unreachable"
+        row.failures.append(f"node {node.name}: agent {pod.name} does not answer"
+                            f" ({ready.get('error') or f'HTTP {status}'})")
+        return row
+    row.agent = "ready" if ready.get("ready") else "not-ready"
+    row.sinks = [{"sink": s.get("sink"), "target": s.get("target"), "up": s.get("up"),
+                  "checks": sink_checks(s), "error": s.get("error")}
+                 for s in ready.get("sinks", [])]
+    row.oldest_unshipped_age_s = float(ready.get("spool", {}).get("oldest_unshipped_age_s", 0))
+    row.ledger_unshipped_records = (ready.get("ledger") or {}).get("unshipped_records")
+    row.shipping_current = row.oldest_unshipped_age_s <= max_backlog
+    status, gaps = client.get(pod, "/gaps", gaps_params)
+    if status != 200:
+        row.failures.append(f"node {node.name}: /gaps failed ({gaps.get('error')})")
+        gaps = {"gaps": []}
+    row.gaps = [{**g, "node": node.name} for g in gaps.get("gaps", [])]
+    # A filter that excludes loss gaps (another kind, open ones only) says nothing of loss.
+    counted = gaps_params.get("kind") in (None, "loss") and gaps_params.get("open") != "true"
+    if counted:
+        _loss_summary(row, row.gaps)
+    loss = {"gaps": [g for g in row.gaps if g.get("kind") == "loss"]}
+    for ok, text in agent_checks(ready, loss, since=loss_since, max_backlog=max_backlog):
+        if not ok and (counted or not text.startswith("no loss gaps")):
+            row.failures.append(f"node {node.name}: {text}")
+    return row
+
+
+@dataclass
+class Fleet:
+    rows: list[NodeRow]
+    excluded: list[str]
+    orphans: list[AgentPod]  # agent pods on nodes that are not in the selection
+    generated_at: str
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rows) and all(r.ok for r in self.rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which nodes must be covered, and where the agents are."""
+
+    node_selector: str | None = None
+    exclude: frozenset[str] = frozenset()
+    agent_namespace: str = "evidence-keeper"
+    agent_selector: str = AGENT_SELECTOR
+    port: int = 9095
+    via: str = "proxy"  # proxy | pod-ip
+
+
+def survey(api: Any, selection: Selection, *, gaps_params: dict[str, str], loss_since: str,
+           max_backlog: float, progress: Callable[[int, int], None] | None = None) -> Fleet:
+    """Every selected node with its agent's answers (blocking; agents asked in parallel).
+
+    Raises ``ClusterError`` when the API server cannot list nodes or pods, ``ValueError`` for
+    a selection that names no node.
+    """
+    nodes = list_nodes(api, selector=selection.node_selector)
+    unknown = selection.exclude - {n.name for n in nodes}
+    if unknown:
+        raise ValueError(f"--exclude-node: no node named {', '.join(sorted(unknown))}")
+    nodes = [n for n in nodes if n.name not in selection.exclude]
+    if not nodes:
+        raise ValueError("no nodes selected" + (f" by {selection.node_selector!r}"
+                                                if selection.node_selector else ""))
+    pods = list_agent_pods(api, namespace=selection.agent_namespace,
+                           selector=selection.agent_selector)
+    by_node: dict[str, list[AgentPod]] = {}
+    for p in pods:
+        by_node.setdefault(p.node, []).append(p)
+    client: AgentClient = (
+        ProxyClient(api, namespace=selection.agent_namespace, port=selection.port)
+        if selection.via == "proxy" else PodIPClient(port=selection.port))
+    rows: list[NodeRow] = []
+    with ThreadPoolExecutor(max_workers=QUERY_WORKERS, thread_name_prefix="ek-fleet") as pool:
+        futures = [pool.submit(query_node, n, by_node.get(n.name, []), client,
+                               gaps_params=gaps_params, loss_since=loss_since,
+                               max_backlog=max_backlog) for n in nodes]
+        for done, fut in enumerate(futures, start=1):
+            rows.append(fut.result())
+            if progress is not None:
+                progress(done, len(futures))
+    names = {n.name for n in nodes}
+    orphans = [p for p in pods if p.node not in names and p.node not in selection.exclude]
+    return Fleet(rows, sorted(selection.exclude), orphans, rfc3339(datetime.now(UTC)))
+
+
+# ------------------------------------------------------------------------------ rendering
+def _sinks_text(row: NodeRow) -> str:
+    if row.agent in ("none", "unreachable"):
+        return "-"
+    parts = []
+    for s in row.sinks:
+        checks: dict[str, bool | None] = s["checks"]
+        if all(v is True for v in checks.values()):
+            parts.append(f"{s['sink']} up")
+        elif all(v is None for v in checks.values()):
+            parts.append(f"{s['sink']} unprobed")
+        else:
+            parts.append(f"{s['sink']} DOWN(" + ",".join(
+                f"{c}:{'ok' if v else 'FAIL' if v is False else '?'}"
+                for c, v in checks.items()) + ")")
+    return " ".join(parts) or "-"
+
+
+def _shipping_text(row: NodeRow) -> str:
+    if row.shipping_current is None:
+        return "-"
+    age = f"{row.oldest_unshipped_age_s or 0:.1f}s"
+    text = f"current ({age})" if row.shipping_current else f"BEHIND ({age})"
+    if row.ledger_unshipped_records:
+        text += f" ledger+{row.ledger_unshipped_records}"
+    return text
+
+
+def _loss_text(row: NodeRow) -> str:
+    if row.loss_gaps is None:
+        return "-"
+    if row.loss_gaps == 0:
+        return "none"
+    unknown = f" +{row.loss_unknown_length} unknown" if row.loss_unknown_length else ""
+    return f"{row.loss_gaps} gaps, {row.lost_bytes} B{unknown}"
+
+
+def _agent_text(row: NodeRow) -> str:
+    text = {"none": "NONE", "not-ready": "NOT READY", "unreachable": "UNREACHABLE"}.get(
+        row.agent, row.agent)
+    if row.cordoned:
+        text += " (cordoned)"
+    if not row.node_ready:
+        text += " (node NotReady)"
+    return text
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def format_fleet(fleet: Fleet, *, window: str) -> str:
+    rows: list[Sequence[str]] = [("NODE", "AGENT", "SINKS", "SHIPPING", f"LOSS ({window})",
+                                  "VERDICT")]
+    for r in fleet.rows:
+        rows.append((r.node, _agent_text(r), _sinks_text(r), _shipping_text(r), _loss_text(r),
+                     "ok" if r.ok else "FAIL"))
+    lines = [table(rows)]
+    for r in fleet.rows:
+        lines += [f"  FAIL  {f}" for f in r.failures]
+        lines += [f"  note  {n}" for n in r.notes]
+    if fleet.excluded:
+        lines.append(f"  excluded: {', '.join(fleet.excluded)}")
+    for p in fleet.orphans:
+        lines.append(f"  note  agent pod {p.name} runs on node {p.node or '?'}, which is not"
+                     " selected")
+    return "\n".join(lines)
+
+
+def verdict(fleet: Fleet) -> str:
+    failed = [r for r in fleet.rows if not r.ok]
+    if not failed:
+        return (f"cluster preflight passed: {len(fleet.rows)} nodes, every agent ready, sinks"
+                " up, shipping current, no loss")
+    return (f"cluster preflight FAILED: {len(failed)} of {len(fleet.rows)} nodes"
+            f" ({', '.join(r.node for r in failed)}); evidence would be at risk")
+
+
+def fleet_json(fleet: Fleet, *, window_since: str | None) -> dict[str, Any]:
+    return {"generated_at": fleet.generated_at, "ok": fleet.ok, "verdict": verdict(fleet),
+            "window_since": window_since, "excluded": fleet.excluded,
+            "nodes": [r.to_json() for r in fleet.rows],
+            "failures": [f for r in fleet.rows for f in r.failures],
+            "orphan_agents": [{"pod": p.name, "node": p.node} for p in fleet.orphans]}
