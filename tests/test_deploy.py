@@ -875,13 +875,15 @@ def test_lockcheck_names_a_dependency_the_lock_lacks(tmp_path: Path) -> None:
         shutil.copy(ROOT / name, tmp_path / name)
     pyproject = (tmp_path / "pyproject.toml").read_text(encoding="utf-8")
     (tmp_path / "pyproject.toml").write_text(
-        pyproject.replace('"zstandard>=0.22",', '"zstandard>=0.22",\n  "shtab>=1.7",'),
+        pyproject.replace('"zstandard>=0.22",', '"zstandard>=0.22",\n  "lockcheck-canary>=1.7",'),
         encoding="utf-8")
     lockcheck = _load_module(ROOT / "tools" / "lockcheck.py")
     problems = lockcheck.check(tmp_path)
-    assert problems == ["requirements.lock: shtab is not pinned (pyproject.toml asks 'shtab>=1.7')",
-                        "requirements-dev.lock: shtab is not pinned "
-                        "(pyproject.toml asks 'shtab>=1.7')"]
+    assert problems == [
+        "requirements.lock: lockcheck-canary is not pinned"
+        " (pyproject.toml asks 'lockcheck-canary>=1.7')",
+        "requirements-dev.lock: lockcheck-canary is not pinned"
+        " (pyproject.toml asks 'lockcheck-canary>=1.7')"]
 
 
 def _load_module(path: Path) -> Any:

@@ -92,6 +92,8 @@ class GapRow:
             "open": self.open,
         }
         out.update({k: v for k, v in self.fields.items() if v is not None and k != "extra"})
+        if self.kind == "loss":
+            out.setdefault("bytes", None)  # contract §3: every loss has the key (null: unknown)
         extra = self.fields.get("extra")
         if extra:
             # Internal bookkeeping (e.g. the stream keys behind a coverage count) stays inside.
