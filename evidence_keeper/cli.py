@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from evidence_keeper.api.client import ApiError, call, default_url
+from evidence_keeper.commands import replay as replay_command
 from evidence_keeper.logs import configure_logging
 from evidence_keeper.settings import ConfigError, Settings, load_settings
 
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--ignore-case", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object per matching line")
 
+    replay_command.add_parser(sub)
     p = sub.add_parser("demo", help="replay the Nov 10 incident on a simulated node")
     p.add_argument("--workdir", metavar="DIR", help="keep the demo files here")
     p.add_argument("--speed", type=float, default=1.0, help="scenario speed factor")
@@ -132,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_verify(args)
         if args.command == "search":
             return cmd_search(args)
+        if args.command == "replay":
+            return replay_command.run(args)
         if args.command == "demo":
             from evidence_keeper.demo import run_demo
 
