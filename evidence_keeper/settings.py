@@ -626,11 +626,12 @@ def _replay_targets(value: object) -> tuple[ReplayTarget, ...]:
     for name, doc in value.items():
         if not isinstance(name, str) or not _PROBE_NAME_RE.fullmatch(name):
             raise _invalid(name, "is not a valid target name (letters, digits, '.', '_', '-')")
+        spec = doc
         if isinstance(doc, Mapping) and "max_age_s" in doc:
-            doc = {**{k: v for k, v in doc.items() if k != "max_age_s"},
-                   "max_age": doc["max_age_s"]}
+            spec = {**{k: v for k, v in doc.items() if k != "max_age_s"},
+                    "max_age": doc["max_age_s"]}
         try:
-            out.append(_parse_replay_target(name, doc))
+            out.append(_parse_replay_target(name, spec))
         except (ValueError, PydanticCustomError) as exc:
             raise _invalid(name, f"is not a valid replay target: {exc}") from None
     return tuple(out)

@@ -270,7 +270,7 @@ class OtlpIntake(Intake):
             return self.violate("body is not an ExportLogsServiceRequest")
         for rl in req.resource_logs:
             attrs = {kv.key: _value(kv.value) for kv in rl.resource.attributes}
-            if not K8S_ATTRS <= set(attrs):
+            if not set(attrs) >= K8S_ATTRS:
                 return self.violate(f"resource attributes {sorted(attrs)} lack k8s.*")
             for sl in rl.scope_logs:
                 for rec in sl.log_records:

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         if args.rate is not None and args.rate <= 0:
             raise ReplayUsageError("--rate must be positive")
         store_url = args.from_store or settings.store_url
-        s3 = {"endpoint_url": settings.s3_endpoint_url}
+        s3: dict[str, Any] = {"endpoint_url": settings.s3_endpoint_url}
         store = open_store(store_url, **s3)
         state = Path(args.state) if args.state else Path(settings.spool_dir)
         if not req.dry_run:

@@ -21,10 +21,10 @@ import os
 import random
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
@@ -172,7 +172,7 @@ class ArchiveSink:
     old object or the new one.
     """
 
-    def __init__(self, url: str, *, s3_options: dict[str, object] | None = None) -> None:
+    def __init__(self, url: str, *, s3_options: dict[str, Any] | None = None) -> None:
         self.url = url
         self.root: Path | None = None
         self.store: Store | None = None
@@ -230,8 +230,6 @@ class RateLimit:
 
 
 def backoff_s(attempt: int) -> float:
-    return min(MAX_BACKOFF_S, 0.5 * 2 ** min(attempt, 10)) * (0.5 + random.random() / 2)
+    base: float = min(MAX_BACKOFF_S, 0.5 * 2.0 ** min(attempt, 10))
+    return base * (0.5 + random.random() / 2)
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)

@@ -7,8 +7,8 @@ batch carries its request body, how many lines and raw bytes it holds, and the s
 * **Datadog** (HTTP logs intake v2): a JSON array of at most 1000 entries and 5 MB
   (uncompressed), each entry at most 1 MB (a longer message is split into parts that say so),
   gzip. Lines older than the intake's 18 h window go to *archive batches* instead: Datadog's
-  log-archive format (gzipped NDJSON, one object per line, ``dt=YYYYMMDD/hour=HH/archive_*.json.gz``)
-  one object per hour of timestamps, for Log Rehydration. Object names are functions of the
+  log-archive format (gzipped NDJSON, one object per line, one object per hour of timestamps,
+  ``dt=YYYYMMDD/hour=HH/archive_*.json.gz``), for Log Rehydration. Object names are functions of the
   stream and its offsets, so a rewrite after a crash replaces the object with the same bytes.
 * **Loki** (push API, JSON): one Loki stream per output stream (labels namespace, pod,
   container, node, stream), nanosecond timestamps as strings, lines in timestamp order. A
@@ -34,12 +34,13 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from json.encoder import encode_basestring
 from typing import Final, Protocol
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from evidence_keeper.model import StreamId
 from evidence_keeper.replay.parsing import STREAM_NAMES, Line
@@ -156,7 +157,7 @@ class _IsoSeconds:
 
 # ------------------------------------------------------------------------------ Datadog
 class DatadogEncoder:
-    """Datadog intake batches for recent lines, archive objects for lines older than ``cutoff_ns``."""
+    """Datadog intake batches for recent lines, archive objects for those before ``cutoff_ns``."""
 
     def __init__(self, ctx: StreamContext, *, cutoff_ns: int, archive: bool,
                  max_entries: int = DD_MAX_ENTRIES, max_request: int = DD_MAX_REQUEST) -> None:
@@ -393,8 +394,9 @@ class OtlpEncoder:
 
     def _close(self) -> Batch:
         req = ExportLogsServiceRequest(resource_logs=[ResourceLogs(
-            resource={"attributes": self._resource},
-            scope_logs=[ScopeLogs(scope={"name": "evidence-keeper", "version": self.version},
+            resource=Resource(attributes=self._resource),
+            scope_logs=[ScopeLogs(scope=InstrumentationScope(name="evidence-keeper",
+                                                             version=self.version),
                                   log_records=self._records)])])
         b = self._batch
         b.body = gzip_bytes(req.SerializeToString())

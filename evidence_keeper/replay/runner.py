@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -167,7 +167,7 @@ class Replayer:
                  clock: Callable[[], datetime], concurrency: int = 4,
                  rate_lines_per_s: float | None = None,
                  progress: Callable[[Progress], None] | None = None,
-                 s3_options: dict[str, object] | None = None,
+                 s3_options: dict[str, Any] | None = None,
                  on_lines: Callable[[int], None] | None = None,
                  version: str = "") -> None:
         self.store = store
@@ -286,7 +286,7 @@ class Replayer:
 
     def _produce(self, sp: StreamPlan, ctx: StreamContext, encoder: Encoder,
                  ckpt: ReplayCheckpoint, req: ReplayRequest, res: StreamResult,
-                 cutoff: int) -> Iterator[Batch]:
+                 cutoff: int) -> Generator[Batch, None, None]:
         """Runs in a worker thread: the stream's batches, in order (dry run: none)."""
         since = to_ns(req.since) if req.since is not None else None
         until = to_ns(req.until) if req.until is not None else None
@@ -327,8 +327,7 @@ class Replayer:
             if dry_run:
                 res.paths["archive" if datadog and ts < cutoff else "intake"] += 1
                 continue
-            for batch in encoder.add(line):
-                yield batch
+            yield from encoder.add(line)
 
     # ------------------------------------------------------------------ delivery
     async def _deliver(self, batch: Batch, sink: HttpSink, archive: ArchiveSink | None,
