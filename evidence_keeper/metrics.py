@@ -118,3 +118,10 @@ class Metrics:
             "Container instances (streams) tracked.",
             registry=r,
         )
+        # Replay (issue 15): lines the automatic backfill put back into a sink, by target.
+        self.replayed_lines = Counter(
+            "evidence_keeper_replayed_lines",
+            "Log lines replayed into a sink after its outage and acknowledged by it, by target.",
+            ["target"],
+            registry=r,
+        )

@@ -47,6 +47,7 @@ from evidence_keeper.health.sinks import SinkMonitor
 from evidence_keeper.logs import get_logger
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss
+from evidence_keeper.replay.backfill import install as install_backfill
 from evidence_keeper.settings import Settings
 from evidence_keeper.ship.shipper import ShipConfig, Shipper
 from evidence_keeper.ship.store import Store, StoreError, open_store
@@ -130,6 +131,7 @@ class Agent:
         self.api_address: tuple[str, int] | None = None
         self._backlog_gap: int | None = None
         install_archive(self)
+        self.backfill = install_backfill(self)  # replay_on_recovery (issue 15)
 
     def _record_loss(self, loss: Loss) -> None:
         self.ledger.record_loss(loss, at=datetime.now(UTC))

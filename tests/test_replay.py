@@ -31,8 +31,8 @@ from evidence_keeper.replay.parsing import LineParser
 from evidence_keeper.replay.runner import Replayer, ReplayRequest
 from evidence_keeper.settings import ReplayTarget, Settings, load_settings
 from evidence_keeper.ship.store import FileStore
+from evidence_keeper.sim.intakes import DatadogIntake, LokiIntake, OtlpIntake
 from evidence_keeper.sim.kubelet import KubeletSim, SimClock
-from tests.intakes import DatadogIntake, LokiIntake, OtlpIntake
 from tests.replay_support import (
     as_json_text,
     expected_lines,

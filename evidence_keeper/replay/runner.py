@@ -64,6 +64,7 @@ IN_FLIGHT_MARGIN_S: Final = 600.0  # a line this close to Datadog's 18 h limit t
 @dataclass
 class ReplayRequest:
     namespace: str | None = None
+    namespaces: tuple[str, ...] | None = None  # without namespace: these (default: all)
     pod: str | None = None
     container: str | None = None
     since: datetime | None = None
@@ -190,7 +191,8 @@ class Replayer:
         summary = ReplaySummary(self.target.name, self.target.kind, req.dry_run)
         try:
             plans = await asyncio.to_thread(
-                plan, self.store, cluster=self.cluster, namespace=req.namespace, pod=req.pod,
+                plan, self.store, cluster=self.cluster, namespace=req.namespace,
+                namespaces=req.namespaces, pod=req.pod,
                 container=req.container, since=req.since, until=req.until, node=req.node,
                 streams=req.streams)
         except StoreError as exc:

@@ -72,7 +72,8 @@ def _namespaces(store: Store, cluster: str) -> list[str]:
     return sorted(found)
 
 
-def plan(store: Store, *, cluster: str, namespace: str | None, pod: str | None = None,
+def plan(store: Store, *, cluster: str, namespace: str | None,
+         namespaces: tuple[str, ...] | None = None, pod: str | None = None,
          container: str | None = None, since: datetime | None = None,
          until: datetime | None = None, node: str | None = None,
          streams: set[str] | None = None) -> list[StreamPlan]:
@@ -82,8 +83,9 @@ def plan(store: Store, *, cluster: str, namespace: str | None, pod: str | None =
     stream keys (:attr:`StreamId.key`).
     """
     out: list[StreamPlan] = []
-    namespaces = [namespace] if namespace else _namespaces(store, cluster)
-    for ns in namespaces:
+    listed = ([namespace] if namespace else list(namespaces) if namespaces
+              else _namespaces(store, cluster))
+    for ns in listed:
         scope = Scope(namespace=ns, pod=pod, container=container, since=since, until=until)
         listing = list_scope(store, cluster=cluster, scope=scope)
         if streams is not None:

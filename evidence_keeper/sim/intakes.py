@@ -1,4 +1,4 @@
-"""Local log intakes on 127.0.0.1 that check each wire format strictly.
+"""Local log intakes on 127.0.0.1 that check each wire format strictly (tests and the demo).
 
 Each intake is a real aiohttp server (port from the OS). A request that breaks the sink's
 documented rules is answered the way the sink would (400/403/413) *and* recorded in
