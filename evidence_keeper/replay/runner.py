@@ -314,6 +314,7 @@ class Replayer:
               res: StreamResult, since: int | None, until: int | None, cutoff: int,
               dry_run: bool, old_needs_archive: bool) -> Iterator[Batch]:
         datadog = self.target.kind == "datadog"
+        selected: list[Line] = []
         for line in lines:
             ts = line[2]
             if (since is not None and ts < since) or (until is not None and ts > until):
@@ -329,7 +330,9 @@ class Replayer:
             if dry_run:
                 res.paths["archive" if datadog and ts < cutoff else "intake"] += 1
                 continue
-            yield from encoder.add(line)
+            selected.append(line)
+        if selected:
+            yield from encoder.add_lines(selected)
 
     # ------------------------------------------------------------------ delivery
     async def _deliver(self, batch: Batch, sink: HttpSink, archive: ArchiveSink | None,
