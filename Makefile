@@ -35,6 +35,7 @@ bench: venv
 	$(BIN)/python -m bench.s3_bench
 	$(BIN)/python -m bench.kube_bench
 	$(BIN)/python -m bench.search_bench
+	$(BIN)/python -m bench.replay_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
