@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from evidence_keeper.cli import main as cli_main
@@ -29,7 +30,7 @@ from evidence_keeper.replay.checkpoint import Checkpoints
 from evidence_keeper.replay.delivery import retry_after_s
 from evidence_keeper.replay.parsing import LineParser
 from evidence_keeper.replay.runner import Replayer, ReplayRequest
-from evidence_keeper.settings import ReplayTarget, Settings, load_settings
+from evidence_keeper.settings import ConfigError, ReplayTarget, Settings, load_settings
 from evidence_keeper.ship.store import FileStore
 from evidence_keeper.sim.intakes import DatadogIntake, LokiIntake, OtlpIntake
 from evidence_keeper.sim.kubelet import KubeletSim, SimClock
@@ -479,8 +480,6 @@ def test_retry_after_forms() -> None:
 
 
 def test_replay_settings_errors(make_settings: Callable[..., Settings]) -> None:
-    from evidence_keeper.settings import ConfigError
-
     for value, msg in (({"x": {"kind": "splunk"}}, "kind"),
                        ({"x": {"kind": "loki"}}, "needs a url"),
                        ({"x": {"kind": "datadog"}}, "credentials_file"),
@@ -496,3 +495,38 @@ def test_replay_settings_errors(make_settings: Callable[..., Settings]) -> None:
     assert s.replay_targets[0].url == "https://http-intake.logs.datadoghq.eu/api/v2/logs"
     with pytest.raises(ConfigError, match="replay_on_recovery"):
         make_settings(replay_on_recovery="dd")
+
+
+async def test_the_datadog_intake_itself_is_strict() -> None:
+    """The intake the replay tests trust refuses what Datadog would not take whole."""
+    intake = DatadogIntake(api_key=API_KEY)
+    url = await intake.start() + DatadogIntake.path
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    entry = {"ddsource": "s", "ddtags": ",".join(f"{t}:x" for t in (
+        "kube_namespace", "pod_name", "kube_container_name", "host", "source", "service")),
+        "hostname": "h", "service": "s", "status": "info", "message": "m",
+        "timestamp": now_ms, "evidence_keeper": {"id": "a@0"}}
+    headers = {"DD-API-KEY": API_KEY, "Content-Type": "application/json",
+               "Content-Encoding": "gzip"}
+
+    def body(entries: list[dict[str, Any]]) -> bytes:
+        return gzip.compress(json.dumps(entries).encode())
+
+    try:
+        async with aiohttp.ClientSession(auto_decompress=False) as s:
+            cases = [
+                (body([entry]), headers, 202),
+                (body([entry]), {**headers, "DD-API-KEY": "x"}, 403),
+                (json.dumps([entry]).encode(), headers, 400),  # says gzip, is not
+                (body([entry] * 1001), headers, 400),
+                (body([{**entry, "message": "y" * 1_100_000}]), headers, 400),
+                (body([{**entry, "message": "z" * 900_000}] * 6), headers, 413),
+                (body([{**entry, "timestamp": now_ms - 19 * 3600 * 1000}]), headers, 400),
+                (body([{**entry, "ddtags": "host:h"}]), headers, 400),
+            ]
+            for data, hdrs, want in cases:
+                async with s.post(url, data=data, headers=hdrs) as resp:
+                    assert resp.status == want, (want, await resp.text())
+    finally:
+        await intake.stop()
+    assert len(intake.entries) == 1 and len(intake.violations) == 6

@@ -328,7 +328,9 @@ class Replayer:
             res.lines += 1
             res.bytes += line[1] - line[0]
             if dry_run:
-                res.paths["archive" if datadog and ts < cutoff else "intake"] += 1
+                old = datadog and ts < cutoff
+                res.paths[("too_old" if old_needs_archive else "archive") if old
+                          else "intake"] += 1
                 continue
             selected.append(line)
         if selected:
