@@ -211,7 +211,7 @@ class DatadogEncoder:
         max_entries, max_request = self.max_entries, self.max_request
         for line in lines:
             start, end, ts, st, msg = line
-            if (ts < cutoff and self.archive) or not msg.isascii() and not _utf8(msg):
+            if (ts < cutoff and self.archive) or (not msg.isascii() and not _utf8(msg)):
                 out += self.add(line)  # the archive path, or invalid UTF-8: escaped, flagged
                 continue
             sec, ns = divmod(ts, _SEC)
