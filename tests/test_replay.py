@@ -16,13 +16,15 @@ import re
 import signal
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import boto3
 import pytest
+from moto.server import ThreadedMotoServer
 
 from evidence_keeper.cli import main as cli_main
 from evidence_keeper.model import StreamId
@@ -31,7 +33,8 @@ from evidence_keeper.replay.delivery import retry_after_s
 from evidence_keeper.replay.parsing import LineParser
 from evidence_keeper.replay.runner import Replayer, ReplayRequest
 from evidence_keeper.settings import ConfigError, ReplayTarget, Settings, load_settings
-from evidence_keeper.ship.store import FileStore
+from evidence_keeper.ship.s3 import S3Store
+from evidence_keeper.ship.store import FileStore, Store
 from evidence_keeper.sim.intakes import DatadogIntake, LokiIntake, OtlpIntake
 from evidence_keeper.sim.kubelet import KubeletSim, SimClock
 from tests.replay_support import (
@@ -143,7 +146,7 @@ def target(kind: str, url: str, tmp_path: Path, **kw: Any) -> ReplayTarget:
     return s.replay_targets[0]
 
 
-def replayer(store: FileStore, tgt: ReplayTarget, state: Path | None, *,
+def replayer(store: Store, tgt: ReplayTarget, state: Path | None, *,
              now: datetime | None = None, **kw: Any) -> Replayer:
     return Replayer(store=store, cluster="default", target=tgt, checkpoints=Checkpoints(state),
                     node_name="node-1", clock=lambda: now or datetime.now(UTC), **kw)
@@ -530,3 +533,55 @@ async def test_the_datadog_intake_itself_is_strict() -> None:
     finally:
         await intake.stop()
     assert len(intake.entries) == 1 and len(intake.violations) == 6
+
+
+# ------------------------------------------------------------------------------ S3 (moto)
+@pytest.fixture
+def moto_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                 ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+        monkeypatch.setenv(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+async def test_replay_from_s3_with_the_archive_in_a_bucket(tmp_path: Path,
+                                                           moto_url: str) -> None:
+    client = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1")
+    for bucket in ("evidence", "dd-archive"):
+        client.create_bucket(Bucket=bucket)
+    store = S3Store.from_url("s3://evidence/prod", endpoint_url=moto_url)
+    now = datetime.now(UTC)
+    sim = build_node(tmp_path / "pods", start=now - timedelta(hours=19), lines=120,
+                     step=timedelta(seconds=60))  # 19 h ago .. 17 h ago
+    records = {sid: sim.record(sid) for sid in sim.streams()}
+    for sid, data in records.items():
+        store_stream(store, sid, data, segment_bytes=20_000)
+    intake = DatadogIntake(api_key=API_KEY)
+    url = await intake.start()
+    try:
+        tgt = target("datadog", url, tmp_path, archive_url="s3://dd-archive/logs")
+        summary = await replayer(store, tgt, tmp_path / "state",
+                                 s3_options={"endpoint_url": moto_url}).run(ReplayRequest())
+    finally:
+        await intake.stop()
+    assert intake.violations == []
+    assert summary.status == "complete", summary.to_json()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="dd-archive")["Contents"]]
+    assert keys and all(re.fullmatch(r"logs/dt=\d{8}/hour=\d\d/archive_.*\.json\.gz", k)
+                        for k in keys)
+    assert sorted(keys) == sorted(f"logs/{k}" for k in summary.archive_objects)
+    got = dd_received(intake)
+    for k in keys:
+        body = client.get_object(Bucket="dd-archive", Key=k)["Body"].read()
+        for row in gzip.decompress(body).decode().splitlines():
+            doc = json.loads(row)
+            ek = doc["attributes"]["evidence_keeper"]
+            ns_pod, container, restart = ek["id"].rsplit("@", 1)[0].rsplit("/", 2)
+            ns, pod_uid = ns_pod.split("/", 1)
+            sid = StreamId(ns, *pod_uid.rsplit("_", 1), container, int(restart))
+            got[(sid.key, ek["stream"], ns_of(ek["time"]), doc["message"])] += 1
+    assert got == expected(records)
