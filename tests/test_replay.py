@@ -473,6 +473,20 @@ def test_parser_handles_chunk_edges_and_odd_records() -> None:
                         (b"", 0), (b"last", 0)], cut
         assert lines[2][0] == 0 and lines[2][2] == 1762776000_500000000
         assert p.unparsed == 1 and p.partials_joined == 1
+    # The inline path (a second already seen) and the general one agree, odd forms included.
+    same_second = (b"2025-11-10T12:00:00Z stdout F a\n2025-11-10T12:00:00.25Z stderr F b\n"
+                   b"2025-11-10T12:00:00X25Z stdout F c\n2025-11-10T12:00:00.Z stdout F d\n"
+                   b"2025-11-10T12:00:00.1234567890Z stdout F e\n"
+                   b"2025-11-10T12:00:00.000000001Z stdout F f\n")
+    p = LineParser()
+    got = [(t, s, m) for _a, _b, t, s, m in p.feed(same_second, 0)]
+    base = 1762776000_000000000
+    assert got == [(base, 0, b"a"), (base + 250_000_000, 1, b"b"),
+                   (base + 250_000_000, 0, b"2025-11-10T12:00:00X25Z stdout F c"),
+                   (base + 250_000_000, 0, b"2025-11-10T12:00:00.Z stdout F d"),
+                   (base + 250_000_000, 0, b"2025-11-10T12:00:00.1234567890Z stdout F e"),
+                   (base + 1, 0, b"f")]
+    assert p.unparsed == 3
 
 
 def test_retry_after_forms() -> None:

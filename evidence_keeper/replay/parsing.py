@@ -79,7 +79,7 @@ class LineParser:
                 self._sec_cache[raw[:19]] = sec
             frac = raw[20:n - 1]
             if not frac:
-                return sec * 1_000_000_000
+                return sec * 1_000_000_000 if n == 20 else -1  # "…:00.Z" is not RFC 3339
             if len(frac) > 9 or not frac.isdigit():
                 return -1
             return sec * 1_000_000_000 + int(frac.ljust(9, b"0"))
@@ -106,16 +106,40 @@ class LineParser:
                 return out
             pos = nl + 1
             self._skip = False
-        find = buf.find
+        pos = self._lines(buf, pos, base, out)
+        self._carry = buf[pos:] if pos < n else b""
+        self._carry_start = base + pos
+        return out
+
+    def _lines(self, buf: bytes, pos: int, base: int, out: list[Line]) -> int:
+        """Complete lines of ``buf`` from ``pos``; returns where the unfinished rest starts.
+
+        The common record, ``<ts>Z stdout|stderr F <message>`` with no partial line pending on
+        its output stream and its second already in the cache, is handled inline; everything
+        else goes through :meth:`_line`.
+        """
+        find, append, cache, pending = buf.find, out.append, self._sec_cache, self._pending
+        n = len(buf)
         while pos < n:
             le = find(b"\n", pos)
             if le < 0:
                 break
+            sp = find(b" ", pos, le)
+            if sp - pos >= 20 and buf[sp - 1] == 90 and (
+                    buf.startswith(b" stdout F ", sp) or buf.startswith(b" stderr F ", sp)):
+                st = 1 if buf[sp + 4] == 101 else 0  # std[e]rr / std[o]ut
+                sec = cache.get(buf[pos:pos + 19])
+                frac = buf[pos + 20:sp - 1]
+                if (sec is not None and pending[st] is None and len(frac) <= 9
+                        and (sp - pos == 20 or (buf[pos + 19] == 46 and frac.isdigit()))):
+                    ts = sec * 1_000_000_000 + (int(frac.ljust(9, b"0")) if frac else 0)
+                    self.last_ts = ts
+                    append((base + pos, base + le + 1, ts, st, buf[sp + 10:le]))
+                    pos = le + 1
+                    continue
             self._line(buf, pos, le, base, out)
             pos = le + 1
-        self._carry = buf[pos:] if pos < n else b""
-        self._carry_start = base + pos
-        return out
+        return pos
 
     def finish(self) -> list[Line]:
         """The last line without a newline, and partial lines never finished, as they are."""
