@@ -29,7 +29,7 @@ from moto.server import ThreadedMotoServer
 from evidence_keeper.cli import main as cli_main
 from evidence_keeper.model import StreamId
 from evidence_keeper.replay.checkpoint import Checkpoints
-from evidence_keeper.replay.delivery import retry_after_s
+from evidence_keeper.replay.delivery import RateLimit, retry_after_s
 from evidence_keeper.replay.parsing import LineParser
 from evidence_keeper.replay.runner import Replayer, ReplayRequest
 from evidence_keeper.settings import ConfigError, ReplayTarget, Settings, load_settings
@@ -487,6 +487,20 @@ def test_parser_handles_chunk_edges_and_odd_records() -> None:
                    (base + 250_000_000, 0, b"2025-11-10T12:00:00.1234567890Z stdout F e"),
                    (base + 1, 0, b"f")]
     assert p.unparsed == 3
+
+
+async def test_rate_limit_holds_the_rate() -> None:
+    now = [0.0]
+
+    async def sleep(s: float) -> None:
+        now[0] += s
+
+    limit = RateLimit(100.0, clock=lambda: now[0], sleep=sleep)
+    for _ in range(50):
+        await limit.take(10)  # 500 lines at 100 lines/s, a burst of 100 allowed
+    assert 4.0 <= now[0] <= 4.2
+    await limit.take(1000)  # a batch larger than a second's worth waits for a full bucket
+    assert 4.0 <= now[0] <= 5.3
 
 
 def test_retry_after_forms() -> None:

@@ -20,7 +20,7 @@ import base64
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -208,9 +208,11 @@ class RateLimit:
     """A token bucket on lines per second (``None``: no limit)."""
 
     def __init__(self, lines_per_s: float | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.rate = lines_per_s
         self.clock = clock
+        self.sleep = sleep
         self.tokens = lines_per_s or 0.0
         self.last = clock()
         self.lock = asyncio.Lock()
@@ -223,10 +225,11 @@ class RateLimit:
                 now = self.clock()
                 self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
                 self.last = now
-                if self.tokens >= min(n, self.rate):
+                need = min(n, self.rate)  # a batch above one second's worth needs a full bucket
+                if self.tokens >= need - 1e-6:  # (float rounding must not stall the loop)
                     self.tokens -= n
                     return
-                await asyncio.sleep((min(n, self.rate) - self.tokens) / self.rate)
+                await self.sleep(max(0.001, (need - self.tokens) / self.rate))
 
 
 def backoff_s(attempt: int) -> float:
