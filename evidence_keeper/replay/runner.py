@@ -254,10 +254,11 @@ class Replayer:
         # The worker thread reads a frozen copy: what was acknowledged before this replay.
         prior = ReplayCheckpoint(None, [list(r) for r in ckpt.ranges])
         gen = self._produce(sp, ctx, encoder, prior, req, res, cutoff)
-        nxt = asyncio.create_task(asyncio.to_thread(next, gen, None))
+        name = f"replay-read:{sp.stream.key}"
+        nxt = asyncio.create_task(asyncio.to_thread(next, gen, None), name=name)
         try:
             while (batch := await nxt) is not None:
-                nxt = asyncio.create_task(asyncio.to_thread(next, gen, None))
+                nxt = asyncio.create_task(asyncio.to_thread(next, gen, None), name=name)
                 if sink is None:
                     continue
                 await self._deliver(batch, sink, archive, summary)
