@@ -112,3 +112,56 @@ async def test_backfill_after_a_dns_outage_closes(
     assert gap["backfill"]["bytes"] > 0 and gap["backfill"]["paths"] == {"intake": metrics}
     assert not any("before the outage" in e["message"] or "after the fix" in e["message"]
                    for e in intake.entries)
+
+
+async def test_backfill_interrupted_by_a_restart_resumes_once(
+        tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    intake = DatadogIntake(api_key=API_KEY)
+    url = await intake.start()
+    key = tmp_path / "dd-api-key"
+    key.write_text(API_KEY)
+    settings = make_settings(
+        sink_probes=f"datadog=dns:{SINK_HOST}", probe_interval_s=0.2, probe_timeout_s=1.0,
+        probe_failures_before_down=2, probe_successes_before_up=1,
+        replay_targets={"datadog": {"kind": "datadog", "url": url,
+                                    "credentials_file": str(key)}},
+        replay_on_recovery="datadog")
+    sim = KubeletSim(tmp_path / "pods", clock=lambda: datetime.now(UTC))
+    sim.add_pod("sock-shop", "orders-1", containers=("orders",))
+    dns = BrokenDNS()
+    dns.broken = True
+    intake.drop_request = lambda n: n >= 2  # the sink falters again after one batch
+
+    def state(agent: Any) -> dict[str, Any]:
+        rows = agent.ledger.gaps(kind="sink_outage")
+        return dict(rows[-1].to_json().get("backfill", {})) if rows else {}
+
+    try:
+        async with running_agent(settings, resolver=dns) as agent:
+            await wait_until(lambda: bool(agent.ledger.gaps(kind="sink_outage", open_=True)),
+                             within=10, what="the outage opened")
+            for i in range(2500):
+                sim.write("sock-shop", "orders-1", "orders", f"Order {i} PAYMENT_FAILED")
+            await asyncio.sleep(0.3)
+            dns.broken = False
+            await wait_until(lambda: intake.requests >= 3, within=60,
+                             what="the backfill delivered one batch, then met a faltering sink")
+            assert state(agent)["status"] == "running"
+        # Stopped mid-backfill: the ledger says so; the next start resumes it.
+        intake.drop_request = lambda n: False
+        async with running_agent(settings, resolver=dns) as agent:
+            await wait_until(lambda: state(agent).get("status") == "complete", within=60,
+                             what="the resumed backfill completed")
+            doc = state(agent)
+            gap = agent.ledger.gaps(kind="sink_outage")[-1].to_json()
+    finally:
+        await intake.stop()
+    start, end = _ns(gap["start"]), _ns(gap["end"])
+    want = Counter(msg.decode() for sid in sim.streams()
+                   for _s, ts, msg in expected_lines(sim.record(sid)) if start <= ts <= end)
+    got = Counter(e["message"] for e in intake.entries)
+    assert intake.violations == []
+    assert sum(want.values()) == 2500
+    assert got == want  # every line once: the first run's batch was not sent again
+    assert doc["lines"] == 2500 - 1000  # the resumed run sent what the first had not
+    assert doc["already_replayed"] == 1000

@@ -12,8 +12,11 @@ gap of such a sink closes; the backfill then
    outage's coverage saw traffic in) for the window ``[gap.start, gap.end]`` to the target,
    with the same checkpoints as ``evidence-keeper replay`` (under ``spool_dir``), so a manual
    replay and the backfill never send a line twice, and a restart resumes;
-4. records ``backfill: {status, lines, bytes, paths, error}`` on the gap and counts every
-   acknowledged line in ``evidence_keeper_replayed_lines_total{target}``.
+4. records ``backfill: {status, lines, bytes, paths, already_replayed, error}`` on the gap
+   (``lines``/``bytes``: sent by the last run; ``already_replayed``: lines of the window the
+   sink had acknowledged before it, e.g. before a restart) and counts every acknowledged line
+   in ``evidence_keeper_replayed_lines_total{target}``. A failed backfill is not retried on its
+   own: ``evidence-keeper replay --to <target> --gap <id>`` finishes it, once per line.
 
 Times: the gap is dated by the agent's clock, the lines by their own timestamps; on a real
 node both are the node's clock. ``timeline`` is the seam for a node whose lines carry another
@@ -75,10 +78,12 @@ class BackfillState:
     bytes: int = 0
     paths: Mapping[str, int] | None = None
     error: str | None = None
+    already_replayed: int = 0  # lines of the window acknowledged before this run (a resume)
 
     def to_json(self) -> dict[str, Any]:
         return {"status": self.status, "target": self.target, "lines": self.lines,
-                "bytes": self.bytes, "paths": dict(self.paths or {}), "error": self.error}
+                "bytes": self.bytes, "paths": dict(self.paths or {}),
+                "already_replayed": self.already_replayed, "error": self.error}
 
 
 class Backfill:
@@ -166,7 +171,8 @@ class Backfill:
             state = BackfillState(summary.status, name, summary.lines, summary.bytes,
                                   dict(summary.paths()),
                                   summary.error or next((r.error for r in summary.streams
-                                                         if r.error), None))
+                                                         if r.error), None),
+                                  sum(r.skipped for r in summary.streams))
             log.info("backfill finished", gap_id=gap_id, target=name, status=state.status,
                      lines=state.lines, bytes=state.bytes, paths=state.paths, error=state.error)
         except asyncio.CancelledError:
