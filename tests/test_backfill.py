@@ -9,6 +9,7 @@ closes. What arrives must be exactly the lines whose timestamps fall in the gap.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 from collections import Counter
@@ -17,7 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from evidence_keeper.api.client import call
+from evidence_keeper.cli import main as cli_main
 from evidence_keeper.settings import Settings
 from evidence_keeper.sim.intakes import DatadogIntake
 from evidence_keeper.sim.kubelet import KubeletSim
@@ -45,7 +49,8 @@ def _ns(ts: str) -> int:
 
 
 async def test_backfill_after_a_dns_outage_closes(
-        tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+        tmp_path: Path, make_settings: Callable[..., Settings],
+        capsys: pytest.CaptureFixture[str]) -> None:
     intake = DatadogIntake(api_key=API_KEY)
     url = await intake.start()
     key = tmp_path / "dd-api-key"
@@ -92,6 +97,19 @@ async def test_backfill_after_a_dns_outage_closes(
             _, doc = await asyncio.to_thread(call, api, "/gaps", params={"kind": "sink_outage"})
             metrics = agent.metrics.registry.get_sample_value(
                 "evidence_keeper_replayed_lines_total", {"target": "datadog"})
+            # A manual replay of the same gap shares the backfill's checkpoints: nothing again.
+            cfg = tmp_path / "cli.yaml"
+            cfg.write_text(
+                f"spool_dir: {settings.spool_dir}\nstore_url: {settings.store_url}\n"
+                f"node_name: node-1\nreplay_targets:\n  datadog:\n    kind: datadog\n"
+                f"    url: {url}\n    credentials_file: {key}\n")
+            gap_id = str(doc["gaps"][-1]["id"])
+            before = len(intake.entries)
+            rc = await asyncio.to_thread(cli_main, [
+                "replay", "--config", str(cfg), "--to", "datadog", "--gap", gap_id, "--url", api,
+                "-o", "json"])
+            assert rc == 0 and len(intake.entries) == before
+            manual = json.loads(capsys.readouterr().out)
     finally:
         await intake.stop()
     gap = doc["gaps"][-1]
@@ -109,6 +127,7 @@ async def test_backfill_after_a_dns_outage_closes(
     assert got == want
     assert gap["backfill"]["status"] == "complete"
     assert gap["backfill"]["lines"] == sum(want.values()) == metrics
+    assert manual["lines"] == 0 and manual["already_replayed"] == metrics
     assert gap["backfill"]["bytes"] > 0 and gap["backfill"]["paths"] == {"intake": metrics}
     assert not any("before the outage" in e["message"] or "after the fix" in e["message"]
                    for e in intake.entries)
