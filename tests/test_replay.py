@@ -613,3 +613,43 @@ async def test_replay_from_s3_with_the_archive_in_a_bucket(tmp_path: Path,
             sid = StreamId(ns, *pod_uid.rsplit("_", 1), container, int(restart))
             got[(sid.key, ek["stream"], ns_of(ek["time"]), doc["message"])] += 1
     assert got == expected(records)
+
+
+async def test_kill_9_after_the_sink_accepted_is_absorbed_by_loki_dedup(
+        tmp_path: Path, node: tuple[FileStore, dict[StreamId, bytes]]) -> None:
+    """The window checkpoints cannot close: the sink took a batch, the client died before
+    hearing so. The rerun sends that batch again; Loki stores it once."""
+    store, records = node
+    intake = LokiIntake()
+    url = await intake.start()
+    cfg = write_config(tmp_path, store, "http://127.0.0.1:9",
+                       extra=f"  loki:\n    kind: loki\n    url: {url}\n")
+    procs: list[asyncio.subprocess.Process] = []
+    kill_at = 3
+
+    def kill(n: int) -> None:
+        if n == kill_at:
+            os.kill(procs[0].pid, signal.SIGKILL)  # the request itself is still accepted
+
+    intake.on_request = kill
+    cmd = [sys.executable, "-m", "evidence_keeper.cli", "replay", "--config", str(cfg),
+           "--to", "loki", "--concurrency", "4", "-o", "json"]
+    try:
+        for _ in range(2):
+            procs.append(await asyncio.create_subprocess_exec(
+                *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE))
+            out, err = await asyncio.wait_for(procs[-1].communicate(), timeout=120)
+    finally:
+        await intake.stop()
+    assert procs[0].returncode == -signal.SIGKILL
+    assert procs[1].returncode == 0, err.decode()
+    assert json.loads(out)["already_replayed"] > 0
+    assert intake.violations == []
+    stored: Counter[Any] = Counter()
+    for labels, ts, line in intake.entries:
+        lab = json.loads(labels)
+        uid = next(s.pod_uid for s in records if s.pod == lab["pod"])
+        stored[(StreamId(lab["namespace"], lab["pod"], uid, lab["container"], 0).key,
+                lab["stream"], ts, line)] += 1
+    assert stored == expected(records)  # each line stored once, none missing
+    assert max(intake.entries.values()) == 2  # the unacknowledged batch did arrive twice
