@@ -159,8 +159,14 @@ class Backfill:
             if row is None or row.end is None or target is None:
                 raise BackfillError(f"gap {gap_id} is not a closed outage of {name}")
             await asyncio.to_thread(self._record, gap_id, state)
-            await self._wait_shipped()
             req = self._request(row)
+            live = await self._wait_shipped()
+            if req.streams is not None:
+                # Traffic of the last instant before the close may not be in the coverage yet:
+                # the streams the spool holds now are replayed too (their window lines only).
+                req.streams |= {sid.key for sid in live}
+                req.namespaces = tuple(sorted({*(req.namespaces or ()),
+                                               *(sid.namespace for sid in live)}))
             counter = self.metrics.replayed_lines.labels(target=name)
             replayer = Replayer(store=self.store, cluster=self.settings.cluster, target=target,
                                 checkpoints=self.checkpoints, node_name=self.settings.node_name,
@@ -187,15 +193,15 @@ class Backfill:
         assert row.end is not None
         end = datetime.fromisoformat(row.end.replace("Z", "+00:00"))
         extra = json.loads(row.fields.get("extra") or "{}")
-        keys = extra.get("stream_keys")
+        keys = extra.get("stream_keys")  # streams with traffic during the outage (coverage)
         namespaces = (extra.get("coverage") or {}).get("namespaces")
         return ReplayRequest(since=self.timeline.log_time(start),
                              until=self.timeline.log_time(end), node=self.settings.node_name,
-                             streams=set(keys) if keys else None,
+                             streams=set(keys) if isinstance(keys, list) else None,
                              namespaces=tuple(namespaces) if namespaces else None,
                              gap_id=row.id)
 
-    async def _wait_shipped(self) -> None:
+    async def _wait_shipped(self) -> dict[StreamId, int]:
         """Seal what is open and wait until the store holds everything captured so far."""
         targets = await asyncio.to_thread(self._seal)
         deadline = time.monotonic() + self.ship_timeout_s
@@ -205,6 +211,7 @@ class Backfill:
                                     f" {self.ship_timeout_s:g}s")
             self.wake_shipper()
             await asyncio.sleep(self.poll_s)
+        return targets
 
     def _seal(self) -> dict[StreamId, int]:
         with self.spool.lock:
