@@ -9,9 +9,10 @@ gap of such a sink closes; the backfill then
 2. seals every open spool segment and waits until the store holds everything captured up to
    then (the outage window's lines are in the store, not only in the spool);
 3. replays this node's streams (``ek-node``; narrowed to the streams and namespaces the
-   outage's coverage saw traffic in) for the window ``[gap.start, gap.end]`` to the target,
-   with the same checkpoints as ``evidence-keeper replay`` (under ``spool_dir``), so a manual
-   replay and the backfill never send a line twice, and a restart resumes;
+   outage's coverage saw traffic in, and those the spool holds at the close) for the window
+   ``[gap.start, gap.end]`` to the target, with the same checkpoints as ``evidence-keeper
+   replay`` (under ``spool_dir``), so a manual replay and the backfill never send a line
+   twice, and a restart resumes;
 4. records ``backfill: {status, lines, bytes, paths, already_replayed, error}`` on the gap
    (``lines``/``bytes``: sent by the last run; ``already_replayed``: lines of the window the
    sink had acknowledged before it, e.g. before a restart) and counts every acknowledged line
