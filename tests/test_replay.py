@@ -75,6 +75,8 @@ def build_node(root: Path, *, start: datetime, lines: int = 1500,
             sim.write(NS, "orders-1", "sidecar", f"GET /health {i} 200")
         if i % 25 == 0:
             sim.write("ops", "cron-1", "job", f"tick {i} \u00e9t\u00e9 \u2603")
+        if i in (lines // 3, 2 * lines // 3):
+            sim.restart(NS, "orders-1", "sidecar")  # restarts: one Loki stream, in order
         sim.advance(step)
     sim.write(NS, "orders-1", "orders", "y" * 1_500_000)  # beyond Datadog's 1 MB per entry
     sim.write(NS, "payment-1", "payment", "tail without end", partial=True)
@@ -128,6 +130,24 @@ def dd_received(intake: DatadogIntake | list[dict[str, Any]]) -> Counter[Any]:
         _key, stream, ts = meta[line_id]
         sid = StreamId(ns, pod, uid, container, int(restart))
         out[(sid.key, stream, ts, "".join(m for _, m in sorted(pieces)))] += 1
+    return out
+
+
+def loki_received(intake: LokiIntake, records: dict[StreamId, bytes]) -> Counter[Any]:
+    """What Loki stored, keyed like :func:`without_restart` (Loki has no restart label)."""
+    got: Counter[Any] = Counter()
+    for labels, ts, line in intake.entries:
+        lab = json.loads(labels)
+        uid = next(s.pod_uid for s in records if s.pod == lab["pod"])
+        got[(f"{lab['namespace']}_{lab['pod']}_{uid}/{lab['container']}", lab["stream"], ts,
+             line)] += 1
+    return got
+
+
+def without_restart(c: Counter[Any]) -> Counter[Any]:
+    out: Counter[Any] = Counter()
+    for (key, *rest), n in c.items():
+        out[(key.rsplit("/", 1)[0], *rest)] += n
     return out
 
 
@@ -300,14 +320,9 @@ async def test_loki_replay_is_exact_ordered_and_deduplicated(
         await intake.stop()
     assert intake.violations == []
     assert summary.status == again.status == "complete"
-    got: Counter[Any] = Counter()
-    for (labels, ts, line), _n in intake.entries.items():
-        lab = json.loads(labels)
-        pod_uid = next(s.pod_uid for s in records if s.pod == lab["pod"])
-        sid = StreamId(lab["namespace"], lab["pod"], pod_uid, lab["container"], 0)
-        assert lab["node"] == "node-1"
-        got[(sid.key, lab["stream"], ts, line)] += 1
-    assert got == expected(records)
+    got = loki_received(intake, records)
+    assert all(json.loads(labels)["node"] == "node-1" for labels, _t, _l in intake.entries)
+    assert got == without_restart(expected(records))
     # The resend (no checkpoint) hit Loki's own deduplication: nothing stored twice.
     assert any(n == 2 for n in intake.entries.values())
 
@@ -645,11 +660,33 @@ async def test_kill_9_after_the_sink_accepted_is_absorbed_by_loki_dedup(
     assert procs[1].returncode == 0, err.decode()
     assert json.loads(out)["already_replayed"] > 0
     assert intake.violations == []
-    stored: Counter[Any] = Counter()
-    for labels, ts, line in intake.entries:
-        lab = json.loads(labels)
-        uid = next(s.pod_uid for s in records if s.pod == lab["pod"])
-        stored[(StreamId(lab["namespace"], lab["pod"], uid, lab["container"], 0).key,
-                lab["stream"], ts, line)] += 1
-    assert stored == expected(records)  # each line stored once, none missing
+    stored = loki_received(intake, records)
+    assert stored == without_restart(expected(records))  # each line stored once, none missing
     assert max(intake.entries.values()) == 2  # the unacknowledged batch did arrive twice
+
+
+async def test_loki_gets_a_containers_restarts_in_order(tmp_path: Path) -> None:
+    """Loki has no restart label: restarts are one Loki stream and must arrive in time order
+    even with several streams in flight."""
+    sim = KubeletSim(tmp_path / "pods", clock=SimClock(start=datetime.now(UTC)
+                                                        - timedelta(minutes=30)))
+    sim.add_pod(NS, "api-1", containers=("api",))
+    for i in range(12_000):
+        sim.write(NS, "api-1", "api", f"request {i}")
+    sim.restart(NS, "api-1", "api")
+    for i in range(10):
+        sim.write(NS, "api-1", "api", f"after the restart {i}")
+    store = FileStore(tmp_path / "store")
+    records = {sid: sim.record(sid) for sid in sim.streams()}
+    for sid, data in records.items():
+        store_stream(store, sid, data, segment_bytes=50_000)
+    intake = LokiIntake()
+    url = await intake.start()
+    try:
+        summary = await replayer(store, target("loki", url, tmp_path), None,
+                                 concurrency=4).run(ReplayRequest())
+    finally:
+        await intake.stop()
+    assert intake.violations == []  # an ordered Loki took every batch
+    assert summary.status == "complete" and intake.requests == 4
+    assert loki_received(intake, records) == without_restart(expected(records))

@@ -215,9 +215,9 @@ class Replayer:
             slots = asyncio.Semaphore(self.concurrency)
             now_ns = to_ns(self.clock())
             async with asyncio.TaskGroup() as tg:
-                for p, res in zip(plans, summary.streams, strict=True):
-                    tg.create_task(self._guarded(slots, p, res, req, sink, archive, summary,
-                                                 now_ns), name=f"replay:{p.stream.key}")
+                for name, group in self._groups(plans, summary.streams).items():
+                    tg.create_task(self._in_order(slots, group, req, sink, archive, summary,
+                                                  now_ns), name=f"replay:{name}")
         except Refused as exc:
             summary.error = str(exc)
         finally:
@@ -226,19 +226,40 @@ class Replayer:
             summary.elapsed_s = time.monotonic() - summary.started
         return summary
 
-    async def _guarded(self, slots: asyncio.Semaphore, sp: StreamPlan, res: StreamResult,
+    def _groups(self, plans: list[StreamPlan], results: list[StreamResult]
+                ) -> dict[str, list[tuple[StreamPlan, StreamResult]]]:
+        """Streams that must go one after the other. Loki has no restart label: the restarts
+        of a container are one Loki stream, sent in restart order so it stays in time order."""
+        groups: dict[str, list[tuple[StreamPlan, StreamResult]]] = {}
+        for p, res in zip(plans, results, strict=True):
+            s = p.stream
+            name = (f"{s.namespace}/{s.pod}_{s.pod_uid}/{s.container}"
+                    if self.target.kind == "loki" else s.key)
+            groups.setdefault(name, []).append((p, res))
+        for group in groups.values():
+            group.sort(key=lambda pr: pr[0].stream.restart)
+        return groups
+
+    async def _in_order(self, slots: asyncio.Semaphore,
+                        group: list[tuple[StreamPlan, StreamResult]], req: ReplayRequest,
+                        sink: HttpSink | None, archive: ArchiveSink | None,
+                        summary: ReplaySummary, now_ns: int) -> None:
+        async with slots:
+            for sp, res in group:
+                await self._guarded(sp, res, req, sink, archive, summary, now_ns)
+
+    async def _guarded(self, sp: StreamPlan, res: StreamResult,
                        req: ReplayRequest, sink: HttpSink | None, archive: ArchiveSink | None,
                        summary: ReplaySummary, now_ns: int) -> None:
-        async with slots:
-            try:
-                await self._stream(sp, res, req, sink, archive, summary, now_ns)
-            except (SourceError, StoreError, ValueError) as exc:
-                res.error = str(exc)
-            except Refused as exc:
-                res.error = str(exc)
-                summary.error = summary.error or str(exc)
-            self.progress.streams_done += 1
-            self._report()
+        try:
+            await self._stream(sp, res, req, sink, archive, summary, now_ns)
+        except (SourceError, StoreError, ValueError) as exc:
+            res.error = str(exc)
+        except Refused as exc:
+            res.error = str(exc)
+            summary.error = summary.error or str(exc)
+        self.progress.streams_done += 1
+        self._report()
 
     # ------------------------------------------------------------------ one stream
     async def _stream(self, sp: StreamPlan, res: StreamResult, req: ReplayRequest,
