@@ -82,6 +82,7 @@ bench: venv
 	$(BIN)/python -m bench.kube_bench
 	$(BIN)/python -m bench.search_bench
 	$(BIN)/python -m bench.ledger_bench
+	$(BIN)/python -m bench.replay_bench
 
 # ---------------------------------------------------------------------------------------------
 # The OCI image, built and tested without a Docker engine (image/build.sh: mmdebstrap + buildah,

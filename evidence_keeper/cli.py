@@ -21,6 +21,7 @@ from evidence_keeper.commands import (
     export,
     gaps,
     preflight,
+    replay,
     run,
     search,
     verify,
@@ -37,6 +38,7 @@ COMMANDS: Final[tuple[ModuleType, ...]] = (
     archive,
     verify,
     search,
+    replay,
     demo,
     completion,
 )

@@ -12,6 +12,14 @@ down in order and proves, from the store alone, that the evidence was kept: ever
 exported from the store is compared byte for byte with what the simulated containers wrote,
 and the ``PAYMENT_FAILED`` lines are printed from the export. The gap ledger is read back
 from the store with no agent running (``gaps --from-store``) and its chain verified.
+
+The ending (issue 15): the Datadog sink is also a replay target with ``replay_on_recovery``,
+pointing at a local Datadog-compatible intake (the strict one the tests use). When the DNS
+fix closes the outage, the agent backfills the outage window into it, and the demo shows the
+Nov 10 ``PAYMENT_FAILED`` lines arriving in "Datadog" — late, but there. The lines carry the
+incident's timestamps while the agent runs today, so the demo gives the backfill (and the
+intake) the incident's clock (:class:`IncidentTimeline`): at the DNS fix it is Nov 11 05:30
+UTC, and Nov 10's lines are about 17 hours old, inside Datadog's 18 hour window.
 """
 
 from __future__ import annotations
@@ -27,7 +35,10 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -42,6 +53,7 @@ from evidence_keeper.settings import Settings, load_settings
 from evidence_keeper.ship.store import FileStore, Store
 from evidence_keeper.sim import KubeletSim, nov10_incident, play
 from evidence_keeper.sim.apiserver import SimAgent, SimApiServer
+from evidence_keeper.sim.intakes import DatadogIntake
 from evidence_keeper.sim.scenario import NAMESPACE, PAYMENT_FAILED_MARKER, ScenarioStep
 from evidence_keeper.supervisor import Agent
 
@@ -107,6 +119,53 @@ class Nov10DNS:
         return socket.getaddrinfo(host, port, *args, **kwargs)
 
 
+class IncidentTimeline:
+    """The incident's clock for the backfill: agent instants → the simulated time of the lines.
+
+    Simulated time only moves when a scenario step jumps it, so an agent instant maps to the
+    simulated time read at the latest mark before it (a mark is taken when the agent starts and
+    after every step).
+    """
+
+    def __init__(self, sim: KubeletSim) -> None:
+        self.sim = sim
+        self.marks: list[tuple[datetime, datetime]] = []
+        self.lock = threading.Lock()
+
+    def mark(self) -> None:
+        with self.lock:
+            self.marks.append((datetime.now(UTC), self.sim.now()))
+
+    def log_time(self, at: datetime) -> datetime:
+        with self.lock:
+            before = [sim_t for wall, sim_t in self.marks if wall <= at]
+            return before[-1] if before else self.marks[0][1]
+
+    def now(self) -> datetime:
+        return self.log_time(datetime.now(UTC))
+
+
+class LocalDatadog:
+    """A Datadog-compatible log intake on loopback, served from a thread of its own."""
+
+    API_KEY = "demo-datadog-api-key"
+
+    def __init__(self, now: Callable[[], float]) -> None:
+        self.intake = DatadogIntake(api_key=self.API_KEY, now=now)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="ek-demo-datadog",
+                                       daemon=True)
+        self.thread.start()
+        base = asyncio.run_coroutine_threadsafe(self.intake.start(), self.loop).result(10)
+        self.url = base + DatadogIntake.path
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.intake.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
 def _show_gaps(url: str, title: str) -> None:
     _h(f"{title}: GET {url}/gaps  (evidence-keeper gaps --url {url})")
     _, doc = call(url, "/gaps")
@@ -137,8 +196,10 @@ class LocalS3:
 
 
 async def _run_agent_during(agent: Agent, sim: KubeletSim, steps: list[ScenarioStep],
-                            speed: float, dns: Nov10DNS, archive_ids: list[str]) -> None:
+                            speed: float, dns: Nov10DNS, archive_ids: list[str],
+                            timeline: IncidentTimeline, datadog: LocalDatadog) -> None:
     stop = asyncio.Event()
+    timeline.mark()
     task = asyncio.create_task(agent.run(stop), name="agent")
     try:
         while agent.api_address is None or agent.sinks.rounds < 2:
@@ -152,6 +213,7 @@ async def _run_agent_during(agent: Agent, sim: KubeletSim, steps: list[ScenarioS
         started = time.monotonic()
 
         def on_step(step: ScenarioStep) -> None:
+            timeline.mark()
             if "DNS fixed" in step.description:
                 _show_gaps(url, "Before the DNS fix, mid-incident")
                 dns.broken = False
@@ -162,6 +224,7 @@ async def _run_agent_during(agent: Agent, sim: KubeletSim, steps: list[ScenarioS
         # Let the DNS recovery be probed; the archive seals and ships what is still open.
         await asyncio.sleep(2 * agent.settings.probe_interval_s + 0.5)
         await asyncio.to_thread(_show_gaps, url, "After the DNS fix")
+        await _show_backfill(agent, datadog)
         assert agent.settings.archive_token_file is not None
         args = ["archive", "--url", url, "--token-file", str(agent.settings.archive_token_file),
                 "--namespace", NAMESPACE, "--since", "2025-11-10T12:00:00Z",
@@ -211,8 +274,33 @@ def _ledger_from_store(cfg: Path) -> int:
     return rc
 
 
+async def _show_backfill(agent: Agent, datadog: LocalDatadog) -> None:
+    """Wait for the automatic backfill of the Datadog outage and show what Datadog received."""
+    _h("After the DNS fix: the agent backfills the outage window into Datadog"
+       " (replay_on_recovery: [datadog])")
+    deadline = time.monotonic() + 120
+    backfill: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        rows = await asyncio.to_thread(agent.ledger.gaps, kind="sink_outage")
+        backfill = rows[-1].to_json().get("backfill", {}) if rows else {}
+        if backfill.get("status") in ("complete", "partial", "failed"):
+            break
+        await asyncio.sleep(0.2)
+    print(f"  backfill {backfill.get('status', 'not started')}: {backfill.get('lines', 0)}"
+          f" lines ({backfill.get('bytes', 0)} bytes) of the outage window replayed to"
+          f" {datadog.url} via {', '.join(backfill.get('paths') or {}) or '-'}"
+          + (f"; error: {backfill['error']}" if backfill.get("error") else ""))
+    failed = [e for e in datadog.intake.entries if "PAYMENT_FAILED" in str(e.get("message"))]
+    for e in failed:
+        print(f"  {GREEN}datadog{RESET} {e['evidence_keeper']['time'][:23]}Z"
+              f" service:{e['service']} host:{e['hostname']} │ {e['message']}")
+    print(f"  PAYMENT_FAILED lines in Datadog after the DNS fix: {len(failed)}"
+          f" (late, but there: dashboards and saved searches now show Nov 10)")
+
+
 def _report(settings: Settings, agent: Agent, sim: KubeletSim, store: Store,
-            unseen: set[StreamId], archive_ids: list[str], cfg: Path, keep: Path) -> int:
+            unseen: set[StreamId], archive_ids: list[str], cfg: Path, keep: Path,
+            datadog: LocalDatadog) -> int:
     _h("Gaps in the ledger after shutdown")
     gaps = agent.ledger.gaps()
     losses = [g for g in gaps if g.kind == "loss"]
@@ -279,7 +367,12 @@ def _report(settings: Settings, agent: Agent, sim: KubeletSim, store: Store,
           f" received; every stream byte-exact: {'yes' if exact else 'NO'};"
           f" archive verified: {'yes' if verified == 0 else 'NO'}")
     _hint(settings, store, keep, witness)
-    ok = exact and bool(failed_lines) and verified == 0 and searched == 0 and ledger_ok
+    in_datadog = sum(1 for e in datadog.intake.entries
+                     if PAYMENT_FAILED_MARKER.decode() in str(e.get("message")))
+    print(f"  PAYMENT_FAILED lines backfilled into Datadog: {in_datadog} of"
+          f" {len(failed_lines)}; intake violations: {len(datadog.intake.violations)}")
+    ok = (exact and bool(failed_lines) and verified == 0 and searched == 0 and ledger_ok
+          and in_datadog == len(failed_lines) and not datadog.intake.violations)
     return 0 if ok else 1
 
 
@@ -308,7 +401,8 @@ def run_demo(*, workdir: str | None = None, speed: float = 1.0) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     s3: LocalS3 | None = None
-    overrides: dict[str, Any] = {"sink_probes": f"datadog=dns:{DD_INTAKE_HOST}"}
+    overrides: dict[str, Any] = {"sink_probes": f"datadog=dns:{DD_INTAKE_HOST}",
+                                 "replay_on_recovery": ["datadog"]}
     try:
         s3 = LocalS3()
         overrides.update(store_url="s3://evidence/nov10", s3_endpoint_url=s3.url,
@@ -320,13 +414,24 @@ def run_demo(*, workdir: str | None = None, speed: float = 1.0) -> int:
         token.write_text(secrets.token_hex(16))
         token.chmod(0o600)
         overrides["archive_token_file"] = str(token)
-        return _demo(work, demo_settings(work, **overrides), speed, s3)
+        key = work / "datadog-api-key"
+        key.write_text(LocalDatadog.API_KEY)
+        key.chmod(0o600)
+        clock: list[IncidentTimeline] = []
+        datadog = LocalDatadog(now=lambda: clock[0].now().timestamp() if clock else time.time())
+        try:
+            overrides["replay_targets"] = {"datadog": {
+                "kind": "datadog", "url": datadog.url, "credentials_file": str(key)}}
+            return _demo(work, demo_settings(work, **overrides), speed, s3, datadog, clock)
+        finally:
+            datadog.stop()
     finally:
         if s3 is not None:
             s3.stop()
 
 
-def _demo(work: Path, settings: Settings, speed: float, s3: LocalS3 | None) -> int:
+def _demo(work: Path, settings: Settings, speed: float, s3: LocalS3 | None,
+          datadog: LocalDatadog, clock: list[IncidentTimeline]) -> int:
     cfg = Path(settings.spool_dir) / "demo.yaml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(
@@ -339,18 +444,24 @@ def _demo(work: Path, settings: Settings, speed: float, s3: LocalS3 | None) -> i
           f"  store          {settings.store_url}"
           + (f"  (S3 on {s3.url}, Object Lock COMPLIANCE {settings.object_lock_days} days)"
              if s3 else "")
-          + f"\n  sink probe     datadog=dns:{DD_INTAKE_HOST} (DNS broken, as on Nov 10)")
+          + f"\n  sink probe     datadog=dns:{DD_INTAKE_HOST} (DNS broken, as on Nov 10)"
+          f"\n  replay target  datadog -> {datadog.url} (a local Datadog-compatible intake),"
+          " backfilled when the outage closes")
     print("  The agent starts on a node whose sink DNS is already broken, like Nov 10.")
     sim = KubeletSim(Path(settings.log_root), max_files=3)
     steps = nov10_incident(sim)
     unseen = {sid for sid in sim.streams() if not sim.files_of(sid)}
     dns = Nov10DNS()
     agent = Agent(settings, resolver=dns)
+    timeline = IncidentTimeline(sim)
+    clock.append(timeline)
+    agent.backfill.timeline = timeline  # the lines carry Nov 10's clock, not today's
     archive_ids: list[str] = []
     try:
-        asyncio.run(_run_agent_during(agent, sim, steps, speed, dns, archive_ids))
+        asyncio.run(_run_agent_during(agent, sim, steps, speed, dns, archive_ids, timeline,
+                                      datadog))
         return _report(settings, agent, sim, agent.store, unseen, archive_ids, cfg,
-                       work / "evidence")
+                       work / "evidence", datadog)
     finally:
         agent.close()
 

@@ -165,6 +165,13 @@ class Metrics:
             "Gap ledger records (gap changes) not yet in the store's ledger objects.",
             registry=r,
         )
+        # Replay (issue 15): lines the automatic backfill put back into a sink, by target.
+        self.replayed_lines = Counter(
+            "evidence_keeper_replayed_lines",
+            "Log lines replayed into a sink after its outage and acknowledged by it, by target.",
+            ["target"],
+            registry=r,
+        )
 
     def _add_process_metrics(self, r: CollectorRegistry, build: BuildInfo) -> None:
         """``build_info`` and the standard ``process_*`` metrics (CPU, memory, descriptors,

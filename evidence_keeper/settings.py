@@ -50,6 +50,7 @@ from pydantic_core import PydanticCustomError
 __all__ = [
     "SETTINGS_KEYS",
     "ConfigError",
+    "ReplayTarget",
     "Settings",
     "SinkProbe",
     "load_settings",
@@ -507,6 +508,155 @@ def _sink_probes(value: object) -> tuple[SinkProbe, ...]:
 
 
 # --------------------------------------------------------------------------------------------
+# Replay targets (issue 15): where ``evidence-keeper replay`` and the automatic backfill send
+# preserved lines. A YAML mapping ``name -> {kind, url, credentials_file, ...}``; from the
+# environment (``EK_REPLAY_TARGETS``) the same mapping as JSON or YAML text.
+
+REPLAY_KINDS: Final = ("datadog", "loki", "otlp")
+DATADOG_DEFAULT_SITE: Final = "datadoghq.com"
+_REPLAY_KEYS: Final = frozenset({"kind", "url", "credentials_file", "site", "archive_url",
+                                 "tenant", "tags", "max_age"})
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayTarget:
+    """One sink replay can write to.
+
+    ``url``: the endpoint (Datadog: derived from ``site`` when unset, e.g.
+    ``https://http-intake.logs.datadoghq.eu/api/v2/logs``; Loki: its base URL or the full
+    ``/loki/api/v1/push`` URL; OTLP: the base URL or the full ``/v1/logs`` URL).
+    ``credentials_file``: Datadog API key; Loki ``user:password`` (basic) or a bearer token;
+    OTLP a bearer token. Read when a replay starts, never logged. ``archive_url``
+    (Datadog only): ``file:///dir`` or ``s3://bucket/prefix`` of a Datadog log archive, where
+    lines older than ``max_age_s`` (18 h: the oldest the intake accepts) are written in
+    Datadog's archive format for Log Rehydration. ``tenant``: Loki's ``X-Scope-OrgID``.
+    ``tags``: extra ``key:value`` tags (Datadog) or labels (Loki) or resource attributes (OTLP).
+    """
+
+    name: str
+    kind: Literal["datadog", "loki", "otlp"]
+    url: str
+    credentials_file: Path | None = None
+    site: str = DATADOG_DEFAULT_SITE
+    archive_url: str | None = None
+    tenant: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+    max_age_s: float = 18 * 3600.0
+
+
+def _replay_url(kind: str, url: object, site: str) -> str:
+    if _blank(url):
+        if kind != "datadog":
+            raise ValueError(f"a {kind} target needs a url")
+        return f"https://http-intake.logs.{site}/api/v2/logs"
+    text = str(url).strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"url {text!r} is not an http(s) URL")
+    path = parts.path.rstrip("/")
+    suffix = {"datadog": "/api/v2/logs", "loki": "/loki/api/v1/push", "otlp": "/v1/logs"}[kind]
+    if not path.endswith(suffix):
+        text = text.rstrip("/") + suffix
+    return text
+
+
+def _replay_tags(value: object) -> tuple[tuple[str, str], ...]:
+    if _blank(value):
+        return ()
+    items: list[tuple[str, str]] = []
+    if isinstance(value, Mapping):
+        items = [(str(k), str(v)) for k, v in value.items()]
+    elif isinstance(value, str | list | tuple):
+        for t in value.split(",") if isinstance(value, str) else value:
+            k, sep, v = str(t).strip().partition(":")
+            if not sep or not k:
+                raise ValueError(f"tag {t!r} is not key:value")
+            items.append((k, v))
+    else:
+        raise ValueError("tags must be a mapping or a list of key:value")
+    return tuple(items)
+
+
+def _parse_replay_target(name: str, doc: object) -> ReplayTarget:
+    """Raises ``ValueError`` with a reason."""
+    if not isinstance(doc, Mapping):
+        raise ValueError("must be a mapping with at least kind and url")
+    unknown = sorted(str(k) for k in doc if k not in _REPLAY_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(_REPLAY_KEYS))})")
+    kind = str(doc.get("kind", "")).strip().lower()
+    if kind not in REPLAY_KINDS:
+        raise ValueError(f"kind {doc.get('kind')!r} is not one of {', '.join(REPLAY_KINDS)}")
+    site = str(doc.get("site") or DATADOG_DEFAULT_SITE).strip()
+    if not re.fullmatch(r"[a-z0-9.-]+\.[a-z]{2,}", site):
+        raise ValueError(f"site {site!r} is not a Datadog site such as datadoghq.eu")
+    creds = doc.get("credentials_file")
+    cred_path = None if _blank(creds) else Path(str(creds))
+    if cred_path is not None and not cred_path.is_absolute():
+        raise ValueError(f"credentials_file {str(creds)!r} must be an absolute path")
+    if kind == "datadog" and cred_path is None:
+        raise ValueError("a datadog target needs credentials_file (the API key)")
+    archive = doc.get("archive_url")
+    archive_url = None if _blank(archive) else str(archive).strip()
+    if archive_url is not None:
+        if kind != "datadog":
+            raise ValueError("archive_url is for datadog targets only")
+        if not archive_url.startswith(("file:///", "s3://")):
+            raise ValueError(f"archive_url {archive_url!r} is not file:///dir or s3://bucket/prefix")
+    max_age = parse_duration(doc.get("max_age", 18 * 3600))
+    if not 60 <= max_age <= 18 * 3600:
+        raise ValueError("max_age must be between 1m and 18h (the Datadog intake limit)")
+    tenant = doc.get("tenant")
+    return ReplayTarget(
+        name=name, kind=kind,  # type: ignore[arg-type]
+        url=_replay_url(kind, doc.get("url"), site), credentials_file=cred_path, site=site,
+        archive_url=archive_url, tenant=None if _blank(tenant) else str(tenant),
+        tags=_replay_tags(doc.get("tags")), max_age_s=max_age)
+
+
+def _replay_targets(value: object) -> tuple[ReplayTarget, ...]:
+    if _blank(value):
+        return ()
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise _invalid(value, "is not a YAML/JSON mapping of replay targets") from None
+    if isinstance(value, tuple | list) and all(isinstance(t, ReplayTarget) for t in value):
+        return tuple(value)  # re-validating a Settings
+    if isinstance(value, tuple | list) and all(isinstance(t, Mapping) and "name" in t
+                                               for t in value):
+        value = {str(t["name"]): {k: v for k, v in t.items() if k != "name"} for t in value}
+    if not isinstance(value, Mapping):
+        raise _invalid(value, "is not a mapping of replay targets (name -> {kind, url, ...})")
+    out: list[ReplayTarget] = []
+    for name, doc in value.items():
+        if not isinstance(name, str) or not _PROBE_NAME_RE.fullmatch(name):
+            raise _invalid(name, "is not a valid target name (letters, digits, '.', '_', '-')")
+        spec = doc
+        if isinstance(doc, Mapping) and "max_age_s" in doc:
+            spec = {**{k: v for k, v in doc.items() if k != "max_age_s"},
+                    "max_age": doc["max_age_s"]}
+        try:
+            out.append(_parse_replay_target(name, spec))
+        except (ValueError, PydanticCustomError) as exc:
+            raise _invalid(name, f"is not a valid replay target: {exc}") from None
+    return tuple(out)
+
+
+def _replay_on_recovery(value: object) -> tuple[str, ...]:
+    if _blank(value):
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise _invalid(value, "is not a list of replay target names")
+    names = tuple(str(i).strip() for i in items if str(i).strip())
+    if len(set(names)) != len(names):
+        raise _invalid(value, "repeats a target name")
+    return names
+
+
+# --------------------------------------------------------------------------------------------
 # Field types. Every parser runs before pydantic's own type check, so the check never fails
 # with pydantic's wording except for values no parser anticipated.
 
@@ -675,6 +825,18 @@ class Settings(BaseModel):
         BeforeValidator(_choice(("debug", "info", "warning", "error"), {"warn": "warning"})),
     ] = Field(default="info", description="Lowest level of the agent's own JSON log lines.")
 
+    # -- replay (issue 15) -------------------------------------------------------------------
+    replay_targets: Annotated[tuple[ReplayTarget, ...], BeforeValidator(_replay_targets)] = Field(
+        default=(),
+        description="Sinks `replay` and the backfill write to: name -> {kind: datadog|loki|otlp,"
+        " url, credentials_file, site, archive_url, tenant, tags, max_age}.",
+    )
+    replay_on_recovery: Annotated[tuple[str, ...], BeforeValidator(_replay_on_recovery)] = Field(
+        default=(),
+        description="Replay targets backfilled automatically when a sink_outage of the sink"
+        " probe of the same name closes (opt-in).",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _derive_defaults(cls, data: Any) -> Any:
@@ -698,6 +860,11 @@ class Settings(BaseModel):
             )
         if self.sse_kms_key_id is not None and self.sse != "aws:kms":
             raise _invalid(self.sse_kms_key_id, "requires sse: aws:kms", key="sse_kms_key_id")
+        known = {t.name for t in self.replay_targets}
+        for name in self.replay_on_recovery:
+            if name not in known:
+                raise _invalid(name, "is not a configured replay target (replay_targets)",
+                               key="replay_on_recovery")
         if self.segment_max_bytes > self.spool_max_bytes:
             raise _invalid(
                 self.segment_max_bytes,

@@ -51,6 +51,7 @@ from evidence_keeper.health.sinks import SinkMonitor
 from evidence_keeper.logs import get_logger
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss
+from evidence_keeper.replay.backfill import install as install_backfill
 from evidence_keeper.settings import Settings
 from evidence_keeper.ship.ledger import LedgerShipConfig, LedgerShipper
 from evidence_keeper.ship.shipper import ShipConfig, Shipper
@@ -151,6 +152,7 @@ class Agent:
         self._backlog_gap: int | None = None
         self._shutdown_deadline = 0.0
         install_archive(self)
+        self.backfill = install_backfill(self)  # replay_on_recovery (issue 15)
 
     def _record_loss(self, loss: Loss) -> None:
         self.ledger.record_loss(loss, at=datetime.now(UTC))

@@ -1,5 +1,6 @@
 """`make demo` is a deliverable: the replay must end with every stream byte-exact, the archive
-verified and the PAYMENT_FAILED lines found in the store."""
+verified, the PAYMENT_FAILED lines found in the store and backfilled into a local Datadog
+intake once the DNS fix closes the outage."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ def test_demo_tells_the_story_end_to_end(tmp_path: Path,
     assert "node ip-10-0-1-23.ec2.internal: sink datadog" in out
     assert "gaps on 1 node " in out and "verified: 1 node," in out  # the ledger, from the store
     assert "sink_outage" in out and "coverage" in out
-    assert out.count("status updated to PAYMENT_FAILED") == 12  # found by search
+    # 12 found by search in the store, and the same 12 backfilled into the local Datadog.
+    assert out.count("status updated to PAYMENT_FAILED") == 24
+    assert "PAYMENT_FAILED lines in Datadog after the DNS fix: 12" in out
+    assert "PAYMENT_FAILED lines backfilled into Datadog: 12 of 12; intake violations: 0" in out
     assert "every stream byte-exact: yes; archive verified: yes" in out
     assert "DIFFERS" not in out
 

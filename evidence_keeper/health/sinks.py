@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -134,6 +134,8 @@ class SinkMonitor:
         self._last_flush = time.monotonic()
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ek-store-probe")
         self._store_check: asyncio.Future[None] | None = None
+        # Called as (sink, gap_id) from a worker thread once a sink_outage is closed (backfill).
+        self.on_outage_closed: list[Callable[[str, int], None]] = []
 
     def close(self) -> None:
         self._store_pool.shutdown(wait=False, cancel_futures=True)
@@ -225,7 +227,9 @@ class SinkMonitor:
         st.up = True
         if st.gap_id is not None:
             self.ledger.close_gap(st.gap_id, at=at, extra=st.coverage.extra())
-            st.gap_id = None
+            closed, st.gap_id = st.gap_id, None
+            for hook in self.on_outage_closed:
+                hook(st.name, closed)
         if was_down:
             log.info("sink up again", sink=st.name, target=st.target)
 

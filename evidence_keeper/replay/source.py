@@ -1,0 +1,162 @@
+"""Which stored segments a replay reads, and their bytes, decompressed within bounds.
+
+Planning uses the archive layer's scope machinery: the key layout narrows the listing
+(namespace, pod and container globs), and with a time window segments are ``head``-ed for
+``ek-first-ts``/``ek-last-ts`` and skipped when they cannot hold a line of the window
+(:func:`~evidence_keeper.archive.manifest.select_segments`). Without ``--namespace`` every
+namespace of the cluster is listed. A *run* is a list of contiguous segments of one stream; a
+run that starts right after a stored segment the window skipped starts inside that segment's
+last line, which is dropped (its timestamp put it before the window).
+
+Reading: each body is decompressed as a stream, never to more than its ``ek-length`` (the
+key's range, a hard cap); a longer or shorter body, or one whose SHA-256 differs from
+``ek-sha256``, is an error naming the object: replaying something other than the evidence
+would be a false record. (The bounded decompression of ``ship/codec.py`` is being added on
+another branch; this local one should be folded into it.)
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+import zstandard
+
+from evidence_keeper.archive.manifest import (
+    Listing,
+    Scope,
+    SegmentEntry,
+    list_scope,
+    parse_rfc3339,
+    select_segments,
+)
+from evidence_keeper.model import StreamId, parse_segment_key
+from evidence_keeper.ship.store import Store
+
+CHUNK: Final = 1 << 20
+HARD_CAP: Final = 1 << 30  # no segment decompresses beyond this, whatever its key says
+
+
+class SourceError(Exception):
+    """A stored object that cannot be replayed as it is (one line naming it)."""
+
+
+@dataclass
+class Run:
+    segments: list[SegmentEntry]
+    lead: bool  # starts inside a line that began in a skipped segment
+
+
+@dataclass
+class StreamPlan:
+    stream: StreamId
+    runs: list[Run] = field(default_factory=list)
+    node: str = ""
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(e.length for r in self.runs for e in r.segments)
+
+
+def _namespaces(store: Store, cluster: str) -> list[str]:
+    found: set[str] = set()
+    for key in store.list(f"{cluster}/"):
+        sk = parse_segment_key(key)
+        if sk is not None and sk.prefix == "" and sk.cluster == cluster:
+            found.add(sk.stream.namespace)
+    return sorted(found)
+
+
+def plan(store: Store, *, cluster: str, namespace: str | None,
+         namespaces: tuple[str, ...] | None = None, pod: str | None = None,
+         container: str | None = None, since: datetime | None = None,
+         until: datetime | None = None, node: str | None = None,
+         streams: set[str] | None = None) -> list[StreamPlan]:
+    """The streams of the scope, each with its runs of segments that can hold window lines.
+
+    ``node`` keeps segments written by that node (``ek-node``); ``streams`` keeps only these
+    stream keys (:attr:`StreamId.key`).
+    """
+    out: list[StreamPlan] = []
+    listed = ([namespace] if namespace else list(namespaces) if namespaces
+              else _namespaces(store, cluster))
+    for ns in listed:
+        scope = Scope(namespace=ns, pod=pod, container=container, since=since, until=until)
+        listing = list_scope(store, cluster=cluster, scope=scope)
+        if streams is not None:
+            listing = Listing({sid: keys for sid, keys in listing.streams.items()
+                               if sid.key in streams})
+        if not listing.streams:
+            continue
+        selection = select_segments(store, cluster=cluster, scope=scope, node=node,
+                                    listing=listing)
+        chosen: dict[StreamId, list[SegmentEntry]] = {}
+        for e in selection.segments:
+            chosen.setdefault(e.stream, []).append(e)
+        for sid in sorted(chosen):
+            out.append(_runs(sid, chosen[sid], listing))
+    return out
+
+
+def _runs(sid: StreamId, entries: list[SegmentEntry], listing: Listing) -> StreamPlan:
+    stored_ends = {sk.end for _, sk in listing.streams.get(sid, [])}
+    sp = StreamPlan(sid, node=entries[0].node if entries else "")
+    entries = sorted(entries, key=lambda e: e.offset)
+    for e in entries:
+        last = sp.runs[-1].segments[-1] if sp.runs else None
+        if last is not None and last.end == e.offset:
+            sp.runs[-1].segments.append(e)
+        else:
+            # A stored segment ends where this one starts but was not chosen: mid-line start.
+            sp.runs.append(Run([e], lead=e.offset > 0 and e.offset in stored_ends))
+    return sp
+
+
+def read_segment(store: Store, entry: SegmentEntry) -> Iterator[bytes]:
+    """The raw bytes of one segment, ``CHUNK`` at a time, bounded and checked."""
+    want = entry.length
+    if want > HARD_CAP:
+        raise SourceError(f"{entry.key}: {want} bytes is beyond the {HARD_CAP} byte cap")
+    body = store.get(entry.key)
+    reader: Any
+    if entry.ext == "zst":
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body))
+    elif entry.ext == "gz":
+        reader = gzip.GzipFile(fileobj=io.BytesIO(body))
+    else:
+        raise SourceError(f"{entry.key}: unknown compression {entry.ext!r}")
+    digest = hashlib.sha256()
+    got = 0
+    try:
+        with reader:
+            while True:
+                chunk = reader.read(min(CHUNK, want - got + 1))
+                if not chunk:
+                    break
+                got += len(chunk)
+                if got > want:
+                    raise SourceError(f"{entry.key}: decompresses to more than its {want}"
+                                      " bytes (ek-length): refusing it")
+                digest.update(chunk)
+                yield chunk
+    except (OSError, EOFError, zstandard.ZstdError) as exc:
+        raise SourceError(f"{entry.key}: corrupt body: {exc}") from exc
+    if got != want:
+        raise SourceError(f"{entry.key}: body has {got} bytes, its key says {want}")
+    if entry.sha256 and digest.hexdigest() != entry.sha256:
+        raise SourceError(f"{entry.key}: sha256 does not match ek-sha256: not replayed")
+
+
+def observed_ns(entry: SegmentEntry) -> int:
+    """When the agent had the segment's lines, as far as the store says: its last line's time
+    (every line of a segment was captured at or after it was written; ``ek-last-ts`` is the
+    latest of them)."""
+    ts = parse_rfc3339(entry.last_ts)
+    if ts is None:
+        return 0
+    return int(ts.timestamp()) * 1_000_000_000 + ts.microsecond * 1000
