@@ -31,7 +31,7 @@ from evidence_keeper.archive.ledger import newest_gaps, read_ledger, verify_ledg
 from evidence_keeper.health.ledger import Ledger
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss, StreamId
-from evidence_keeper.ship.ledger import LedgerShipConfig, LedgerShipper
+from evidence_keeper.health.ledgership import LedgerShipConfig, LedgerShipper
 from evidence_keeper.ship.store import FileStore
 
 

@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
+from evidence_keeper.agents import list_agent_pods
 from evidence_keeper.api.client import ApiError, call
-from evidence_keeper.archive.service import AgentPod, ClusterError, list_agent_pods
+from evidence_keeper.archive.cluster import AgentPod, ClusterError
 
 AGENT_SELECTOR: Final = "app.kubernetes.io/name=evidence-keeper"
 QUERY_WORKERS: Final = 16

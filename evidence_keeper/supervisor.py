@@ -9,7 +9,7 @@ Task tree (one root ``asyncio.TaskGroup``)::
     ├── monitor    backlog gap, spool gauges, heartbeat, ledger retention (every second)
     ├── sinks      probe the log sinks and the store, sink_outage gaps with coverage
     ├── ship       sealed segments → store, backoff and circuit breaker
-    └── ledger     gap records → the store's ledger objects (ship/ledger.py)
+    └── ledger     gap records → the store's ledger objects (health/ledgership.py)
     (+ the HTTP API, started first and stopped last so /metrics answers during the drain)
 
 Each loop is *guarded*: an exception is logged with its task name and the loop restarts after
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -41,25 +42,26 @@ from typing import Any
 from aiohttp import web
 
 from evidence_keeper.aiotasks import guard, sleep_until, stop_tasks
-from evidence_keeper.archive.service import install as install_archive
+from evidence_keeper.api.app import HttpLimits, serve
+from evidence_keeper.api.archiving import ArchiveService
 from evidence_keeper.discover.kube import KubeWatcher, kube_enabled
 from evidence_keeper.discover.logtree import LogTree
 from evidence_keeper.fsio import FileSystem
 from evidence_keeper.health.ledger import Ledger
+from evidence_keeper.health.ledgership import LedgerShipConfig, LedgerShipper
 from evidence_keeper.health.probes import Prober, Resolver, ResolverPool
 from evidence_keeper.health.sinks import SinkMonitor
 from evidence_keeper.logs import get_logger
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss
-from evidence_keeper.replay.backfill import install as install_backfill
+from evidence_keeper.replay.backfill import Backfill
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.ledger import LedgerShipConfig, LedgerShipper
 from evidence_keeper.ship.shipper import ShipConfig, Shipper
 from evidence_keeper.ship.store import Store, StoreError, open_store
 from evidence_keeper.spool.spool import Spool
 from evidence_keeper.tail.tailer import Tailer
 from evidence_keeper.timefmt import parse_rfc3339, rfc3339
-from evidence_keeper.views import PipelineControl, api_fallback
+from evidence_keeper.views import ApiView, ArchiveCaptureView, PipelineControl, api_fallback
 
 log = get_logger("evidence_keeper.supervisor")
 HEARTBEAT_S = 5.0
@@ -147,12 +149,20 @@ class Agent:
                                         cluster=settings.cluster),
                 fallback=api_fallback(self.spool), store=self.store, metrics=self.metrics,
                 status=self.status, stop=self.intake_closed, fs=self.fs)
-        self.api_extensions: list[Callable[[web.Application], None]] = []
+        self.archive = ArchiveService(
+            settings=settings, fs=self.fs, store=self.store,
+            capture=ArchiveCaptureView(spool=self.spool, shipper=self.shipper,
+                                       ledger_shipper=self.ledger_shipper, rows=self.gap_rows,
+                                       kube=self.kube))
+        # replay_on_recovery (issue 15): a closed outage of a replay target is backfilled.
+        self.backfill = Backfill(settings=settings, store=self.store, ledger=self.ledger,
+                                 spool=self.spool, metrics=self.metrics,
+                                 wake_shipper=self.shipper.wakeup.set)
+        self.sinks.on_outage_closed.append(self.backfill.outage_closed)
+        self.api_extensions: list[Callable[[web.Application], None]] = [self.archive.add_routes]
         self.api_address: tuple[str, int] | None = None
         self._backlog_gap: int | None = None
         self._shutdown_deadline = 0.0
-        install_archive(self)
-        self.backfill = install_backfill(self)  # replay_on_recovery (issue 15)
 
     def _record_loss(self, loss: Loss) -> None:
         self.ledger.record_loss(loss, at=datetime.now(UTC))
@@ -356,15 +366,25 @@ class Agent:
         answers during the drain, and its cleanup is shielded from cancellation.
         """
         await self.start()
-        from evidence_keeper.api.app import serve  # until the API takes narrow views (issue 11)
-
+        s = self.settings
+        view = ApiView(node=s.node_name, registry=self.metrics.registry,
+                       readiness_doc=self.readiness, rows=self.gap_rows)
         try:
-            runner = await serve(self, self.settings.listen_host, self.settings.listen_port)
+            runner, self.api_address = await serve(
+                view, host=s.listen_host, port=s.listen_port, metrics=self.metrics,
+                limits=HttpLimits(s.http_max_connections, s.http_idle_timeout_s,
+                                  s.http_header_timeout_s),
+                extensions=self.api_extensions)
         except OSError as exc:
-            raise StartupError(f"cannot listen on {self.settings.listen}: {exc}") from exc
+            raise StartupError(f"cannot listen on {s.listen}: {exc}") from exc
         ship_stop, ledger_stop, http_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        jobs_stop = asyncio.Event()  # archive jobs and backfills: until the drain is done
         async with asyncio.TaskGroup() as tg:
             http = tg.create_task(self._serve_until(runner, http_stop), name="http")
+            jobs = [tg.create_task(self._guarded(name, functools.partial(run, jobs_stop),
+                                                 stop=jobs_stop), name=name)
+                    for name, run in (("archive", self.archive.run),
+                                      ("backfill", self.backfill.run))]
             try:
                 intake = [tg.create_task(self._guarded(name, loop), name=name)
                           for name, loop in self._intake_loops()]
@@ -378,6 +398,8 @@ class Agent:
                 await self.shutdown(intake, ship, ship_stop)
                 await self._drain_ledger(ledger, ledger_stop)
             finally:
+                jobs_stop.set()
+                await stop_tasks(jobs, within=5.0, cancel=False)
                 http_stop.set()
                 await asyncio.shield(http)
 

@@ -2,22 +2,30 @@
 
 A component never receives the supervisor (or the tailer, the spool and the ledger together)
 to reach into: it declares the few operations it needs as a ``Protocol`` next to its own code,
-and this module implements each over the real parts. The watcher's :class:`StreamControl` is
-the first; keeping these adapters here (the supervisor's layer) is what lets ``discover/`` sit
-below ``tail/``, ``spool/``' users and ``health/`` without importing any of them.
+and this module implements each over the real parts: the watcher's ``StreamControl``, the
+HTTP API's ``AgentView`` and the archive service's ``ArchiveCapture``. Keeping these adapters
+here (just below the supervisor) is what lets ``api/`` never import the supervisor and
+``discover/`` never import the tailer or the ledger.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
+from evidence_keeper.archive.manifest import Scope
 from evidence_keeper.discover.apilogs import ApiLogs
-from evidence_keeper.discover.kube import KubeTuning, StreamProgress
+from evidence_keeper.discover.kube import KubeTuning, KubeWatcher, StreamProgress
+from evidence_keeper.discover.lifecycle import LifecycleLedger
 from evidence_keeper.health.ledger import Ledger
+from evidence_keeper.health.ledgership import LedgerShipper
 from evidence_keeper.model import Loss, StreamId
+from evidence_keeper.ship.shipper import Shipper
 from evidence_keeper.ship.store import Store
 from evidence_keeper.spool.spool import Spool
 from evidence_keeper.tail.tailer import Tailer
@@ -89,3 +97,77 @@ def api_fallback(spool: Spool) -> Callable[..., ApiLogs]:
                        backoff_max_s=tuning.backoff_max_s)
 
     return build
+
+
+@dataclass(frozen=True, slots=True)
+class ApiView:
+    """:class:`evidence_keeper.api.app.AgentView`: the node's name, its metrics registry, and the
+    two documents the API serves (built over the supervisor's readiness and gap rows)."""
+
+    node: str
+    registry: CollectorRegistry
+    readiness_doc: Callable[[], dict[str, Any]]
+    rows: Callable[..., Awaitable[list[dict[str, Any]]]]
+
+    def readiness(self) -> dict[str, Any]:
+        return self.readiness_doc()
+
+    async def gap_rows(self, *, since: datetime | None, until: datetime | None,
+                       kind: str | None = None, namespace: str | None = None,
+                       open_: bool | None = None) -> list[dict[str, Any]]:
+        return await self.rows(since=since, until=until, kind=kind, namespace=namespace,
+                               open_=open_)
+
+
+class ArchiveCaptureView:
+    """:class:`evidence_keeper.api.archiving.ArchiveCapture` over the spool, the shipper, the
+    gap ledger's shipper and the watcher's local lifecycle records."""
+
+    def __init__(self, *, spool: Spool, shipper: Shipper, ledger_shipper: LedgerShipper,
+                 rows: Callable[..., Awaitable[list[dict[str, Any]]]],
+                 kube: KubeWatcher | None) -> None:
+        self._spool = spool
+        self._shipper = shipper
+        self._ledger_shipper = ledger_shipper
+        self._rows = rows
+        self._kube = kube
+
+    def seal_scope(self, scope: Scope) -> dict[StreamId, int]:
+        spool = self._spool
+        with spool.lock:
+            sids = [sid for sid in spool.streams if scope.matches(sid)]
+            spool.seal_all(sids)
+            return {sid: spool.streams[sid].next_offset for sid in sids}
+
+    def pending(self, targets: Mapping[StreamId, int]) -> tuple[int, int]:
+        spool = self._spool
+        segments = nbytes = 0
+        with spool.lock:
+            for sid, target in targets.items():
+                s = spool.streams.get(sid)
+                if s is None:
+                    continue
+                for seg in s.sealed:
+                    if not seg.shipped and seg.start < target:
+                        segments += 1
+                        nbytes += seg.length
+                if s.open is not None and s.open.start < target:
+                    segments += 1
+                    nbytes += min(s.open.size, target - s.open.start)
+        return segments, nbytes
+
+    def kick_shipping(self) -> None:
+        self._shipper.wakeup.set()
+
+    def last_store_error(self) -> str | None:
+        return self._shipper.last_error
+
+    async def drain_ledger(self, deadline: float) -> bool:
+        return await self._ledger_shipper.drain(deadline)
+
+    async def gap_rows(self, *, since: datetime | None,
+                       until: datetime | None) -> list[dict[str, Any]]:
+        return await self._rows(since=since, until=until)
+
+    def lifecycle_local(self) -> LifecycleLedger | None:
+        return self._kube.lifecycle if self._kube is not None else None

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pytest
 
+from evidence_keeper.api.archiving import ArchiveJob
 from evidence_keeper.api.contract import json_depth
 from evidence_keeper.api.guarding import ConnectionGuard
-from evidence_keeper.archive.service import ArchiveJob, ArchiveService
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.settings import Settings
 from evidence_keeper.ship.store import FileStore
@@ -297,8 +297,7 @@ def test_archive_jobs_are_pruned_by_age_and_count(
         (state / f"{job.id}.json").write_text(json.dumps(asdict(job)))
     auth = {"Authorization": f"Bearer {TOKEN}"}
     agent = AgentThread(settings)
-    service = next(e.__self__ for e in agent.agent.api_extensions
-                   if isinstance(getattr(e, "__self__", None), ArchiveService))
+    service = agent.agent.archive
     assert service.jobs_keep_days == 30
     service.jobs_max = 3
     with agent as t:

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp import ClientSession, web
 
+from evidence_keeper.api.archiving import ArchiveJob
 from evidence_keeper.api.client import call
 from evidence_keeper.archive.manifest import (
     Scope,
@@ -39,7 +40,6 @@ from evidence_keeper.archive.manifest import (
     window_mask,
 )
 from evidence_keeper.archive.search import Hit, Matcher, search
-from evidence_keeper.archive.service import ArchiveJob, ArchiveService
 from evidence_keeper.archive.verify import verify_archive
 from evidence_keeper.cli import main as cli_main
 from evidence_keeper.formats import line_message, line_ts
@@ -530,8 +530,7 @@ def test_interrupted_archive_resumes_and_unstorable_fails(
     broken = archive_settings(make_settings, token_file, store_url=f"file://{blocker}/store",
                               spool_dir=str(tmp_path / "spool2"), shutdown_timeout_s=1)
     with AgentThread(broken) as t:
-        service = next(e.__self__ for e in t.agent.api_extensions
-                       if isinstance(getattr(e, "__self__", None), ArchiveService))
+        service = t.agent.archive
         service.ship_timeout_s = 1.5
         doc = post_archive(t.url, {"namespace": NS, "reason": "store down"})
         done = wait_archive(t.url, doc["id"])

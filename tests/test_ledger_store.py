@@ -26,15 +26,15 @@ from evidence_keeper.api.client import call
 from evidence_keeper.archive.ledger import newest_gaps, read_ledger, verify_ledger
 from evidence_keeper.archive.verify import verify_archive
 from evidence_keeper.health.ledger import Ledger
-from evidence_keeper.metrics import Metrics
-from evidence_keeper.model import Loss, StreamId
-from evidence_keeper.settings import Settings
-from evidence_keeper.ship.ledger import (
+from evidence_keeper.health.ledgership import (
     LedgerShipConfig,
     LedgerShipper,
     ledger_key,
     parse_ledger_key,
 )
+from evidence_keeper.metrics import Metrics
+from evidence_keeper.model import Loss, StreamId
+from evidence_keeper.settings import Settings
 from evidence_keeper.ship.s3 import S3Store
 from evidence_keeper.ship.store import FileStore, Store, StoreError
 from evidence_keeper.sim import KubeletSim

@@ -16,24 +16,54 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from evidence_keeper import timefmt
 from evidence_keeper.api.contract import MAX_BODY, BadRequest, conform_gap, parse_time
 from evidence_keeper.api.guarding import ConnectionGuard, GuardedSite
 from evidence_keeper.logs import get_logger
+from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import GAP_KINDS
-from evidence_keeper.supervisor import Agent
 
 __all__ = ["MAX_BODY", "BadRequest", "build_app", "parse_time", "serve"]
 
 log = get_logger("evidence_keeper.api")
-AGENT: Final = web.AppKey("agent", Agent)
+
+
+class AgentView(Protocol):
+    """What the HTTP API reads of the agent, and nothing else (the supervisor builds it)."""
+
+    @property
+    def node(self) -> str: ...
+
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+    def readiness(self) -> dict[str, Any]:
+        """The ``/readyz`` document (blocking: it reads shared state under locks)."""
+        ...
+
+    async def gap_rows(self, *, since: datetime | None, until: datetime | None,
+                       kind: str | None, namespace: str | None,
+                       open_: bool | None) -> list[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """The API guard's limits (settings ``http_*``)."""
+
+    max_connections: int
+    idle_timeout_s: float
+    header_timeout_s: float
+
+
+AGENT: Final = web.AppKey("agent", AgentView)
 DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -83,7 +113,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
-    body = generate_latest(agent.metrics.registry)
+    body = generate_latest(agent.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -109,13 +139,14 @@ async def gaps(request: web.Request) -> web.Response:
     rows = await agent.gap_rows(since=since, until=until, kind=kind, namespace=namespace,
                                 open_=open_)
     return web.json_response({
-        "node": agent.settings.node_name,
+        "node": agent.node,
         "generated_at": timefmt.rfc3339(now),
         "gaps": [conform_gap(r) for r in rows],
     })
 
 
-def build_app(agent: Agent, *, guard: ConnectionGuard | None = None) -> web.Application:
+def build_app(agent: AgentView, *, extensions: Sequence[Callable[[web.Application], None]] = (),
+              guard: ConnectionGuard | None = None) -> web.Application:
     middlewares: list[Any] = [errors] if guard is None else [guard.middleware(), errors]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[AGENT] = agent
@@ -123,23 +154,25 @@ def build_app(agent: Agent, *, guard: ConnectionGuard | None = None) -> web.Appl
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/gaps", gaps)
-    for extend in agent.api_extensions:
+    for extend in extensions:
         extend(app)
     return app
 
 
-async def serve(agent: Agent, host: str, port: int) -> web.AppRunner:
-    """Start the server; returns the runner (``await runner.cleanup()`` stops it)."""
-    settings = agent.settings
-    guard = ConnectionGuard(max_connections=settings.http_max_connections,
-                            idle_timeout_s=settings.http_idle_timeout_s,
-                            header_timeout_s=settings.http_header_timeout_s,
-                            metrics=agent.metrics)
-    app = build_app(agent, guard=guard)
+async def serve(agent: AgentView, *, host: str, port: int, limits: HttpLimits,
+                metrics: Metrics, extensions: Sequence[Callable[[web.Application], None]] = (),
+                ) -> tuple[web.AppRunner, tuple[str, int]]:
+    """Start the server; returns the runner (``await runner.cleanup()`` stops it) and the
+    address it listens on."""
+    guard = ConnectionGuard(max_connections=limits.max_connections,
+                            idle_timeout_s=limits.idle_timeout_s,
+                            header_timeout_s=limits.header_timeout_s,
+                            metrics=metrics)
+    app = build_app(agent, extensions=extensions, guard=guard)
     app.on_cleanup.append(guard.stop)
     # aiohttp's own keep-alive timer (its default is an hour) backs the guard up; a little
     # later, so the guard decides and counts.
-    backup = max(settings.http_idle_timeout_s, settings.http_header_timeout_s) + 2.0
+    backup = max(limits.idle_timeout_s, limits.header_timeout_s) + 2.0
     runner = web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=backup)
     await runner.setup()
     guard.start()
@@ -150,6 +183,6 @@ async def serve(agent: Agent, host: str, port: int) -> web.AppRunner:
         await runner.cleanup()
         raise
     addrs: list[Any] = list(runner.addresses)
-    agent.api_address = addrs[0][:2] if addrs else (host, port)
-    log.info("http api listening", address=f"{agent.api_address[0]}:{agent.api_address[1]}")
-    return runner
+    address: tuple[str, int] = addrs[0][:2] if addrs else (host, port)
+    log.info("http api listening", address=f"{address[0]}:{address[1]}")
+    return runner, address

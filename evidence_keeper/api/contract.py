@@ -24,6 +24,11 @@ MAX_BODY: Final = 64 * 1024
 MAX_JSON_DEPTH: Final = 16
 
 
+# The archive token's header for clients behind the API server's pod proxy, which consumes
+# and strips ``Authorization``.
+TOKEN_HEADER: Final = "X-Evidence-Keeper-Token"
+
+
 class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)

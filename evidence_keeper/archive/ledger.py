@@ -1,7 +1,7 @@
 """Reading the gap ledger back from the store, with no agent running: gaps, chains, archives.
 
 Each node's ledger is a chain of objects ``<cluster>/_ledger/<node>/<seq:020d>.jsonl.<ext>``
-(written by ``ship/ledger.py``). Here they are read back:
+(written by ``health/ledgership.py``). Here they are read back:
 
 * :func:`read_ledger` fetches a cluster's (or some nodes') objects in parallel, decompressing
   each within its ``ek-length`` (and a hard cap), so a hostile object costs an error, not the
@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import zstandard
 
-from evidence_keeper.ship.ledger import LedgerKey, ledger_prefix, parse_ledger_key
+from evidence_keeper.health.ledgership import LedgerKey, ledger_prefix, parse_ledger_key
 from evidence_keeper.ship.store import ObjectMissing, Store, StoreError
 
 HARD_CAP: Final = 64 * 1024 * 1024  # no ledger object is anywhere near this

@@ -11,20 +11,17 @@ import sys
 import time
 from typing import Any, Final
 
+from evidence_keeper.agents import PodIP, PodProxy, kube_client, list_agent_pods
 from evidence_keeper.api.client import call
-from evidence_keeper.archive.manifest import Scope, ScopeError, check_glob, check_namespace
-from evidence_keeper.archive.service import (
+from evidence_keeper.archive.cluster import (
     AgentPod,
     AgentTransport,
     ClusterError,
     ClusterResult,
     NodeArchive,
-    PodIP,
-    PodProxy,
     cluster_archive,
-    kube_client,
-    list_agent_pods,
 )
+from evidence_keeper.archive.manifest import Scope, ScopeError, check_glob, check_namespace
 from evidence_keeper.commands.base import (
     EXIT_NEGATIVE,
     EXIT_OK,

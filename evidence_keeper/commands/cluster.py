@@ -30,7 +30,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from evidence_keeper.agents import kube_client
 from evidence_keeper.api.client import ApiError, call, default_url
+from evidence_keeper.archive.cluster import ClusterError
 from evidence_keeper.archive.ledger import (
     LedgerObject,
     format_ledger_report,
@@ -38,7 +40,6 @@ from evidence_keeper.archive.ledger import (
     read_ledger,
     verify_ledger,
 )
-from evidence_keeper.archive.service import ClusterError, kube_client
 from evidence_keeper.fleet import (
     AGENT_SELECTOR,
     Selection,

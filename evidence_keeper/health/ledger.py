@@ -8,7 +8,7 @@ checkpoint that moves past a hole, so a crash between the two re-detects the hol
 SQLite runs with ``synchronous=FULL`` in WAL mode: a committed row survives kill -9 and power
 loss. Calls are blocking and come from worker threads; one connection guarded by a lock.
 
-The ledger also feeds the store (``ship/ledger.py``): every change of a gap (opened, closed,
+The ledger also feeds the store (``health/ledgership.py``): every change of a gap (opened, closed,
 coverage grown) appends one *record*, the gap's whole new state, to an outbox table in the
 same transaction as the change, so a change and its record are durable together or not at
 all. Records are append-only: a gap that changes gets a new record with the same gap id, and
@@ -16,7 +16,7 @@ a change that leaves the state as it was records nothing. Gap ids are local to o
 file, so every record also names the file's ``ledger_id`` (random, made when the file is
 created): a node whose spool was lost starts a new ledger id and its ids never merge with the
 old ones. Shipped records are deleted from the outbox; the shipping position lives in
-``meta`` (see :class:`evidence_keeper.ship.ledger.LedgerShipper`).
+``meta`` (see :class:`evidence_keeper.health.ledgership.LedgerShipper`).
 """
 
 from __future__ import annotations

@@ -34,9 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
-
-from aiohttp import web
+from typing import Any, Final, Protocol
 
 from evidence_keeper.health.ledger import GapRow, Ledger
 from evidence_keeper.logs import get_logger
@@ -47,9 +45,6 @@ from evidence_keeper.replay.runner import Replayer, ReplayRequest
 from evidence_keeper.settings import ReplayTarget, Settings
 from evidence_keeper.ship.store import Store
 from evidence_keeper.spool.spool import Spool
-
-if TYPE_CHECKING:
-    from evidence_keeper.supervisor import Agent
 
 log = get_logger("evidence_keeper.replay")
 SHIP_TIMEOUT_S: Final = 300.0
@@ -106,30 +101,33 @@ class Backfill:
         self.checkpoints = Checkpoints(Path(settings.spool_dir))
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._group: asyncio.TaskGroup | None = None  # while run() owns the backfills
 
-    # ------------------------------------------------------------------ wiring
-    def add_routes(self, app: web.Application) -> None:
-        app.on_startup.append(self._on_startup)
-        app.on_cleanup.append(self._on_cleanup)
-
-    async def _on_startup(self, _app: web.Application) -> None:
-        self._loop = asyncio.get_running_loop()
-        if not self.targets:
-            return
-        rows = await asyncio.to_thread(self.ledger.gaps, kind="sink_outage", open_=False)
-        for row in rows:
-            state = _state_of(row)
-            if state is not None and state.status in ("pending", "running"):
-                log.warning("resuming a backfill interrupted by a restart", gap_id=row.id,
-                            target=state.target)
-                self._start(row.id, state.target)
-
-    async def _on_cleanup(self, _app: web.Application) -> None:
-        # A backfill cut short stays "running" in the ledger and resumes on the next start.
-        tasks = list(self.tasks.values())
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, stop: asyncio.Event) -> None:
+        """Own the backfills until ``stop`` (a root task of the agent): resume the ones a
+        previous run left unfinished, run each new one as a task of this group, and cancel
+        them at stop. A backfill cut short stays "running" in the ledger and resumes on the
+        next start."""
+        async with asyncio.TaskGroup() as tg:
+            self._group = tg
+            self._loop = asyncio.get_running_loop()
+            try:
+                if self.targets:
+                    rows = await asyncio.to_thread(self.ledger.gaps, kind="sink_outage",
+                                                   open_=False)
+                    for row in rows:
+                        state = _state_of(row)
+                        if state is not None and state.status in ("pending", "running"):
+                            log.warning("resuming a backfill interrupted by a restart",
+                                        gap_id=row.id, target=state.target)
+                            self._start(row.id, state.target)
+                await stop.wait()
+            finally:
+                self._group = None
+                self._loop = None
+                for t in list(self.tasks.values()):
+                    t.cancel()
 
     # ------------------------------------------------------------------ the hook
     def outage_closed(self, sink: str, gap_id: int) -> None:
@@ -145,8 +143,9 @@ class Backfill:
         running = self.tasks.get(gap_id)
         if running is not None and not running.done():
             return
-        task = asyncio.get_running_loop().create_task(self._run(gap_id, target),
-                                                      name=f"backfill:{gap_id}")
+        if self._group is None:
+            return  # stopping: the state stays "pending" and the next start resumes it
+        task = self._group.create_task(self._run(gap_id, target), name=f"backfill:{gap_id}")
         self.tasks[gap_id] = task
         task.add_done_callback(lambda t: self.tasks.pop(gap_id, None) if self.tasks.get(
             gap_id) is t else None)
@@ -258,13 +257,3 @@ def _state_of(row: GapRow) -> BackfillState | None:
     if not isinstance(doc, dict):
         return None
     return BackfillState(str(doc.get("status")), str(doc.get("target")))
-
-
-def install(agent: Agent) -> Backfill:
-    """Wire the backfill into an agent: the sink monitor's hook and the API's lifecycle."""
-    backfill = Backfill(settings=agent.settings, store=agent.store, ledger=agent.ledger,
-                        spool=agent.spool, metrics=agent.metrics,
-                        wake_shipper=agent.shipper.wakeup.set)
-    agent.sinks.on_outage_closed.append(backfill.outage_closed)
-    agent.api_extensions.append(backfill.add_routes)
-    return backfill

@@ -32,11 +32,11 @@ from evidence_keeper.archive.manifest import (
     Scope,
     SegmentEntry,
     list_scope,
-    parse_rfc3339,
     select_segments,
 )
 from evidence_keeper.model import StreamId, parse_segment_key
 from evidence_keeper.ship.store import Store
+from evidence_keeper.timefmt import parse_rfc3339
 
 CHUNK: Final = 1 << 20
 HARD_CAP: Final = 1 << 30  # no segment decompresses beyond this, whatever its key says

@@ -24,7 +24,8 @@ from kubernetes import client
 from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
 
-from evidence_keeper.archive.service import AgentPod, PodProxy, list_agent_pods
+from evidence_keeper.agents import PodProxy, list_agent_pods
+from evidence_keeper.archive.cluster import AgentPod
 from evidence_keeper.commands.base import CliError
 from evidence_keeper.commands.common import add_config
 from evidence_keeper.settings import CONFIG_ENV, ENV_PREFIX, Settings, load_settings

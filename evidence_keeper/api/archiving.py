@@ -1,6 +1,10 @@
 """``POST /archive``: seal, ship and record the evidence of a scope; and the cluster-wide trigger.
 
-Agent side (:class:`ArchiveService`, installed by :func:`install`):
+The agent side of archiving (:class:`ArchiveService`; the cluster-wide trigger is
+:mod:`evidence_keeper.archive.cluster`). The service sees the pipeline only through
+:class:`ArchiveCapture`, which the supervisor builds (seal a scope, what is still unshipped,
+the gap rows, the ledger drain); its jobs run as tasks of its own task group
+(:meth:`ArchiveService.run`, a root task of the agent), never in the HTTP server's lifecycle.
 
 1. The request is authenticated before anything else is looked at: a bearer token compared in
    constant time with the contents of ``archive_token_file`` (read per request, so a rotated
@@ -25,11 +29,6 @@ Agent side (:class:`ArchiveService`, installed by :func:`install`):
    lifecycle records and the ledger's gaps, seals the manifest with its digest and writes it to
    ``<cluster>/_archives/<id>/manifest.json`` (COMPLIANCE-locked with ``object_lock_days``);
    the manifest and the job's ``manifest_key`` name objects by their full keys.
-
-CLI side (:func:`cluster_archive`): find the DaemonSet's pods through the API server, trigger
-each agent with the same label (through the API server's pod proxy, or pod IPs), wait for the
-node manifests, and write a cluster manifest listing them with their digests, plus any
-segments of the scope that no reachable agent covered (nodes that are gone).
 """
 
 from __future__ import annotations
@@ -40,22 +39,23 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
-from evidence_keeper.api.client import ApiError, call
 from evidence_keeper.api.contract import (
     MAX_BODY,
+    TOKEN_HEADER,
     BadRequest,
     conform_gap,
     parse_json_body,
     parse_time,
 )
+from evidence_keeper.archive.cluster import lifecycle_records
 from evidence_keeper.archive.ledger import window_entries
 from evidence_keeper.archive.manifest import (
     ARCHIVE_ID,
@@ -66,28 +66,26 @@ from evidence_keeper.archive.manifest import (
     check_glob,
     check_namespace,
     encode,
-    load_manifest,
     manifest_full_key,
     manifest_key,
     manifest_meta,
     seal,
     select_segments,
 )
+from evidence_keeper.discover.lifecycle import LifecycleLedger
+from evidence_keeper.fsio import FileSystem
 from evidence_keeper.logs import get_logger
 from evidence_keeper.model import StreamId
+from evidence_keeper.settings import Settings
 from evidence_keeper.ship.store import Store, StoreError
 from evidence_keeper.timefmt import parse_rfc3339
 from evidence_keeper.timefmt import rfc3339_or_none as rfc3339
-
-if TYPE_CHECKING:
-    from evidence_keeper.supervisor import Agent
 
 log = get_logger("evidence_keeper.archive")
 
 FIELDS: Final = ("namespace", "pod", "container", "since", "until", "reason", "label",
                  "requester")
 LABEL: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-TOKEN_HEADER: Final = "X-Evidence-Keeper-Token"
 _CREDENTIAL_PARAMS: Final = re.compile(r"token|auth|bearer|secret|passw|key|credential", re.I)
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Free text never becomes a path, but nothing in a request may even look like one.
@@ -189,49 +187,86 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class ArchiveCapture(Protocol):
+    """What an archive job needs of the capture pipeline; the supervisor builds it."""
+
+    def seal_scope(self, scope: Scope) -> dict[StreamId, int]:
+        """Seal the scope's open segments; each stream's offset the archive waits for
+        (blocking)."""
+        ...
+
+    def pending(self, targets: Mapping[StreamId, int]) -> tuple[int, int]:
+        """Segments and bytes below the targets not in the store yet (blocking)."""
+        ...
+
+    def kick_shipping(self) -> None: ...
+
+    def last_store_error(self) -> str | None: ...
+
+    async def drain_ledger(self, deadline: float) -> bool: ...
+
+    async def gap_rows(self, *, since: datetime | None,
+                       until: datetime | None) -> list[dict[str, Any]]: ...
+
+    def lifecycle_local(self) -> LifecycleLedger | None:
+        """Lifecycle records the watcher has not uploaded yet (None without a watcher)."""
+        ...
+
+
 class ArchiveService:
     """The archive jobs of one agent: HTTP handlers, durable job state, the job runner."""
 
-    def __init__(self, agent: Agent, *, ship_timeout_s: float = SHIP_TIMEOUT_S,
+    def __init__(self, *, settings: Settings, fs: FileSystem, store: Store,
+                 capture: ArchiveCapture, ship_timeout_s: float = SHIP_TIMEOUT_S,
                  capture_bound_s: float = CAPTURE_BOUND_S, poll_s: float = 0.1,
                  max_running: int = 2, jobs_keep_days: float = JOBS_KEEP_DAYS,
                  jobs_max: int = JOBS_MAX) -> None:
-        self.agent = agent
+        self.settings = settings
+        self.fs = fs
+        self.store = store
+        self.capture = capture
         self.ship_timeout_s = ship_timeout_s
         self.capture_bound_s = capture_bound_s
         self.poll_s = poll_s
         self.jobs_keep_days = jobs_keep_days
         self.jobs_max = jobs_max
-        self.dir = Path(agent.settings.spool_dir) / "archives"
+        self.dir = Path(settings.spool_dir) / "archives"
         self.jobs: dict[str, ArchiveJob] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(max_running)
+        self._group: asyncio.TaskGroup | None = None  # while run() owns the jobs
+        self._queued: list[ArchiveJob] = []  # accepted before run() started
 
     # ------------------------------------------------------------------ wiring
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/archive", self.post_archive)
         app.router.add_get("/archives/{id}", self.get_archive)
-        app.on_startup.append(self._on_startup)
-        app.on_cleanup.append(self._on_cleanup)
 
-    async def _on_startup(self, _app: web.Application) -> None:
+    async def run(self, stop: asyncio.Event) -> None:
+        """Own the archive jobs until ``stop``: resume the ones a previous run left
+        unfinished, run new ones as tasks of this service's own task group, and cancel them
+        at stop. A job cut short keeps its durable "running" state and resumes next start."""
         jobs = await asyncio.to_thread(self._load_jobs)
         for job in jobs:
-            self.jobs[job.id] = job
+            self.jobs.setdefault(job.id, job)
         await self._prune()
         for job in list(self.jobs.values()):
-            if job.status in ("pending", "running"):
+            if job.status in ("pending", "running") and job not in self._queued:
                 log.warning("resuming archive interrupted by a restart", archive_id=job.id,
                             status=job.status)
                 job.status, job.stage = "pending", "resumed after an agent restart"
-                self._start(job)
-
-    async def _on_cleanup(self, _app: web.Application) -> None:
-        # A job cut short keeps its durable "running" state and resumes on the next start.
-        tasks = list(self.tasks.values())
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+                self._queued.append(job)
+        async with asyncio.TaskGroup() as tg:
+            self._group = tg
+            try:
+                for job in self._queued:
+                    self._start(job)
+                self._queued.clear()
+                await stop.wait()
+            finally:
+                self._group = None
+                for t in list(self.tasks.values()):
+                    t.cancel()
 
     def _load_jobs(self) -> list[ArchiveJob]:
         if not self.dir.is_dir():
@@ -260,7 +295,7 @@ class ArchiveService:
             return
         for job_id in ids:
             del self.jobs[job_id]
-        fs = self.agent.fs
+        fs = self.fs
 
         def unlink() -> None:
             for job_id in ids:
@@ -280,7 +315,7 @@ class ArchiveService:
         job.updated_at = _now()
         data = json.dumps(asdict(job), sort_keys=True).encode()
         path = str(self.dir / f"{job.id}.json")
-        fs = self.agent.fs
+        fs = self.fs
 
         def write() -> None:
             fs.makedirs(str(self.dir))
@@ -313,7 +348,7 @@ class ArchiveService:
         return expected
 
     async def _expected_token(self) -> str:
-        path = self.agent.settings.archive_token_file
+        path = self.settings.archive_token_file
         if path is None:
             raise BadRequest("the archive endpoint is disabled (archive_token_file is not set)",
                              403)
@@ -337,7 +372,7 @@ class ArchiveService:
                              " (the request goes in the JSON body)")
         if request.content_length is not None and request.content_length > MAX_BODY:
             raise BadRequest(f"request body over {MAX_BODY} bytes", 413)
-        timeout = self.agent.settings.http_header_timeout_s
+        timeout = self.settings.http_header_timeout_s
         try:
             async with asyncio.timeout(timeout):  # a body trickled in holds a connection
                 raw = await request.read()
@@ -348,7 +383,7 @@ class ArchiveService:
         doc = parse_json_body(raw, object_pairs_hook=_no_duplicates)
         now = datetime.now(UTC)
         req, scope = validate_request(doc, now=now)
-        settings = self.agent.settings
+        settings = self.settings
         label = req.get("label")
         job_id = (archive_id("node", settings.cluster, settings.node_name, label) if label
                   else secrets.token_hex(12))
@@ -402,7 +437,11 @@ class ArchiveService:
         running = self.tasks.get(job.id)
         if running is not None and not running.done():
             return
-        task = asyncio.create_task(self._run(job), name=f"archive:{job.id}")
+        if self._group is None:  # accepted before the service started: it starts it
+            if job not in self._queued:
+                self._queued.append(job)
+            return
+        task = self._group.create_task(self._run(job), name=f"archive:{job.id}")
         self.tasks[job.id] = task
         task.add_done_callback(self._forget)
 
@@ -426,15 +465,15 @@ class ArchiveService:
                     await asyncio.sleep(wait)
                 scope = job.scope()
                 await self._stage(job, "sealing")
-                targets = await asyncio.to_thread(self._seal, scope)
+                targets = await asyncio.to_thread(self.capture.seal_scope, scope)
                 await self._wait_shipped(job, targets)
                 await self._stage(job, "writing the manifest")
                 # The gap records of the window go to the store first: the manifest lists them.
-                await self.agent.ledger_shipper.drain(time.monotonic() + 30)
+                await self.capture.drain_ledger(time.monotonic() + 30)
                 gaps = await self._gaps(scope)
                 doc = await asyncio.to_thread(self._write_manifest, job, scope, gaps,
                                               len(targets))
-            job.manifest_key = manifest_full_key(self.agent.store, self.agent.settings.cluster,
+            job.manifest_key = manifest_full_key(self.store, self.settings.cluster,
                                                  job.id)
             job.error = None
             await self._stage(job, f"{len(doc['segments'])} segments", "complete")
@@ -456,41 +495,15 @@ class ArchiveService:
                           error=str(exc))
         await self._prune()
 
-    def _seal(self, scope: Scope) -> dict[StreamId, int]:
-        """Seal the scope's open segments; returns each stream's offset the archive waits for."""
-        spool = self.agent.spool
-        with spool.lock:
-            sids = [sid for sid in spool.streams if scope.matches(sid)]
-            spool.seal_all(sids)
-            return {sid: spool.streams[sid].next_offset for sid in sids}
-
-    def _pending(self, targets: Mapping[StreamId, int]) -> tuple[int, int]:
-        """Segments and bytes below the targets that are not in the store yet."""
-        spool = self.agent.spool
-        segments = nbytes = 0
-        with spool.lock:
-            for sid, target in targets.items():
-                s = spool.streams.get(sid)
-                if s is None:
-                    continue
-                for seg in s.sealed:
-                    if not seg.shipped and seg.start < target:
-                        segments += 1
-                        nbytes += seg.length
-                if s.open is not None and s.open.start < target:
-                    segments += 1
-                    nbytes += min(s.open.size, target - s.open.start)
-        return segments, nbytes
-
     async def _wait_shipped(self, job: ArchiveJob, targets: Mapping[StreamId, int]) -> None:
         deadline = time.monotonic() + self.ship_timeout_s
         shown = None
         while True:
-            segments, nbytes = await asyncio.to_thread(self._pending, targets)
+            segments, nbytes = await asyncio.to_thread(self.capture.pending, targets)
             if segments == 0:
                 return
             if time.monotonic() > deadline:
-                err = self.agent.shipper.last_error
+                err = self.capture.last_store_error()
                 raise ArchiveError(
                     f"{segments} segments ({nbytes} bytes) of the scope were not stored within"
                     f" {self.ship_timeout_s:g}s" + (f"; last store error: {err}" if err else ""))
@@ -498,11 +511,11 @@ class ArchiveService:
             if stage != shown:
                 shown = stage
                 await self._stage(job, stage)
-            self.agent.shipper.wakeup.set()
+            self.capture.kick_shipping()
             await asyncio.sleep(self.poll_s)
 
     async def _gaps(self, scope: Scope) -> list[dict[str, Any]]:
-        rows = await self.agent.gap_rows(since=scope.since, until=scope.until)
+        rows = await self.capture.gap_rows(since=scope.since, until=scope.until)
         out = []
         for g in rows:
             if g.get("namespace") is not None and g["namespace"] != scope.namespace:
@@ -517,11 +530,11 @@ class ArchiveService:
 
     def _write_manifest(self, job: ArchiveJob, scope: Scope, gaps: list[dict[str, Any]],
                         sealed_streams: int) -> dict[str, Any]:
-        settings = self.agent.settings
-        store = self.agent.store
+        settings = self.settings
+        store = self.store
         key = manifest_key(settings.cluster, job.id)
         # Records the lifecycle watcher has not uploaded yet come from its local ledger.
-        local = getattr(getattr(self.agent, "kube", None), "lifecycle", None)
+        local = self.capture.lifecycle_local()
         selection = select_segments(store, cluster=settings.cluster, scope=scope,
                                     node=settings.node_name)
         doc = seal({
@@ -546,258 +559,3 @@ class ArchiveService:
 
 class ArchiveError(Exception):
     """An archive that cannot complete (the message is the job's ``error``)."""
-
-
-def lifecycle_records(store: Store, cluster: str, scope: Scope, *, nodes: Collection[str] | None,
-                      exclude: Collection[str] = (), local: object = None,
-                      ) -> list[dict[str, Any]]:
-    """Lifecycle records of the scope's pods in the window, on ``nodes`` (None: any node)."""
-    from evidence_keeper.discover.lifecycle import LifecycleLedger, read_lifecycle
-
-    glob = scope.pod is not None and any(c in scope.pod for c in "*?[")
-    records = read_lifecycle(
-        store, cluster=cluster, namespace=scope.namespace,
-        pod=None if glob or scope.pod is None else scope.pod, since=scope.since,
-        until=scope.until, local=local if isinstance(local, LifecycleLedger) else None)
-    return [r for r in records if scope.matches_pod(str(r.get("pod", "")))
-            and (nodes is None or r.get("node") in nodes) and r.get("node") not in exclude]
-
-
-def install(agent: Agent) -> ArchiveService:
-    """Serve ``POST /archive`` and ``GET /archives/<id>`` on the agent's API."""
-    service = ArchiveService(agent)
-    agent.api_extensions.append(service.add_routes)
-    return service
-
-
-# ---------------------------------------------------------------------------- cluster scope
-@dataclass(frozen=True, slots=True)
-class AgentPod:
-    name: str
-    node: str
-    ip: str
-    ready: bool
-
-
-class AgentTransport(Protocol):
-    def request(self, pod: AgentPod, method: str, path: str, *,
-                body: dict[str, Any] | None = None,
-                token: str | None = None) -> tuple[int, dict[str, Any]]: ...
-
-
-class ClusterError(Exception):
-    pass
-
-
-def kube_client(kubeconfig: str | None = None) -> Any:
-    """An API client from the pod's service account, else the kubeconfig (``$KUBECONFIG``)."""
-    import os
-
-    from kubernetes import client
-    from kubernetes import config as kube_config
-
-    config: Any = kube_config
-    cfg = client.Configuration()
-    try:
-        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=cfg)
-        else:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-    except Exception as exc:
-        raise ClusterError(f"cannot load Kubernetes credentials: {exc}") from None
-    return client.ApiClient(cfg)
-
-
-def list_agent_pods(api: Any, *, namespace: str, selector: str) -> list[AgentPod]:
-    """The agent DaemonSet's pods (by label), read as plain JSON."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        core: Any = client.CoreV1Api(api)
-        resp = core.list_namespaced_pod(
-            namespace, label_selector=selector, _preload_content=False, _request_timeout=30)
-        doc = json.loads(resp.read())
-    except ApiException as exc:
-        raise ClusterError(f"cannot list pods {selector!r} in {namespace}: HTTP {exc.status}"
-                           f" {exc.reason}") from None
-    except Exception as exc:
-        raise ClusterError(f"cannot list pods {selector!r} in {namespace}: {exc}") from None
-    pods = []
-    for item in doc.get("items") or []:
-        meta, spec, status = item.get("metadata", {}), item.get("spec", {}), item.get(
-            "status", {})
-        ready = status.get("phase") == "Running" and all(
-            cs.get("ready", False) for cs in status.get("containerStatuses") or [{}])
-        pods.append(AgentPod(name=str(meta.get("name", "")), node=str(spec.get("nodeName", "")),
-                             ip=str(status.get("podIP") or ""), ready=ready))
-    return sorted(pods, key=lambda p: p.node)
-
-
-class PodProxy:
-    """Reach an agent through ``/api/v1/namespaces/<ns>/pods/<pod>:<port>/proxy/<path>``.
-
-    The API server authenticates the caller and strips ``Authorization`` before proxying, so
-    the agent's token travels in ``X-Evidence-Keeper-Token``.
-    """
-
-    def __init__(self, api: Any, *, namespace: str, port: int, timeout_s: float = 30.0) -> None:
-        self.api = api
-        self.namespace = namespace
-        self.port = port
-        self.timeout_s = timeout_s
-
-    def request(self, pod: AgentPod, method: str, path: str, *,
-                body: dict[str, Any] | None = None,
-                token: str | None = None) -> tuple[int, dict[str, Any]]:
-        from kubernetes.client.exceptions import ApiException
-
-        headers = {"Accept": "application/json", "User-Agent": "evidence-keeper"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-        if token:
-            headers[TOKEN_HEADER] = token
-        resource = (f"/api/v1/namespaces/{self.namespace}/pods/{pod.name}:{self.port}/proxy"
-                    f"{path}")
-        try:
-            params = self.api.param_serialize(
-                method=method, resource_path=resource, header_params=headers, body=body,
-                auth_settings=["BearerToken"])
-            resp = self.api.call_api(*params, _request_timeout=self.timeout_s)
-            status, data = int(resp.status), resp.read()
-        except ApiException as exc:
-            status, data = int(exc.status or 0), (exc.body or b"")
-        except Exception as exc:
-            return 0, {"error": f"cannot reach {pod.name} through the API server: {exc}"}
-        return status, _json_doc(data)
-
-
-class PodIP:
-    """Reach an agent directly at ``http://<pod IP>:<port>`` (from inside the cluster)."""
-
-    def __init__(self, *, port: int, timeout_s: float = 30.0) -> None:
-        self.port = port
-        self.timeout_s = timeout_s
-
-    def request(self, pod: AgentPod, method: str, path: str, *,
-                body: dict[str, Any] | None = None,
-                token: str | None = None) -> tuple[int, dict[str, Any]]:
-        if not pod.ip:
-            return 0, {"error": f"pod {pod.name} has no IP"}
-        try:
-            status, doc = call(f"http://{pod.ip}:{self.port}", path, method=method, body=body,
-                               token=token, timeout=self.timeout_s,
-                               accept_status=(400, 401, 403, 404, 409, 413, 500, 503))
-        except ApiError as exc:
-            return 0, {"error": str(exc)}
-        return status, doc if isinstance(doc, dict) else {"error": "not a JSON object"}
-
-
-def _json_doc(data: bytes | str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-        return {"error": text.strip()[:200] or "empty answer"}
-    return doc if isinstance(doc, dict) else {"error": "not a JSON object"}
-
-
-@dataclass
-class NodeArchive:
-    node: str
-    agent_pod: str
-    archive_id: str | None = None
-    status: str = "pending"
-    manifest_key: str | None = None
-    manifest_digest: str | None = None
-    error: str | None = None
-    stage: str = ""
-
-
-@dataclass
-class ClusterResult:
-    id: str
-    manifest_key: str
-    nodes: list[NodeArchive] = field(default_factory=list)
-    segments: int = 0  # in node manifests and uncovered
-
-    @property
-    def complete(self) -> bool:
-        return all(n.status == "complete" for n in self.nodes)
-
-
-def cluster_archive(store: Store, *, cluster: str, pods: Sequence[AgentPod],
-                    transport: AgentTransport, body: dict[str, Any], token: str,
-                    scope: Scope, timeout_s: float = 600.0, poll_s: float = 0.5,
-                    object_lock_days: int = 0,
-                    progress: Callable[[list[NodeArchive]], None] | None = None,
-                    ) -> ClusterResult:
-    """Archive ``scope`` on every agent and write the cluster manifest (blocking)."""
-    label = body.get("label") or f"cluster-{secrets.token_hex(8)}"
-    body = {**body, "label": label}
-    cid = archive_id("cluster", cluster, label)
-    result = ClusterResult(cid, manifest_full_key(store, cluster, cid))
-    for pod in pods:
-        entry = NodeArchive(node=pod.node, agent_pod=pod.name)
-        result.nodes.append(entry)
-        status, doc = transport.request(pod, "POST", "/archive", body=body, token=token)
-        if status == 202 and isinstance(doc.get("id"), str):
-            entry.archive_id, entry.status = doc["id"], str(doc.get("status", "pending"))
-            entry.manifest_key, entry.error = doc.get("manifest_key"), doc.get("error")
-        else:
-            entry.status = "failed"
-            entry.error = f"HTTP {status}: {doc.get('error', 'no answer')}" if status else str(
-                doc.get("error"))
-    deadline = time.monotonic() + timeout_s
-    by_name = {p.name: p for p in pods}
-    while True:
-        waiting = [n for n in result.nodes if n.status in ("pending", "running")]
-        if progress is not None:
-            progress(result.nodes)
-        if not waiting:
-            break
-        if time.monotonic() > deadline:
-            for n in waiting:
-                n.status, n.error = "failed", f"not complete after {timeout_s:g}s ({n.stage})"
-            break
-        time.sleep(poll_s)
-        for n in waiting:
-            status, doc = transport.request(by_name[n.agent_pod], "GET",
-                                            f"/archives/{n.archive_id}", token=token)
-            if status != 200:
-                n.stage = f"HTTP {status}: {doc.get('error')}"
-                continue  # a transient proxy error; the deadline decides
-            n.status = str(doc.get("status"))
-            n.stage = str(doc.get("stage") or "")
-            n.error = doc.get("error")
-            n.manifest_key = doc.get("manifest_key")
-    covered: set[str] = set()
-    for n in result.nodes:
-        if n.status == "complete" and n.archive_id is not None:
-            try:
-                node_doc, _ = load_manifest(store, cluster, n.archive_id)
-            except Exception as exc:
-                n.status, n.error = "failed", f"node manifest unreadable: {exc}"
-                continue
-            n.manifest_digest = str(node_doc.get("digest"))
-            result.segments += len(node_doc.get("segments") or [])
-            covered.add(n.node)
-    uncovered = select_segments(store, cluster=cluster, scope=scope, exclude_nodes=covered)
-    result.segments += len(uncovered.segments)
-    doc = seal({
-        "version": MANIFEST_VERSION, "kind": "cluster", "id": cid, "created_at": _now(),
-        "node": None, "cluster": cluster, "store": store.describe(), "request": body,
-        "window": scope.window_json(), "requester": {"name": body.get("requester")},
-        "nodes": [asdict(n) for n in result.nodes],
-        "segments": [e.to_json() for e in uncovered.segments],
-        "lifecycle": lifecycle_records(store, cluster, scope, nodes=None, exclude=covered),
-        "gaps": [],
-        # Nodes no node manifest speaks for (gone, or their archive failed): their ledgers.
-        "ledger": window_entries(store, cluster, since=scope.since, until=scope.until,
-                                 exclude=covered),
-    })
-    retain = None
-    if object_lock_days > 0:
-        retain = datetime.now(UTC) + timedelta(days=object_lock_days)
-    store.put(manifest_key(cluster, cid), encode(doc), manifest_meta(doc), retain_until=retain)
-    return result

@@ -49,7 +49,7 @@ from evidence_keeper.metrics import Metrics
 from evidence_keeper.ship.codec import compress, extension
 from evidence_keeper.ship.store import Store, StoreError
 
-log = get_logger("evidence_keeper.ship.ledger")
+log = get_logger("evidence_keeper.health.ledgership")
 
 LEDGER_DIR: Final = "_ledger"
 STATE_KEY: Final = "ledger_ship"
