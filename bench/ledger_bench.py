@@ -29,9 +29,9 @@ from pathlib import Path
 from bench.machine import describe
 from evidence_keeper.archive.ledger import newest_gaps, read_ledger, verify_ledger
 from evidence_keeper.health.ledger import Ledger
+from evidence_keeper.health.ledgership import LedgerShipConfig, LedgerShipper
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss, StreamId
-from evidence_keeper.health.ledgership import LedgerShipConfig, LedgerShipper
 from evidence_keeper.ship.store import FileStore
 
 
