@@ -163,9 +163,9 @@ def steady_latency(work: Path, url: str, seconds: float, rate_mbs: float) -> dic
     latencies: list[float] = []
     ack = agent.spool.acknowledge
 
-    def timed_ack(s: SpoolStream, seg: SealedSegment, sha: str) -> None:
+    def timed_ack(s: SpoolStream, seg: SealedSegment, sha256: str) -> None:
         latencies.append(time.time() - seg.captured_at)
-        ack(s, seg, sha)
+        ack(s, seg, sha256)
 
     agent.spool.acknowledge = timed_ack  # type: ignore[method-assign]
     stop_writing = threading.Event()

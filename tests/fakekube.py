@@ -227,7 +227,8 @@ class FakeKube:
         await self._site.start()
         server = self._site._server
         assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        sockets: list[Any] = list(getattr(server, "sockets", None) or [])  # asyncio.Server's
+        self.port = int(sockets[0].getsockname()[1])
 
     async def _shutdown(self) -> None:
         for t in list(self._handlers):
@@ -645,7 +646,7 @@ class FakeKube:
 
     def add_node(self, name: str, *, labels: dict[str, str] | None = None,
                  unschedulable: bool = False, ready: bool = True) -> dict[str, Any]:
-        node = {
+        node: dict[str, Any] = {
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "uid": f"node-uid-{name}", "resourceVersion": "1",
                          "creationTimestamp": k8s_time(),

@@ -205,8 +205,8 @@ def test_archive_right_after_a_burst(tmp_path: Path, make_settings: Callable[...
     assert cli_main(["export", "--config", config, "--namespace", NS, "--pod",
                      "payment-5fc5fd7f78-svspw"]) == 0
     with tarfile.open(fileobj=io.BytesIO(capsysbinary.readouterr().out)) as tar:
-        (member,) = tar.getmembers()
-        f = tar.extractfile(member)
+        (info,) = tar.getmembers()
+        f = tar.extractfile(info)
         assert f is not None
         assert f.read() == sim.record(sim.stream_of(NS, "payment-5fc5fd7f78-svspw", "payment"))
 

@@ -9,6 +9,7 @@ from a shared ``file://`` store.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -115,7 +116,7 @@ class AgentProcess:
         return list(call(self.url, "/gaps")[1]["gaps"])
 
     def ledger_shipped(self) -> bool:
-        return self.ready().get("ledger", {}).get("unshipped_records") == 0
+        return bool(self.ready().get("ledger", {}).get("unshipped_records") == 0)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -193,7 +194,8 @@ def test_preflight_all_nodes_names_a_node_without_agent_and_a_sink_outage_on_its
             base = ["--config", config, "--all-nodes", "--kubeconfig", kubeconfig,
                     "--agent-port", "9095"]
             for a in agents:
-                wait_for(lambda a=a: a.sink_up(True), within=30, what=f"{a.node} sinks up")
+                wait_for(functools.partial(a.sink_up, True), within=30,
+                         what=f"{a.node} sinks up")
 
             # node-4 has no agent: a named failure, the other rows pass.
             rc, out, err = run_cli(capsys, "preflight", *base, "-o", "json")

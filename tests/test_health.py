@@ -174,7 +174,8 @@ def _settings(make_settings: Callable[..., Settings], **kw: Any) -> Settings:
 
 
 def _gauge(agent: Any, name: str, **labels: str) -> float | None:
-    return agent.metrics.registry.get_sample_value(name, labels)
+    value: float | None = agent.metrics.registry.get_sample_value(name, labels)
+    return value
 
 
 async def test_dns_outage_opens_and_closes_gap_with_coverage(

@@ -298,7 +298,8 @@ async def test_older_than_18h_goes_to_the_archive_format(tmp_path: Path) -> None
             sid_key = ek["id"].rsplit("@", 1)[0]
             ns_pod, container, restart = sid_key.rsplit("/", 2)
             ns, pod_uid = ns_pod.split("/", 1)
-            sid = StreamId(ns, *pod_uid.rsplit("_", 1), container, int(restart))
+            pod, uid = pod_uid.rsplit("_", 1)
+            sid = StreamId(ns, pod, uid, container, int(restart))
             got[(sid.key, ek["stream"], ns_of(ek["time"]), doc["message"])] += 1
     assert got == expected(records)
     # Without an archive the old lines are counted, not sent, and the replay says so.
@@ -625,7 +626,8 @@ async def test_replay_from_s3_with_the_archive_in_a_bucket(tmp_path: Path,
             ek = doc["attributes"]["evidence_keeper"]
             ns_pod, container, restart = ek["id"].rsplit("@", 1)[0].rsplit("/", 2)
             ns, pod_uid = ns_pod.split("/", 1)
-            sid = StreamId(ns, *pod_uid.rsplit("_", 1), container, int(restart))
+            pod, uid = pod_uid.rsplit("_", 1)
+            sid = StreamId(ns, pod, uid, container, int(restart))
             got[(sid.key, ek["stream"], ns_of(ek["time"]), doc["message"])] += 1
     assert got == expected(records)
 

@@ -61,7 +61,7 @@ def test_spool_error_while_reading_a_gz_rereads_exactly(tmp_path: Path) -> None:
     sim.write("shop", "orders-1", "app", "between rotations")
     sim.rotate("shop", "orders-1", "app")  # the first rotated file is now a .gz
     assert any(p.name.endswith(".gz") for p in sim.files_of(sim.streams()[0]))
-    fs, losses = Faults(), []
+    fs, losses = Faults(), list[Loss]()
     spool, tailer, tree = _pipeline(tmp_path, fs, losses)
     tailer.sync(tree.scan())
     fs.enospc_writes = 1  # the first write, from the .gz, fails: the disk is full
@@ -75,7 +75,7 @@ def test_unreadable_directory_does_not_end_its_streams(tmp_path: Path) -> None:
     sim = KubeletSim(tmp_path / "pods")
     sim.add_pod("shop", "orders-1")
     sim.write("shop", "orders-1", "app", "before the glitch")
-    fs, losses = Faults(), []
+    fs, losses = Faults(), list[Loss]()
     spool, tailer, tree = _pipeline(tmp_path, fs, losses)
     tailer.sync(tree.scan())
     tailer.pump()

@@ -15,7 +15,7 @@ def restarts_counter() -> Counter:
 
 
 def restarts_of(counter: Counter, task: str) -> float:
-    return counter.labels(task=task)._value.get()
+    return float(counter.labels(task=task)._value.get())
 
 
 async def test_guard_restarts_a_failing_loop_and_counts_it() -> None:
