@@ -134,36 +134,9 @@ def _now() -> str:
 
 def validate_request(doc: object, *, now: datetime) -> tuple[dict[str, Any], Scope]:
     """The body of ``POST /archive`` checked field by field; raises BadRequest (400)."""
-    if not isinstance(doc, dict):
-        raise BadRequest("the body must be a JSON object")
-    unknown = sorted(set(doc) - set(FIELDS))
-    if unknown:
-        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
-        raise BadRequest(f"unknown field(s) {shown} (allowed: {', '.join(FIELDS)})")
-    for key, value in doc.items():
-        if value is not None and not isinstance(value, str):
-            raise BadRequest(f"{key}: must be a string")
-    req = {k: v for k, v in doc.items() if v is not None}
-    try:
-        if "namespace" not in req:
-            raise ScopeError("namespace: required")
-        check_namespace(req["namespace"])
-        if "pod" in req:
-            check_glob(req["pod"], "pod", subdomain=True)
-        if "container" in req:
-            check_glob(req["container"], "container", subdomain=False)
-    except ScopeError as exc:
-        raise BadRequest(str(exc)) from None
-    for key, limit in (("reason", 1024), ("requester", 256)):
-        value = req.get(key)
-        if value is None:
-            if key == "reason":
-                raise BadRequest("reason: required (why the evidence is kept)")
-            continue
-        if not value.strip() or len(value) > limit:
-            raise BadRequest(f"{key}: must be 1 to {limit} characters")
-        if _CONTROL.search(value) or _PATHLIKE.search(value):
-            raise BadRequest(f"{key}: control characters and path-like text are not allowed")
+    req = _fields(doc)
+    _check_scope(req)
+    _check_texts(req)
     if "label" in req and not LABEL.match(req["label"]):
         raise BadRequest("label: 1 to 128 characters of A-Z a-z 0-9 . _ -, starting with a"
                          " letter or digit")
@@ -176,6 +149,47 @@ def validate_request(doc: object, *, now: datetime) -> tuple[dict[str, Any], Sco
     scope = Scope(namespace=req["namespace"], pod=req.get("pod"),
                   container=req.get("container"), since=since, until=until)
     return req, scope
+
+
+def _fields(doc: object) -> dict[str, str]:
+    """A JSON object of known, string (or null) fields; the nulls dropped."""
+    if not isinstance(doc, dict):
+        raise BadRequest("the body must be a JSON object")
+    unknown = sorted(set(doc) - set(FIELDS))
+    if unknown:
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+        raise BadRequest(f"unknown field(s) {shown} (allowed: {', '.join(FIELDS)})")
+    for key, value in doc.items():
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(f"{key}: must be a string")
+    return {k: v for k, v in doc.items() if v is not None}
+
+
+def _check_scope(req: Mapping[str, str]) -> None:
+    try:
+        if "namespace" not in req:
+            raise ScopeError("namespace: required")
+        check_namespace(req["namespace"])
+        if "pod" in req:
+            check_glob(req["pod"], "pod", subdomain=True)
+        if "container" in req:
+            check_glob(req["container"], "container", subdomain=False)
+    except ScopeError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def _check_texts(req: Mapping[str, str]) -> None:
+    """``reason`` (required) and ``requester``: bounded, no control or path-like text."""
+    for key, limit in (("reason", 1024), ("requester", 256)):
+        value = req.get(key)
+        if value is None:
+            if key == "reason":
+                raise BadRequest("reason: required (why the evidence is kept)")
+            continue
+        if not value.strip() or len(value) > limit:
+            raise BadRequest(f"{key}: must be 1 to {limit} characters")
+        if _CONTROL.search(value) or _PATHLIKE.search(value):
+            raise BadRequest(f"{key}: control characters and path-like text are not allowed")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -93,6 +93,49 @@ class ClusterResult:
         return all(n.status == "complete" for n in self.nodes)
 
 
+def _trigger(pod: AgentPod, transport: AgentTransport, *, body: dict[str, Any],
+             token: str) -> NodeArchive:
+    """``POST /archive`` on one agent; its entry, failed at once if the agent refused."""
+    entry = NodeArchive(node=pod.node, agent_pod=pod.name)
+    status, doc = transport.request(pod, "POST", "/archive", body=body, token=token)
+    if status == 202 and isinstance(doc.get("id"), str):
+        entry.archive_id, entry.status = doc["id"], str(doc.get("status", "pending"))
+        entry.manifest_key, entry.error = doc.get("manifest_key"), doc.get("error")
+    else:
+        entry.status = "failed"
+        entry.error = f"HTTP {status}: {doc.get('error', 'no answer')}" if status else str(
+            doc.get("error"))
+    return entry
+
+
+def _wait_nodes(nodes: list[NodeArchive], by_name: Mapping[str, AgentPod],
+                transport: AgentTransport, *, token: str, timeout_s: float, poll_s: float,
+                progress: Callable[[list[NodeArchive]], None] | None) -> None:
+    """Poll every pending node archive until it ends or the deadline fails it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        waiting = [n for n in nodes if n.status in ("pending", "running")]
+        if progress is not None:
+            progress(nodes)
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            for n in waiting:
+                n.status, n.error = "failed", f"not complete after {timeout_s:g}s ({n.stage})"
+            return
+        time.sleep(poll_s)
+        for n in waiting:
+            status, doc = transport.request(by_name[n.agent_pod], "GET",
+                                            f"/archives/{n.archive_id}", token=token)
+            if status != 200:
+                n.stage = f"HTTP {status}: {doc.get('error')}"
+                continue  # a transient proxy error; the deadline decides
+            n.status = str(doc.get("status"))
+            n.stage = str(doc.get("stage") or "")
+            n.error = doc.get("error")
+            n.manifest_key = doc.get("manifest_key")
+
+
 def cluster_archive(store: Store, *, cluster: str, pods: Sequence[AgentPod],
                     transport: AgentTransport, body: dict[str, Any], token: str,
                     scope: Scope, timeout_s: float = 600.0, poll_s: float = 0.5,
@@ -105,39 +148,9 @@ def cluster_archive(store: Store, *, cluster: str, pods: Sequence[AgentPod],
     cid = archive_id("cluster", cluster, label)
     result = ClusterResult(cid, manifest_full_key(store, cluster, cid))
     for pod in pods:
-        entry = NodeArchive(node=pod.node, agent_pod=pod.name)
-        result.nodes.append(entry)
-        status, doc = transport.request(pod, "POST", "/archive", body=body, token=token)
-        if status == 202 and isinstance(doc.get("id"), str):
-            entry.archive_id, entry.status = doc["id"], str(doc.get("status", "pending"))
-            entry.manifest_key, entry.error = doc.get("manifest_key"), doc.get("error")
-        else:
-            entry.status = "failed"
-            entry.error = f"HTTP {status}: {doc.get('error', 'no answer')}" if status else str(
-                doc.get("error"))
-    deadline = time.monotonic() + timeout_s
-    by_name = {p.name: p for p in pods}
-    while True:
-        waiting = [n for n in result.nodes if n.status in ("pending", "running")]
-        if progress is not None:
-            progress(result.nodes)
-        if not waiting:
-            break
-        if time.monotonic() > deadline:
-            for n in waiting:
-                n.status, n.error = "failed", f"not complete after {timeout_s:g}s ({n.stage})"
-            break
-        time.sleep(poll_s)
-        for n in waiting:
-            status, doc = transport.request(by_name[n.agent_pod], "GET",
-                                            f"/archives/{n.archive_id}", token=token)
-            if status != 200:
-                n.stage = f"HTTP {status}: {doc.get('error')}"
-                continue  # a transient proxy error; the deadline decides
-            n.status = str(doc.get("status"))
-            n.stage = str(doc.get("stage") or "")
-            n.error = doc.get("error")
-            n.manifest_key = doc.get("manifest_key")
+        result.nodes.append(_trigger(pod, transport, body=body, token=token))
+    _wait_nodes(result.nodes, {p.name: p for p in pods}, transport, token=token,
+                timeout_s=timeout_s, poll_s=poll_s, progress=progress)
     covered: set[str] = set()
     for n in result.nodes:
         if n.status == "complete" and n.archive_id is not None:
