@@ -158,7 +158,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        agent = Agent(settings)
+        try:
+            agent = Agent(settings)
+        except StartupError as exc:
+            raise CliError(str(exc)) from exc
         try:
             await agent.run(stop)
         except StartupError as exc:
