@@ -98,8 +98,8 @@ class Proxy:
                 data = src.recv(65536)
                 if not data:
                     break
-                if gated and self._drop.is_set():
-                    break  # the answer is lost; the finally cuts both sides
+                if gated and self._drop.is_set() and not data.startswith(b"HTTP/1.1 100 "):
+                    break  # the answer is lost (an interim 100 Continue is not the answer)
                 if gated:
                     while not self._release.wait(0.05):
                         if src.fileno() < 0:
