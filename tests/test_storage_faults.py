@@ -106,6 +106,10 @@ def loss_ranges(agent: Agent, sid: StreamId) -> list[tuple[int, int]]:
     return sorted(out)
 
 
+def tree(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
 def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for start, end in sorted(ranges):
@@ -144,9 +148,10 @@ async def test_second_agent_on_a_live_spool_exits_and_writes_nothing(
         await wait_exported(store, sid, sim.record(sid))
         spool = Path(settings.spool_dir)
         # Let the live agent settle (shipped segment files removed) so its own writes stop.
-        await wait_until(lambda: not list(spool.rglob("*.seg")), within=10, what="idle spool")
-        await asyncio.sleep(0.5)
-        before = sorted(p.relative_to(spool).as_posix() for p in spool.rglob("*"))
+        await wait_until(lambda: not any(n.endswith(".seg") for n in tree(spool)), within=10,
+                         what="idle spool")
+        await wait_until(lambda: not agent.spool.dirty, within=10, what="a last checkpoint")
+        before = await asyncio.to_thread(tree, spool)
         checkpoint = (spool / "checkpoint.json").read_bytes()
         try:
             r = await asyncio.to_thread(
@@ -160,7 +165,7 @@ async def test_second_agent_on_a_live_spool_exits_and_writes_nothing(
         assert len(lines) == 1 and str(spool) in lines[0] and "Traceback" not in r.stderr, (
             r.stderr)
         # Nothing written: no new file, the live agent's checkpoint untouched, no gap.
-        assert sorted(p.relative_to(spool).as_posix() for p in spool.rglob("*")) == before
+        assert await asyncio.to_thread(tree, spool) == before
         assert (spool / "checkpoint.json").read_bytes() == checkpoint
         assert not (tmp_path / "store2").exists()
         assert agent.ledger.gaps(kind="agent_down") == []

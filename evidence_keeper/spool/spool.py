@@ -23,10 +23,19 @@ Durability argument (the first acknowledgement boundary):
    cursor. Nothing is lost, nothing is duplicated. Segment files the checkpoint does not know
    are leftovers of an uncommitted seal or a finished upload and are removed.
 
+5. A failed fsync of a segment abandons that commit and rewinds the stream to its last durable
+   checkpoint (``_rewind``), as recovery would: the tailer re-reads from the checkpointed
+   cursor. Linux may drop the dirty pages of a failed fsync, so a retry would prove nothing.
+
 The second boundary: a sealed segment is offered to the shipper only once its seal is in a
 committed checkpoint, and its file is deleted only after a checkpoint recording it as shipped
-is committed. Eviction (budget exceeded) removes the oldest unshipped sealed segments and
-records them as ``evicted`` loss with their exact range *before* the checkpoint forgets them.
+is committed. Its key's extension is fixed at seal and kept in the checkpoint; a segment whose
+upload failed ambiguously is kept ``uncertain`` (never evicted) until the store was asked.
+
+The budget: bytes still in their source file are not accepted over ``max_bytes``
+(back-pressure, ``append``); endangered bytes are, and the commit then evicts captured,
+unshipped segments from the stream with the largest share, oldest first, each recorded as an
+exact ``evicted`` loss *before* the checkpoint forgets it.
 
 All methods are blocking and run in worker threads; one lock guards the state.
 """
