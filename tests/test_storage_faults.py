@@ -22,6 +22,8 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from evidence_keeper.api.client import call
+from evidence_keeper.archive.verify import format_report, verify_archive
 from evidence_keeper.fsio import FileSystem
 from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings
@@ -44,6 +46,7 @@ from tests.netproxy import Proxy
 REGION = "us-east-1"
 NS = "shop"
 REPO = Path(__file__).resolve().parent.parent
+TOKEN = "storage-faults-token-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -177,10 +180,36 @@ async def test_second_agent_on_a_live_spool_exits_and_writes_nothing(
 # ----------------------------------------------------------------------------- lost PUT replies
 
 
+async def verify_clean(agent: Agent, store: Store) -> None:
+    """Archive the namespace through the agent's API, then ``verify`` it: hashes, presence and
+    hash chains as the store holds them (holes of recorded loss do not break a chain)."""
+    assert agent.api_address is not None
+    url = "http://{}:{}".format(*agent.api_address)
+    status, doc = await asyncio.to_thread(
+        call, url, "/archive", method="POST", token=TOKEN,
+        body={"namespace": NS, "reason": "issue 12: verify after storage faults"})
+    assert status == 202, doc
+
+    for _ in range(300):  # the agent answers from this event loop: ask from a thread
+        _, job = await asyncio.to_thread(call, url, f"/archives/{doc['id']}", token=TOKEN)
+        assert job["status"] != "failed", job
+        if job["status"] == "complete":
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError(f"archive not complete: {job}")
+    report = await asyncio.to_thread(verify_archive, store, cluster="default",
+                                     archive_id=doc["id"])
+    assert report.ok, format_report(report)
+
+
 def s3_settings(make_settings: Callable[..., Settings], proxy: Proxy, bucket: str,
                 **kw: Any) -> Settings:
+    token = Path(make_settings().spool_dir).parent / "archive-token"
+    token.write_text(TOKEN + "\n")
     base: dict[str, Any] = {"store_url": f"s3://{bucket}/evidence",
-                            "s3_endpoint_url": proxy.url, "shutdown_timeout_s": 4}
+                            "s3_endpoint_url": proxy.url, "shutdown_timeout_s": 4,
+                            "archive_token_file": str(token)}
     base.update(kw)
     return make_settings(**base)
 
@@ -217,6 +246,7 @@ async def test_lost_put_reply_then_compression_change_stores_no_range_twice(
         write_lines(sim, "payment-1", 50, "second")
         await wait_exported(store, sid, sim.record(sid), within=30)
         assert loss_gaps(agent.ledger) == []
+        await verify_clean(agent, store)
     segments = stored_segments(store, sid)
     check_segments(segments)  # no overlap, hashes, and the chain links to what is stored
     assert segments[0].key == stored[0].split("/", 1)[1]
@@ -271,6 +301,7 @@ async def test_lost_put_reply_then_eviction_records_no_false_loss(
         assert loss_gaps(agent.ledger, quiet) == []
         assert metric(agent, "evidence_keeper_lost_bytes_total", reason="evicted") == sum(
             e - s for s, e in holes)
+        await verify_clean(agent, store)
     check_segments(stored_segments(store, quiet))
     check_segments(stored_segments(store, burst))
     data, export_holes = export_bytes(store, burst)
