@@ -40,6 +40,7 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ConnectTimeoutError,
+    CredentialRetrievalError,
     EndpointConnectionError,
     NoCredentialsError,
     PartialCredentialsError,
@@ -156,6 +157,9 @@ class S3Store:
             return StoreError(
                 f"{what}: no AWS credentials found (environment, shared files, web identity"
                 " or instance profile)")
+        if isinstance(exc, CredentialRetrievalError):
+            self._forget_credentials()  # e.g. a web identity token file not mounted yet
+            return StoreError(f"{what}: cannot retrieve AWS credentials ({exc})")
         if isinstance(exc, ClientError):
             return self._client_error(exc, what, key, write=write)
         if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):

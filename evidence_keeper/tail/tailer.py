@@ -584,8 +584,8 @@ class Tailer:
             # The lock is taken per stream so a commit never waits for a whole pass.
             with self.spool.lock:
                 s = self.spool.stream(t.id)
-                if s.cursor is not t:
-                    self._rewound(t)
+                if s.cursor is not t and (s.cursor is None or isinstance(s.cursor, dict)):
+                    self._rewound(t)  # the spool rewound it (a failed fsync)
                     continue
                 if s.error_until > now:
                     continue
