@@ -280,6 +280,8 @@ class Agent:
             "node": self.settings.node_name,
             "spool": {"recovered": st.recovered, "unshipped_bytes": self.spool.total_bytes(),
                       "budget_bytes": self.spool.max_bytes,
+                      # At the budget: files still holding their bytes wait (back-pressure).
+                      "back_pressure": self.spool.room() <= 0,
                       "oldest_unshipped_age_s": round(self.spool.oldest_unshipped_age(), 3),
                       "streams": len(self.spool.streams)},
             "tail": {"tailing": st.tailing, "log_root": str(self.settings.log_root),

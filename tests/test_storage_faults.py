@@ -351,6 +351,7 @@ async def test_budget_back_pressure_keeps_bytes_in_their_source(
         assert agent.spool.total_bytes() <= budget
         assert held < sim.record_len(noisy)  # the rest waits in the source file
         assert loss_gaps(agent.ledger) == []
+        assert (await asyncio.to_thread(agent.readiness))["spool"]["back_pressure"] is True
         proxy.up()
 
         def drained() -> bool:
