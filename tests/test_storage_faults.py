@@ -578,3 +578,21 @@ async def test_object_lock_days_on_a_bucket_without_object_lock_fails_fast(
         await agent.start()
     finally:
         agent.close()
+
+
+@pytest.mark.usefixtures("aws_env")
+def test_put_failures_are_classified_ambiguous_only_when_the_request_was_sent(
+    moto_url: str, bucket: str, proxy: Proxy,
+) -> None:
+    store = S3Store(bucket, "evidence", endpoint_url=proxy.url, read_timeout_s=5)
+    key = "c/ns/p_u/app/0/00000000000000000000-00000000000000000003.log.zst"
+    proxy.drop_replies()
+    with pytest.raises(StoreError) as err:
+        store.put(key, b"abc", {"ek-sha256": "x"})
+    assert err.value.ambiguous  # reset after sending: the object may be stored
+    assert keys(direct(moto_url), bucket) == [f"evidence/{key}"]  # and it is
+    proxy.drop_replies(False)
+    proxy.down()
+    with pytest.raises(StoreError) as err:
+        store.put(key, b"abc", {"ek-sha256": "x"})
+    assert not err.value.ambiguous  # refused: nothing was sent
