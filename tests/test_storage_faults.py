@@ -570,6 +570,16 @@ async def test_object_lock_days_on_a_bucket_without_object_lock_fails_fast(
     assert f"bucket {bucket} does not have it enabled" in msg and "\n" not in msg
     msg = await _start_fails(make_settings(object_lock_days=7))
     assert "cannot lock objects" in msg
+    cfg = tmp_path / "lock.yaml"
+    cfg.write_text(f"log_root: {tmp_path / 'pods'}\nspool_dir: {tmp_path / 'cli-spool'}\n"
+                   f"store_url: s3://{bucket}/evidence\ns3_endpoint_url: {moto_url}\n"
+                   "object_lock_days: 7\nkubernetes: 'off'\nlisten: 127.0.0.1:0\n")
+    r = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "evidence_keeper.cli", "run", "--config", str(cfg)],
+        capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert last.startswith("evidence-keeper: ") and "does not have it enabled" in last, r.stderr
     locked = f"ek-lock-{uuid.uuid4().hex[:8]}"
     direct(moto_url).create_bucket(Bucket=locked, ObjectLockEnabledForBucket=True)
     agent = Agent(make_settings(store_url=f"s3://{locked}/evidence", s3_endpoint_url=moto_url,

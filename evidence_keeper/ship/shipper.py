@@ -69,6 +69,10 @@ class PreparedSegment:
     sha256: str
 
 
+class StoreNotAsked(StoreError):
+    """The store could not say whether it holds an uncertain segment (HEAD failed)."""
+
+
 class SpoolSegmentDamaged(Exception):
     """A sealed segment's spool file is gone or of the wrong size: its bytes are lost."""
 
@@ -164,7 +168,10 @@ class Shipper:
         exts = [seg.ext] if seg.ext else list(SEGMENT_EXTENSIONS.values())
         for ext in exts:
             key = segment_key("", self.config.cluster, s.id, seg.start, seg.end, ext)
-            meta = self.store.head(key)
+            try:
+                meta = self.store.head(key)
+            except StoreError as exc:
+                raise StoreNotAsked(str(exc), retryable=exc.retryable) from exc
             if meta is None:
                 continue
             if meta.get("ek-sha256") == prepared.sha256:
@@ -202,7 +209,8 @@ class Shipper:
             # Unless the store said no for sure, it may hold the object: ask before anything.
             ambiguous = not isinstance(exc, StoreError) or exc.ambiguous
             await asyncio.to_thread(self.spool.release, s, seg, uncertain=ambiguous)
-            self.metrics.ship_errors.labels(op="put").inc()
+            op = "head" if isinstance(exc, StoreNotAsked) else "put"
+            self.metrics.ship_errors.labels(op=op).inc()
             delay = self.breaker.failed(self.clock())
             if self.store_up is not False or self.breaker.failures in (1, 10, 100):
                 log.error("store upload failed; backing off", error=str(exc),
