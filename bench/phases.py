@@ -202,6 +202,9 @@ class DiscardStore:
     def check(self) -> None:
         return None
 
+    def check_object_lock(self) -> None:
+        return None  # nothing is ever stored: no retention to check
+
     def describe(self) -> str:
         return "bench://discard"
 

@@ -56,8 +56,10 @@ from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss
 from evidence_keeper.replay.backfill import Backfill
 from evidence_keeper.settings import Settings
+from evidence_keeper.ship.codec import extension
 from evidence_keeper.ship.shipper import ShipConfig, Shipper
-from evidence_keeper.ship.store import Store, StoreError, open_store
+from evidence_keeper.ship.store import CannotLock, Store, StoreError, open_store
+from evidence_keeper.spool.lock import SpoolBusy, SpoolLock
 from evidence_keeper.spool.spool import Spool
 from evidence_keeper.tail.tailer import Tailer
 from evidence_keeper.timefmt import parse_rfc3339, rfc3339
@@ -90,7 +92,11 @@ class Agent:
         self.fs = fs or FileSystem()
         self.metrics = metrics or Metrics()
         spool_dir = Path(settings.spool_dir)
-        spool_dir.mkdir(parents=True, exist_ok=True)
+        # One agent per spool, before anything is read or written (the ledger included).
+        try:
+            self.spool_lock = SpoolLock.acquire(spool_dir)
+        except (SpoolBusy, OSError) as exc:
+            raise StartupError(str(exc)) from exc
         self.ledger = Ledger(spool_dir / "ledger.sqlite")
         self.spool = Spool(
             spool_dir,
@@ -100,6 +106,7 @@ class Agent:
             record_loss=self._record_loss,
             metrics=self.metrics,
             fs=self.fs,
+            segment_ext=extension(settings.compression),
         )
         self.tree = LogTree(str(settings.log_root), fs=self.fs)
         self.tailer = Tailer(self.spool, metrics=self.metrics, fs=self.fs)
@@ -293,6 +300,8 @@ class Agent:
             "node": self.settings.node_name,
             "spool": {"recovered": st.recovered, "unshipped_bytes": self.spool.total_bytes(),
                       "budget_bytes": self.spool.max_bytes,
+                      # At the budget: files still holding their bytes wait (back-pressure).
+                      "back_pressure": self.spool.room() <= 0,
                       "oldest_unshipped_age_s": round(self.spool.oldest_unshipped_age(), 3),
                       "streams": len(self.spool.streams)},
             "tail": {"tailing": st.tailing, "log_root": str(self.settings.log_root),
@@ -340,15 +349,7 @@ class Agent:
             await asyncio.to_thread(self.spool.recover)
         except (OSError, ValueError, RuntimeError) as exc:
             raise StartupError(f"cannot recover spool in {self.settings.spool_dir}: {exc}") from exc
-        try:
-            await asyncio.to_thread(self.store.check)
-            self.metrics.sink_up.labels(sink="store", check=self.store.check_name).set(1)
-        except StoreError as exc:
-            if not exc.retryable:
-                raise StartupError(str(exc)) from exc
-            self.metrics.sink_up.labels(sink="store", check=self.store.check_name).set(0)
-            log.error("store unreachable at start-up; capturing to the spool meanwhile",
-                      error=str(exc))
+        await self._check_store()
         await asyncio.to_thread(self._record_downtime)
         await asyncio.to_thread(self._heartbeat)
         await asyncio.to_thread(self.sinks.restore)
@@ -356,6 +357,36 @@ class Agent:
         log.info("agent started", node=self.settings.node_name, log_root=str(
             self.settings.log_root), store=self.store.describe(),
             streams=len(self.spool.streams))
+
+    async def _check_store(self) -> None:
+        """The store at start-up: fatal only when it cannot work whatever happens next.
+
+        A store that is down, or whose credentials are not there yet (a booting node, an
+        IRSA token not yet mounted), is reported down (``sink_up`` 0, ``/readyz``, and the
+        store probe's ``sink_outage``) while the agent captures to the spool; shipping starts
+        as soon as it answers. A missing bucket, a refused key, or ``object_lock_days > 0`` on
+        a bucket without Object Lock stop the agent with one line.
+        """
+        up = self.metrics.sink_up.labels(sink="store", check=self.store.check_name)
+        try:
+            await asyncio.to_thread(self.store.check)
+            up.set(1)
+        except StoreError as exc:
+            if not exc.retryable:
+                raise StartupError(str(exc)) from exc
+            up.set(0)
+            self.shipper.store_up, self.shipper.last_error = False, str(exc)
+            log.error("store unreachable at start-up; capturing to the spool meanwhile",
+                      error=str(exc))
+            return
+        if self.settings.object_lock_days > 0:
+            try:
+                await asyncio.to_thread(self.store.check_object_lock)
+            except CannotLock as exc:
+                raise StartupError(str(exc)) from exc
+            except StoreError as exc:
+                log.warning("cannot tell whether the bucket has Object Lock; the PUTs' own"
+                            " retention settings will tell", error=str(exc))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down in order.
@@ -480,3 +511,4 @@ class Agent:
         self.tailer.close()
         self.spool.close()
         self.ledger.close()
+        self.spool_lock.release()

@@ -3,6 +3,8 @@
 Used in front of moto's S3 server: ``down()`` is an S3 outage (the port refuses connections),
 ``hold()`` lets requests reach the server but keeps the answers back, which is the window
 between an object being stored and the agent learning it was (kill -9 goes there).
+``drop_replies()`` forwards every request but throws each answer away and cuts the
+connection: the store did the work, the client saw a reset (an ambiguous failure).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class Proxy:
         self._lock = threading.Lock()
         self._release = threading.Event()
         self._release.set()
+        self._drop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.up()
 
@@ -59,6 +62,12 @@ class Proxy:
     def release(self) -> None:
         self._release.set()
 
+    def drop_replies(self, on: bool = True) -> None:
+        if on:
+            self._drop.set()
+        else:
+            self._drop.clear()
+
     def close(self) -> None:
         self.release()
         self.down()
@@ -89,6 +98,8 @@ class Proxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                if gated and self._drop.is_set() and not data.startswith(b"HTTP/1.1 100 "):
+                    break  # the answer is lost (an interim 100 Continue is not the answer)
                 if gated:
                     while not self._release.wait(0.05):
                         if src.fileno() < 0:

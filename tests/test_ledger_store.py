@@ -90,6 +90,9 @@ class FaultyStore:
     def check(self) -> None:
         self.inner.check()
 
+    def check_object_lock(self) -> None:
+        self.inner.check_object_lock()
+
     def describe(self) -> str:
         return self.inner.describe()
 

@@ -350,22 +350,6 @@ def test_missing_bucket_is_one_clear_error(tmp_path: Path, moto_url: str) -> Non
     assert "no-such-bucket-ek does not exist" in last, r.stderr
 
 
-def test_missing_credentials_is_one_clear_error(tmp_path: Path, moto_url: str,
-                                                bucket: str) -> None:
-    cfg = tmp_path / "agent.yaml"
-    cfg.write_text(f"log_root: {tmp_path}\nspool_dir: {tmp_path / 'spool'}\n"
-                   f"store_url: s3://{bucket}/x\ns3_endpoint_url: {moto_url}\n"
-                   "kubernetes: 'off'\nlisten: 127.0.0.1:0\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update({"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-                "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true",
-                "AWS_DEFAULT_REGION": REGION})
-    r = _run_cli(cfg, env)
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr
-    assert "no AWS credentials found" in r.stderr.strip().splitlines()[-1], r.stderr
-
-
 def test_store_errors_are_classified(moto_url: str, bucket: str) -> None:
     store = S3Store("no-such-bucket-ek2", "", endpoint_url=moto_url)
     with pytest.raises(StoreError) as err:

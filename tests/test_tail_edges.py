@@ -677,7 +677,7 @@ async def test_docker_json_file_format(
 # ----------------------------------------------------------------------------- (i) eviction
 
 
-async def test_spool_budget_evicts_oldest_unshipped_as_exact_loss(
+async def test_spool_budget_evicts_endangered_bytes_as_exact_loss(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings(spool_max_bytes="256KiB", segment_max_bytes="32KiB")
@@ -689,6 +689,9 @@ async def test_spool_budget_evicts_oldest_unshipped_as_exact_loss(
         for k in range(10):
             lines(sim, 1000, f"burst-{k}")  # about 80 KiB each
             await asyncio.sleep(0.1)
+        # Over the budget a live file waits (back-pressure); a deleted pod's bytes exist only
+        # behind our descriptor, so they are read and the spool evicts (contract v2, §3).
+        sim.delete_pod(NS, POD)
         await wait_until(lambda: spool_offset(agent, sid) == sim.record_len(sid), within=15,
                          what="the whole stream to be captured")
         await wait_until(lambda: agent.spool.total_bytes() <= 256 * 1024, within=5,

@@ -32,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        agent = Agent(cfg)
+        try:
+            agent = Agent(cfg)  # takes the spool lock: a second agent stops here
+        except StartupError as exc:
+            raise CliError(str(exc)) from exc
         try:
             await agent.run(stop)
         except StartupError as exc:

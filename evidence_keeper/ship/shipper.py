@@ -10,7 +10,16 @@ An upload reads the spool file, hashes and compresses it in a worker thread, ``p
 its metadata and then acknowledges it to the spool, which deletes the file only after a
 checkpoint recording the acknowledgement is durable. A crash between the ``put`` and that
 checkpoint re-uploads the same bytes under the same key with the same metadata: keys and
-bodies are functions of the stream bytes alone.
+bodies are functions of the stream bytes alone, and the key's compression is the one fixed
+in the checkpoint when the segment was sealed, so a restart with another ``compression``
+never stores a range twice (``.zst`` and ``.gz``).
+
+An *ambiguous* failure (timeout, reset connection, 5xx: the store may have kept the object)
+marks the segment uncertain in the spool. Before it is put again — and so before its
+successor is chained to anything — the shipper asks the store (HEAD): an object under its key
+with the same ``ek-sha256`` is acknowledged as shipped, so the chain always links to what the
+store holds and no stored byte is ever recorded as lost. Segments sealed by an agent that did
+not record their key are looked for under every extension the same way.
 
 Failures back off exponentially with full jitter (0.5 s doubling to 30 s) behind a circuit
 breaker: after a failed upload the shipper waits for the back-off before trying again, once,
@@ -32,9 +41,9 @@ from datetime import UTC, datetime, timedelta
 from evidence_keeper.formats import EDGE_WINDOW, edge_timestamps, rfc3339
 from evidence_keeper.logs import get_logger, stream_fields
 from evidence_keeper.metrics import Metrics
-from evidence_keeper.model import segment_key
+from evidence_keeper.model import SEGMENT_EXTENSIONS, segment_key
 from evidence_keeper.ship.codec import compress, extension
-from evidence_keeper.ship.store import Store
+from evidence_keeper.ship.store import Store, StoreError
 from evidence_keeper.spool.spool import SealedSegment, Spool, SpoolStream
 
 log = get_logger("evidence_keeper.ship")
@@ -58,6 +67,10 @@ class PreparedSegment:
     body: bytes
     meta: dict[str, str]
     sha256: str
+
+
+class StoreNotAsked(StoreError):
+    """The store could not say whether it holds an uncertain segment (HEAD failed)."""
 
 
 class SpoolSegmentDamaged(Exception):
@@ -125,7 +138,7 @@ class Shipper:
                 f"spool segment {seg.path} has {len(data)} bytes, expected {seg.length}")
         sha = hashlib.sha256(data).hexdigest()
         first, last = edge_timestamps(data[:EDGE_WINDOW], data[-EDGE_WINDOW:])
-        ext = extension(self.config.compression)
+        ext = seg.ext or extension(self.config.compression)
         key = segment_key("", self.config.cluster, s.id, seg.start, seg.end, ext)
         meta = {
             "ek-node": self.config.node,
@@ -141,11 +154,42 @@ class Shipper:
             "ek-first-ts": rfc3339(first),
             "ek-last-ts": rfc3339(last),
         }
-        body = compress(data, self.config.compression, self.config.level)
+        compression = next(c for c, e in SEGMENT_EXTENSIONS.items() if e == ext)
+        body = compress(data, compression, self.config.level)
         return PreparedSegment(key=key, body=body, meta=meta, sha256=sha)
+
+    def _stored(self, s: SpoolStream, seg: SealedSegment, prepared: PreparedSegment) -> bool:
+        """Does the store already hold this segment (same key, same ``ek-sha256``)?
+
+        Asked after an ambiguous PUT failure, and for segments whose key was not recorded at
+        seal (then under every extension; the one found is fixed for good). A store that
+        cannot answer raises, and the segment stays uncertain: never evicted, never skipped.
+        """
+        exts = [seg.ext] if seg.ext else list(SEGMENT_EXTENSIONS.values())
+        for ext in exts:
+            key = segment_key("", self.config.cluster, s.id, seg.start, seg.end, ext)
+            try:
+                meta = self.store.head(key)
+            except StoreError as exc:
+                raise StoreNotAsked(str(exc), retryable=exc.retryable) from exc
+            if meta is None:
+                continue
+            if meta.get("ek-sha256") == prepared.sha256:
+                self.spool.fix_ext(s, seg, ext)
+                log.info("segment found stored after an unanswered upload", key=key,
+                         **stream_fields(s.id))
+                return True
+            log.warning("store holds other bytes under a segment key; replacing them",
+                        key=key, stored_sha256=meta.get("ek-sha256"),
+                        sha256=prepared.sha256, **stream_fields(s.id))
+        if seg.ext is None:
+            self.spool.fix_ext(s, seg, extension(self.config.compression))
+        return False
 
     def _upload(self, s: SpoolStream, seg: SealedSegment) -> str:
         prepared = self.prepare(s, seg)
+        if (seg.uncertain or seg.ext is None) and self._stored(s, seg, prepared):
+            return prepared.sha256
         retain = None
         if self.config.object_lock_days > 0:
             retain = datetime.now(UTC) + timedelta(days=self.config.object_lock_days)
@@ -162,8 +206,11 @@ class Shipper:
             await asyncio.to_thread(self.spool.drop_damaged, s, seg, str(exc))
             return
         except Exception as exc:  # any failure of one upload is retried, never fatal
-            seg.inflight = False
-            self.metrics.ship_errors.labels(op="put").inc()
+            # Unless the store said no for sure, it may hold the object: ask before anything.
+            ambiguous = not isinstance(exc, StoreError) or exc.ambiguous
+            await asyncio.to_thread(self.spool.release, s, seg, uncertain=ambiguous)
+            op = "head" if isinstance(exc, StoreNotAsked) else "put"
+            self.metrics.ship_errors.labels(op=op).inc()
             delay = self.breaker.failed(self.clock())
             if self.store_up is not False or self.breaker.failures in (1, 10, 100):
                 log.error("store upload failed; backing off", error=str(exc),

@@ -26,11 +26,23 @@ META_SUFFIX = ".meta.json"
 
 
 class StoreError(Exception):
-    """The store refused or failed an operation; ``retryable`` says whether to try again."""
+    """The store refused or failed an operation; ``retryable`` says whether to try again.
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    ``ambiguous``: a write failed after the request may have reached the store (a timeout,
+    a reset connection, a 5xx): the object may be stored although the client saw an error.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True, ambiguous: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.ambiguous = ambiguous
+
+
+class CannotLock(StoreError):
+    """``object_lock_days > 0`` but the store cannot lock objects: a definite answer."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
 
 
 class ObjectMissing(StoreError):
@@ -53,6 +65,8 @@ class Store(Protocol):
     def list(self, prefix: str) -> Iterator[str]: ...
 
     def check(self) -> None: ...
+
+    def check_object_lock(self) -> None: ...
 
     def describe(self) -> str: ...
 
@@ -88,7 +102,9 @@ class FileStore:
                 dict(meta), sort_keys=True, indent=1).encode())
             self.fs.write_atomic(str(path), body)
         except OSError as exc:
-            raise StoreError(f"{self.describe()}: cannot write {key}: {exc}") from exc
+            # A rename may have happened before the error: the object may be there.
+            raise StoreError(f"{self.describe()}: cannot write {key}: {exc}",
+                             ambiguous=True) from exc
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -136,6 +152,10 @@ class FileStore:
             self.fs.unlink(str(probe))
         except OSError as exc:
             raise StoreError(f"{self.describe()} is not writable: {exc}") from exc
+
+    def check_object_lock(self) -> None:
+        raise CannotLock(f"object_lock_days > 0 needs an S3 bucket with Object Lock enabled;"
+                         f" {self.describe()} cannot lock objects")
 
 
 def open_store(store_url: str, *, fs: FileSystem | None = None, **s3_options: object) -> Store:

@@ -23,10 +23,19 @@ Durability argument (the first acknowledgement boundary):
    cursor. Nothing is lost, nothing is duplicated. Segment files the checkpoint does not know
    are leftovers of an uncommitted seal or a finished upload and are removed.
 
+5. A failed fsync of a segment abandons that commit and rewinds the stream to its last durable
+   checkpoint (``_rewind``), as recovery would: the tailer re-reads from the checkpointed
+   cursor. Linux may drop the dirty pages of a failed fsync, so a retry would prove nothing.
+
 The second boundary: a sealed segment is offered to the shipper only once its seal is in a
 committed checkpoint, and its file is deleted only after a checkpoint recording it as shipped
-is committed. Eviction (budget exceeded) removes the oldest unshipped sealed segments and
-records them as ``evicted`` loss with their exact range *before* the checkpoint forgets them.
+is committed. Its key's extension is fixed at seal and kept in the checkpoint; a segment whose
+upload failed ambiguously is kept ``uncertain`` (never evicted) until the store was asked.
+
+The budget: bytes still in their source file are not accepted over ``max_bytes``
+(back-pressure, ``append``); endangered bytes are, and the commit then evicts captured,
+unshipped segments from the stream with the largest share, oldest first, each recorded as an
+exact ``evicted`` loss *before* the checkpoint forgets it.
 
 All methods are blocking and run in worker threads; one lock guards the state.
 """
@@ -86,6 +95,14 @@ class SealedSegment:
     sha256: str | None = None  # set when shipped
     shipped: bool = False
     inflight: bool = False
+    # The key's extension, fixed at seal and kept in the checkpoint: a re-upload after a crash
+    # or a compression change uses the same key. None: sealed by an agent that did not record
+    # it (the shipper then asks the store under every extension first).
+    ext: str | None = None
+    # A PUT of it failed after the request may have reached the store (timeout, reset, 5xx):
+    # the store may hold it. It is never evicted, and the shipper asks the store (HEAD, same
+    # ek-sha256) before putting it again or shipping its successor.
+    uncertain: bool = False
 
     @property
     def length(self) -> int:
@@ -117,6 +134,26 @@ class SpoolWriteError(Exception):
     """Appending to the spool failed; the caller keeps its data and retries later."""
 
 
+class _Abandoned(Exception):
+    """A commit whose data sync failed: its snapshot is never written."""
+
+
+def _open_record(op: OpenSegment | None) -> dict[str, Any] | None:
+    if op is None or op.size == 0:
+        return None
+    return {"start": op.start, "size": op.size, "captured_at": op.captured_at}
+
+
+def _sealed_record(g: SealedSegment) -> dict[str, Any]:
+    rec: dict[str, Any] = {"start": g.start, "end": g.end, "captured_at": g.captured_at,
+                           "sealed_at": g.sealed_at}
+    if g.ext is not None:
+        rec["ext"] = g.ext
+    if g.uncertain:
+        rec["uncertain"] = True
+    return rec
+
+
 class Spool:
     def __init__(
         self,
@@ -129,6 +166,7 @@ class Spool:
         metrics: Metrics,
         fs: FileSystem | None = None,
         error_backoff_s: float = 1.0,
+        segment_ext: str = "zst",
     ) -> None:
         self.root = root
         self.data_dir = root / "spool"
@@ -139,6 +177,7 @@ class Spool:
         self.fs = fs or FileSystem()
         self.metrics = metrics
         self.error_backoff_s = error_backoff_s
+        self.segment_ext = segment_ext
         self._record_loss = record_loss
         self.lock = threading.RLock()
         self.streams: dict[StreamId, SpoolStream] = {}
@@ -149,6 +188,11 @@ class Spool:
         self.traffic: dict[StreamId, list[int]] = {}
         self.commits = 0
         self.dirty = False  # state changed since the last checkpoint (cursor, offsets, seals)
+        # Bytes held (open + unshipped sealed): exact after every change that frees bytes,
+        # raised by appends in between. The budget and back-pressure read it.
+        self._total = 0
+        # Each stream's record in the last durable checkpoint: what a failed fsync rewinds to.
+        self._saved: dict[StreamId, dict[str, Any]] = {}
         metrics.spool_max_bytes.set(max_bytes)
 
     # ------------------------------------------------------------------ recovery
@@ -167,6 +211,7 @@ class Spool:
         for rec in state["streams"]:
             s = self._load_stream(rec)
             self.streams[s.id] = s
+            self._saved[s.id] = rec
             known.update(seg.path for seg in s.sealed)
             if s.open is not None:
                 known.add(s.open.path)
@@ -174,6 +219,7 @@ class Spool:
         for path in self._segment_files():
             if path not in known:
                 self._unlink_quiet(path)
+        self._recount()
         self._update_gauges()
 
     def _load_stream(self, rec: dict[str, Any]) -> SpoolStream:
@@ -191,6 +237,7 @@ class Spool:
             sealed = SealedSegment(
                 start=seg["start"], end=seg["end"], path=self._seg_path(s, seg["start"]),
                 captured_at=seg["captured_at"], sealed_at=seg["sealed_at"], committed=True,
+                ext=seg.get("ext"), uncertain=seg.get("uncertain", False),
             )
             if self._file_size(sealed.path) != sealed.length:
                 # Damaged or missing after a crash of the disk, not of the agent: the data is
@@ -247,8 +294,18 @@ class Spool:
                 break
 
     # ------------------------------------------------------------------ appending
-    def append(self, s: SpoolStream, data: bytes | memoryview, *, now_mono: float) -> int:
+    def room(self) -> int:
+        """Bytes left before the budget (``<= 0``: over it; safe bytes wait in their source)."""
+        return self.max_bytes - self._total
+
+    def append(self, s: SpoolStream, data: bytes | memoryview, *, now_mono: float,
+               endangered: bool = True) -> int:
         """Append stream bytes at ``s.next_offset``; returns how many bytes were accepted.
+
+        Back-pressure: bytes that are not ``endangered`` (their source file still holds them)
+        are accepted only up to the budget; the caller reads them again later from the same
+        position. Endangered bytes (a deleted file, an ended stream, the API fallback) are
+        always accepted; the next commit evicts to make room (see ``_evict_over_budget``).
 
         A size seal prefers the last newline that fits, so segments end on line boundaries
         unless a single line is larger than a segment. On a write error the bytes of the
@@ -256,6 +313,8 @@ class Spool:
         any earlier part was accepted, so the caller advances exactly by the return value.
         """
         view = memoryview(data)
+        if not endangered:
+            view = view[:max(0, self.room())]
         accepted = 0
         while view:
             seg = s.open
@@ -285,6 +344,7 @@ class Spool:
                 raise SpoolWriteError(str(exc)) from exc
             accepted += written
             s.next_offset += written
+            self._total += written
             self.dirty = True
             view = view[take:]
             if seg.size >= self.segment_max_bytes:
@@ -348,7 +408,7 @@ class Spool:
         s.sealed.append(SealedSegment(
             start=seg.start, end=seg.start + seg.size, path=seg.path,
             captured_at=seg.captured_at, sealed_at=time.time(), fd=seg.fd,
-            synced=seg.synced_size,
+            synced=seg.synced_size, ext=self.segment_ext,
         ))
         self.dirty = True
 
@@ -411,34 +471,40 @@ class Spool:
     def _commit(self) -> bool:
         with self.lock:
             self._evict_over_budget()
-            fds: list[int] = []
+            syncs: list[tuple[SpoolStream, int]] = []
             opens: list[tuple[SpoolStream, OpenSegment, int]] = []
             sealed_now: list[tuple[SpoolStream, SealedSegment]] = []
             for s in self.streams.values():
                 if s.open is not None and s.open.size > s.open.synced_size:
-                    fds.append(s.open.fd)
+                    syncs.append((s, s.open.fd))
                     opens.append((s, s.open, s.open.size))
                 for seg in s.sealed:
                     if not seg.committed:
                         sealed_now.append((s, seg))
                         if seg.fd is not None:
-                            fds.append(seg.fd)
+                            syncs.append((s, seg.fd))
             dirs = sorted(self._dirty_dirs, key=len, reverse=True)
             self._dirty_dirs.clear()
             dirty, self.dirty = self.dirty, False
-            if not (fds or dirs or self._deletions or sealed_now or dirty):
+            if not (syncs or dirs or self._deletions or sealed_now or dirty):
                 return False  # idle: no JSON is built (hundreds of streams, 4 times a second)
             deletions, self._deletions = self._deletions, []
-            snapshot = self._snapshot()
+            snapshot, records = self._snapshot()
+        failed = self._sync_data(syncs)
         try:
-            for fd in fds:
-                self.fs.fdatasync(fd)
+            if failed:
+                # This snapshot counts bytes that may not be on disk: it is never written.
+                with self.lock:
+                    for s in failed:
+                        self._rewind(s)
+                raise _Abandoned
             for d in dirs:
                 self.fs.fsync_dir(d)
             self.fs.write_atomic(str(self.checkpoint_path), snapshot)
-        except OSError as exc:
-            self.metrics.spool_errors.labels(op="commit").inc()
-            log.error("spool commit failed; will retry", error=str(exc))
+        except (OSError, _Abandoned) as exc:
+            if not failed:
+                self.metrics.spool_errors.labels(op="commit").inc()
+                log.error("spool commit failed; will retry", error=str(exc))
             with self.lock:
                 self._dirty_dirs.update(dirs)
                 self._deletions = deletions + self._deletions
@@ -446,6 +512,7 @@ class Spool:
             return False
         captured = 0
         with self.lock:
+            self._saved = records
             for s, oseg, size in opens:
                 n = size - oseg.synced_size
                 captured += n
@@ -475,29 +542,101 @@ class Spool:
         self._update_gauges()
         return True
 
-    def _snapshot(self) -> bytes:
-        streams = []
+    def _sync_data(self, syncs: list[tuple[SpoolStream, int]]) -> list[SpoolStream]:
+        """fdatasync every dirty segment; the streams whose sync failed (each counted once)."""
+        failed: list[SpoolStream] = []
+        for s, fd in syncs:
+            if s in failed:
+                continue
+            try:
+                self.fs.fdatasync(fd)
+            except OSError as exc:
+                self.metrics.spool_errors.labels(op="fsync").inc()
+                log.error("spool fsync failed; rewinding the stream to its last checkpoint",
+                          error=str(exc), **stream_fields(s.id))
+                failed.append(s)
+        return failed
+
+    def _rewind(self, s: SpoolStream) -> None:
+        """Put ``s`` back to its last durable checkpoint after a failed fsync.
+
+        Linux may drop the dirty pages of a failed fsync and report the error only once, so
+        bytes written since the last successful sync cannot be trusted, even if a second
+        fsync succeeds. As recovery does after a crash: the checkpointed open segment is cut
+        back to its checkpointed length, segments sealed or opened since are dropped, the
+        offset goes back, and the stream's cursor becomes the checkpointed one (a dict). The
+        tailer sees a cursor that is not its own and re-reads from there (``Tailer._rewound``).
+        A writer that cannot re-read (the API fallback) keeps its bytes and the sync is
+        retried, as before.
+        """
+        if not (s.cursor is None or isinstance(s.cursor, dict)
+                or getattr(s.cursor, "rereads", False)):
+            return
+        rec = self._saved.get(s.id)
+        op = rec.get("open") if rec else None
+        doomed = [g for g in s.sealed if not g.committed]
+        s.sealed = [g for g in s.sealed if g.committed]
+        fds = [g.fd for g in doomed if g.fd is not None]
+        paths = [g.path for g in doomed]
+        if s.open is not None:
+            fds.append(s.open.fd)
+            paths.append(s.open.path)
+            s.open = None
+        for fd in fds:
+            self._close_quiet(fd)
+        keep = self._seg_path(s, op["start"]) if op else None
+        for path in paths:
+            if path != keep:
+                self._unlink_quiet(path)
+        s.next_offset = rec["next_offset"] if rec else 0
+        s.cursor = rec.get("cursor") if rec else None
+        if op is not None:
+            self._reopen_checkpointed(s, op)
+        self._recount()
+        self.dirty = True
+
+    def _reopen_checkpointed(self, s: SpoolStream, op: dict[str, Any]) -> None:
+        path = self._seg_path(s, op["start"])
+        try:
+            fd = self.fs.open_append(path)
+        except OSError as exc:
+            self._lose(s, op["start"], op["size"], "spool_corrupt",
+                       f"spool segment {path} cannot be reopened after a failed fsync: {exc}")
+            return
+        try:
+            self.fs.ftruncate(fd, op["size"])
+        except OSError as exc:
+            self._close_quiet(fd)
+            self._lose(s, op["start"], op["size"], "spool_corrupt",
+                       f"spool segment {path} cannot be cut back after a failed fsync: {exc}")
+            return
+        s.open = OpenSegment(start=op["start"], path=path, fd=fd, size=op["size"],
+                             captured_at=op["captured_at"], first_mono=time.monotonic(),
+                             synced_size=op["size"])
+
+    def _close_quiet(self, fd: int) -> None:
+        try:
+            self.fs.close(fd)
+        except OSError:
+            pass
+
+    def _snapshot(self) -> tuple[bytes, dict[StreamId, dict[str, Any]]]:
+        records: dict[StreamId, dict[str, Any]] = {}
         for s in self.streams.values():
             cursor = s.cursor.to_json() if hasattr(s.cursor, "to_json") else s.cursor  # type: ignore[union-attr]
-            streams.append({
+            records[s.id] = {
                 "id": {"namespace": s.id.namespace, "pod": s.id.pod, "pod_uid": s.id.pod_uid,
                        "container": s.id.container, "restart": s.id.restart},
                 "next_offset": s.next_offset,
                 "chain": s.chain,
                 "priority": s.priority,
                 "finished": s.finished,
-                "open": None if s.open is None or s.open.size == 0 else {
-                    "start": s.open.start, "size": s.open.size,
-                    "captured_at": s.open.captured_at},
-                "sealed": [
-                    {"start": g.start, "end": g.end, "captured_at": g.captured_at,
-                     "sealed_at": g.sealed_at}
-                    for g in s.sealed if not g.shipped
-                ],
+                "open": _open_record(s.open),
+                "sealed": [_sealed_record(g) for g in s.sealed if not g.shipped],
                 "cursor": cursor,
-            })
-        doc = {"version": CHECKPOINT_VERSION, "streams": streams}
-        return json.dumps(doc, separators=(",", ":")).encode()
+            }
+        doc = {"version": CHECKPOINT_VERSION, "streams": list(records.values())}
+        return json.dumps(doc, separators=(",", ":")).encode(), records
 
     # ------------------------------------------------------------------ shipping side
     def ready_segments(self) -> list[tuple[SpoolStream, SealedSegment]]:
@@ -538,12 +677,31 @@ class Spool:
             self._lose(s, seg.start, seg.length, "spool_corrupt", detail)
             s.sealed.remove(seg)
             self._deletions.append(seg.path)
+            self._recount()
             self.dirty = True
+
+    def release(self, s: SpoolStream, seg: SealedSegment, *, uncertain: bool) -> None:
+        """An upload of ``seg`` failed. ``uncertain``: the request may have reached the store
+        (timeout, reset, 5xx after sending), so the store may hold it: it is kept from
+        eviction and the store is asked before it is put again (see the shipper)."""
+        with self.lock:
+            seg.inflight = False
+            if uncertain and not seg.uncertain:
+                seg.uncertain = True
+                self.dirty = True
+
+    def fix_ext(self, s: SpoolStream, seg: SealedSegment, ext: str) -> None:
+        """Fix the key of a segment sealed before keys were recorded (an older checkpoint)."""
+        with self.lock:
+            if seg.ext is None:
+                seg.ext = ext
+                self.dirty = True
 
     def acknowledge(self, s: SpoolStream, seg: SealedSegment, sha256: str) -> None:
         """The store confirmed ``seg``; its file goes after the next durable checkpoint."""
         with self.lock:
             seg.inflight = False
+            seg.uncertain = False
             seg.shipped = True
             seg.sha256 = sha256
             s.chain = sha256
@@ -552,6 +710,7 @@ class Spool:
             while s.sealed and s.sealed[0].shipped:
                 done = s.sealed.pop(0)
                 self._deletions.append(done.path)
+            self._total -= seg.length
             self.dirty = True
             if not s.sealed and s.open is None and s.finished:
                 s.priority = False
@@ -580,28 +739,51 @@ class Spool:
     # ------------------------------------------------------------------ budget
     def total_bytes(self) -> int:
         with self.lock:
-            return sum(s.pending_bytes() for s in self.streams.values())
+            return self._recount()
+
+    def _recount(self) -> int:
+        self._total = sum(s.pending_bytes() for s in self.streams.values())
+        return self._total
 
     def _evict_over_budget(self) -> None:
-        total = self.total_bytes()
-        if total <= self.max_bytes:
-            return
-        candidates = sorted(
-            ((s, seg) for s in self.streams.values() for seg in s.sealed
-             if not seg.shipped and not seg.inflight),
-            key=lambda p: p[1].captured_at,
-        )
-        for s, seg in candidates:
-            if total <= self.max_bytes:
+        """Make room for endangered bytes: evict from the largest share, oldest first.
+
+        Bytes whose source file still holds them are not read over the budget (see
+        ``append``), so only endangered bytes push the spool past it. Eviction then takes
+        captured, unshipped segments, which exist nowhere else, from the stream holding the
+        most spool bytes, its oldest segment first, so one noisy pod never evicts a quiet
+        pod's evidence. Each eviction is an exact ``loss``, durable in the ledger before the
+        checkpoint forgets the segment. Never evicted: a segment in flight, one whose PUT
+        may have been stored (``uncertain``: the store is asked first), one not yet captured.
+        """
+        total = self._recount()
+        while total > self.max_bytes:
+            victim = self._eviction_victim()
+            if victim is None:
                 break
+            s, seg = victim
             self._lose(s, seg.start, seg.length, "evicted",
-                       f"spool over its budget of {self.max_bytes} bytes; oldest unshipped"
-                       " segment evicted")
+                       f"spool over its budget of {self.max_bytes} bytes; the oldest unshipped"
+                       " segment of the stream holding the largest share was evicted")
             s.sealed.remove(seg)
             if seg.fd is not None:
                 self.fs.close(seg.fd)
             self._deletions.append(seg.path)
+            self.dirty = True
             total -= seg.length
+        self._total = total
+
+    def _eviction_victim(self) -> tuple[SpoolStream, SealedSegment] | None:
+        best: tuple[int, SpoolStream, SealedSegment] | None = None
+        for s in self.streams.values():
+            seg = next((g for g in s.sealed if g.committed and not g.shipped
+                        and not g.inflight and not g.uncertain), None)
+            if seg is None:
+                continue
+            share = s.pending_bytes()
+            if best is None or share > best[0]:
+                best = (share, s, seg)
+        return None if best is None else (best[1], best[2])
 
     # ------------------------------------------------------------------ helpers
     def oldest_unshipped_age(self, now: float | None = None) -> float:

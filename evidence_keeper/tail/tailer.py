@@ -38,7 +38,7 @@ import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import IO, Any, Final
+from typing import IO, Any, ClassVar, Final
 
 from evidence_keeper.discover.logtree import Listed, Scan, StreamListing
 from evidence_keeper.fsio import FileSystem
@@ -114,6 +114,7 @@ class StreamTail:
     listing: StreamListing | None = None
     gone: bool = False  # the stream's files vanished from the tree
     ended_at: int = -1  # Tailer.syncs when the API reported the container exited, else -1
+    rereads: ClassVar[bool] = True  # the spool may rewind it to its checkpoint (failed fsync)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -583,6 +584,9 @@ class Tailer:
             # The lock is taken per stream so a commit never waits for a whole pass.
             with self.spool.lock:
                 s = self.spool.stream(t.id)
+                if s.cursor is not t and (s.cursor is None or isinstance(s.cursor, dict)):
+                    self._rewound(t)  # the spool rewound it (a failed fsync)
+                    continue
                 if s.error_until > now:
                     continue
                 if self._pump_stream(t, s, now):
@@ -600,8 +604,13 @@ class Tailer:
                     if f in t.queue:
                         return False  # still failing: retry after the back-off
                     continue  # vanished and recorded as loss: go on with the next file
+            # Back-pressure: over the spool budget, bytes still in their source file wait there.
+            endangered = self.spool.room() < CHUNK and self._endangered(t, f)
+            want = min(CHUNK, budget) if endangered else min(CHUNK, budget, self.spool.room())
+            if want <= 0:
+                return False
             try:
-                data = self._read(t, s, f, min(CHUNK, budget))
+                data = self._read(t, s, f, want)
             except OSError as exc:
                 self._read_error(t, f, exc)
                 self._close(f)
@@ -610,7 +619,7 @@ class Tailer:
                 continue  # truncation or a damaged file handled: look at the queue again
             if data:
                 try:
-                    n = self.spool.append(s, data, now_mono=now)
+                    n = self.spool.append(s, data, now_mono=now, endangered=endangered)
                 except SpoolWriteError:
                     n = 0
                 f.pos += n
@@ -630,6 +639,30 @@ class Tailer:
                 continue
             return False
         return budget <= 0
+
+    def _endangered(self, t: StreamTail, f: TailFile) -> bool:
+        """Would these bytes be lost by waiting? Once the stream is gone or ended, or the file
+        is deleted (only our descriptor keeps it), yes; otherwise they wait in the file."""
+        if t.gone or t.ended_at >= 0:
+            return True
+        fd = f.fd if f.fd is not None else f.raw.fileno() if f.raw is not None else None
+        try:
+            return fd is None or self.fs.fstat(fd).st_nlink == 0
+        except OSError:
+            return True
+
+    def _rewound(self, t: StreamTail) -> None:
+        """The spool rewound this stream to its last checkpoint (a failed fsync): drop the
+        read state and recover from the checkpointed cursor, exactly as after a restart."""
+        del self.tails[t.id]
+        listing = t.listing or StreamListing(stream=t.id, dir=t.dir, rotated=(), live=False,
+                                             superseded=True)
+        nt = self._attach(t.id, listing)
+        nt.gone, nt.ended_at = t.gone, t.ended_at
+        if t.listing is not None:
+            self._refresh(nt, t.listing)
+        for f in t.queue:
+            self._close(f)
 
     def _read(self, t: StreamTail, s: SpoolStream, f: TailFile, n: int) -> bytes | None:
         if f.gzf is not None:
