@@ -17,15 +17,23 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from evidence_keeper.api.app import BadRequest, parse_time
 from evidence_keeper.api.client import ApiError, call, default_url
 from evidence_keeper.archive.manifest import ScopeError, check_glob, check_namespace
+from evidence_keeper.commands.base import subcommand
 from evidence_keeper.replay.checkpoint import Checkpoints
 from evidence_keeper.replay.runner import Progress, Replayer, ReplayRequest, ReplaySummary
 from evidence_keeper.settings import ConfigError, ReplayTarget, Settings, load_settings
 from evidence_keeper.ship.store import StoreError, open_store
+from evidence_keeper.timefmt import TimeError, parse_time
+
+NAME: Final = "replay"
+EXIT_CODES: Final = """\
+exit codes:
+  0  every line of the scope acknowledged by the sink (or, --dry-run, counted)
+  1  partial or failed: some lines were not delivered (the summary says which streams)
+  2  bad input: flags, configuration, an unknown target or gap, the store unreachable"""
 
 
 class ReplayUsageError(Exception):
@@ -33,8 +41,9 @@ class ReplayUsageError(Exception):
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "replay", help="replay preserved lines into a log sink (Datadog, Loki, OTLP)")
+    p = subcommand(subparsers, NAME,
+                   help="replay preserved lines into a log sink (Datadog, Loki, OTLP)",
+                   exit_codes=EXIT_CODES)
     p.add_argument("--config", metavar="PATH", help="YAML configuration file (or $EK_CONFIG)")
     p.add_argument("--to", required=True, metavar="NAME", help="a target of replay_targets")
     p.add_argument("--since", help="RFC3339 or a duration back from now, e.g. 30m")
@@ -55,7 +64,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="ignore checkpoints: send again what was already acknowledged")
     p.add_argument("--concurrency", type=int, default=4, help="streams in flight (default 4)")
     p.add_argument("--rate", type=float, metavar="LINES_PER_S", help="rate limit in lines/s")
-    p.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    p.add_argument("-o", "--output", choices=["text", "json"], default="text",
+                   help="output format: text (default) or json (the summary)")
     p.add_argument("--json", dest="output", action="store_const", const="json",
                    help="alias of -o json")
     return p
@@ -117,7 +127,7 @@ def _when(value: str | None, name: str) -> datetime | None:
         return None
     try:
         return parse_time(value, name, datetime.now(UTC))
-    except BadRequest as exc:
+    except TimeError as exc:
         raise ReplayUsageError(str(exc)) from None
 
 
