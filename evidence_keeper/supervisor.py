@@ -295,13 +295,17 @@ class Agent:
         # The API fallback (no readable log tree) is ready but weaker, and says so in detail:
         # an agent that never turns Ready would hide the evidence it does capture.
         ready = st.recovered and ((st.tailing and st.log_root_ok) or st.kube_mode == "api-logs")
+        # A commit loop that keeps failing (a full or read-only spool disk) makes nothing
+        # durable any more: the agent is not doing its job, and says so.
+        commit = self.spool.commit_health()
         return {
-            "ready": ready,
+            "ready": ready and commit["ok"],
             "node": self.settings.node_name,
             "spool": {"recovered": st.recovered, "unshipped_bytes": self.spool.total_bytes(),
                       "budget_bytes": self.spool.max_bytes,
                       # At the budget: files still holding their bytes wait (back-pressure).
                       "back_pressure": self.spool.room() <= 0,
+                      "commit": commit,
                       "oldest_unshipped_age_s": round(self.spool.oldest_unshipped_age(), 3),
                       "streams": len(self.spool.streams)},
             "tail": {"tailing": st.tailing, "log_root": str(self.settings.log_root),

@@ -59,6 +59,9 @@ from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss, StreamId
 
 CHECKPOINT_VERSION = 1
+# Commits failing this long make the agent not ready: nothing it reads is durable any more.
+COMMIT_FAILING_NOT_READY_S = 10.0
+
 log = get_logger("evidence_keeper.spool")
 
 
@@ -130,6 +133,19 @@ class SpoolStream:
         return n + sum(s.length for s in self.sealed if not s.shipped)
 
 
+@dataclass(slots=True)
+class _CommitPlan:
+    """One commit: what to fsync, the seals it commits, and the checkpoint that says so."""
+
+    syncs: list[tuple[SpoolStream, int]] = field(default_factory=list)
+    opens: list[tuple[SpoolStream, OpenSegment, int]] = field(default_factory=list)
+    sealed_now: list[tuple[SpoolStream, SealedSegment]] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)
+    deletions: list[str] = field(default_factory=list)
+    snapshot: bytes = b""
+    records: dict[StreamId, dict[str, Any]] = field(default_factory=dict)
+
+
 class SpoolWriteError(Exception):
     """Appending to the spool failed; the caller keeps its data and retries later."""
 
@@ -187,6 +203,8 @@ class Spool:
         self._commit_lock = threading.Lock()
         self.traffic: dict[StreamId, list[int]] = {}
         self.commits = 0
+        self.commit_failing_since: float | None = None  # monotonic: first failure in a row
+        self.last_commit_mono: float | None = None
         self.dirty = False  # state changed since the last checkpoint (cursor, offsets, seals)
         # Bytes held (open + unshipped sealed): exact after every change that frees bytes,
         # raised by appends in between. The budget and back-pressure read it.
@@ -469,28 +487,52 @@ class Spool:
             return self._commit()
 
     def _commit(self) -> bool:
+        plan = self._plan_commit()
+        if plan is None:
+            return False  # idle: no JSON is built (hundreds of streams, 4 times a second)
+        if not self._write_commit(plan):
+            self._commit_failed()
+            return False
+        captured, waiters = self._apply_commit(plan)
+        self.commit_failing_since = None
+        self.last_commit_mono = time.monotonic()
+        self.metrics.captured_bytes.inc(captured)
+        for path in plan.deletions:
+            self._unlink_quiet(path)
+        for w in waiters:
+            w.set()
+        self._update_gauges()
+        return True
+
+    def _plan_commit(self) -> _CommitPlan | None:
+        """Under the lock: what this commit makes durable, and the checkpoint saying so."""
         with self.lock:
             self._evict_over_budget()
-            syncs: list[tuple[SpoolStream, int]] = []
-            opens: list[tuple[SpoolStream, OpenSegment, int]] = []
-            sealed_now: list[tuple[SpoolStream, SealedSegment]] = []
+            plan = _CommitPlan()
             for s in self.streams.values():
                 if s.open is not None and s.open.size > s.open.synced_size:
-                    syncs.append((s, s.open.fd))
-                    opens.append((s, s.open, s.open.size))
+                    plan.syncs.append((s, s.open.fd))
+                    plan.opens.append((s, s.open, s.open.size))
                 for seg in s.sealed:
                     if not seg.committed:
-                        sealed_now.append((s, seg))
+                        plan.sealed_now.append((s, seg))
                         if seg.fd is not None:
-                            syncs.append((s, seg.fd))
+                            plan.syncs.append((s, seg.fd))
             dirs = sorted(self._dirty_dirs, key=len, reverse=True)
+            dirty = self.dirty
+            if not (plan.syncs or dirs or self._deletions or plan.sealed_now or dirty):
+                return None
             self._dirty_dirs.clear()
-            dirty, self.dirty = self.dirty, False
-            if not (syncs or dirs or self._deletions or sealed_now or dirty):
-                return False  # idle: no JSON is built (hundreds of streams, 4 times a second)
-            deletions, self._deletions = self._deletions, []
-            snapshot, records = self._snapshot()
-        failed = self._sync_data(syncs)
+            self.dirty = False
+            plan.dirs = dirs
+            plan.deletions, self._deletions = self._deletions, []
+            plan.snapshot, plan.records = self._snapshot()
+            return plan
+
+    def _write_commit(self, plan: _CommitPlan) -> bool:
+        """fdatasync the data, fsync the directories, write the checkpoint. On failure nothing
+        counts as captured and the plan's directories and deletions wait for the next commit."""
+        failed = self._sync_data(plan.syncs)
         try:
             if failed:
                 # This snapshot counts bytes that may not be on disk: it is never written.
@@ -498,22 +540,26 @@ class Spool:
                     for s in failed:
                         self._rewind(s)
                 raise _Abandoned
-            for d in dirs:
+            for d in plan.dirs:
                 self.fs.fsync_dir(d)
-            self.fs.write_atomic(str(self.checkpoint_path), snapshot)
+            self.fs.write_atomic(str(self.checkpoint_path), plan.snapshot)
         except (OSError, _Abandoned) as exc:
             if not failed:
                 self.metrics.spool_errors.labels(op="commit").inc()
                 log.error("spool commit failed; will retry", error=str(exc))
             with self.lock:
-                self._dirty_dirs.update(dirs)
-                self._deletions = deletions + self._deletions
+                self._dirty_dirs.update(plan.dirs)
+                self._deletions = plan.deletions + self._deletions
                 self.dirty = True
             return False
+        return True
+
+    def _apply_commit(self, plan: _CommitPlan) -> tuple[int, list[threading.Event]]:
+        """The checkpoint is on disk: its bytes are captured and its seals committed."""
         captured = 0
         with self.lock:
-            self._saved = records
-            for s, oseg, size in opens:
+            self._saved = plan.records
+            for s, oseg, size in plan.opens:
                 n = size - oseg.synced_size
                 captured += n
                 self._traffic(s.id)[0] += n
@@ -523,7 +569,7 @@ class Spool:
                     for sseg in s.sealed:
                         if sseg.start == oseg.start:
                             sseg.synced = max(sseg.synced, size)
-            for s, sseg in sealed_now:
+            for s, sseg in plan.sealed_now:
                 n = sseg.length - sseg.synced
                 captured += n
                 self._traffic(s.id)[0] += n
@@ -534,13 +580,23 @@ class Spool:
                     sseg.fd = None
             waiters, self._seal_waiters = self._seal_waiters, []
             self.commits += 1
-        self.metrics.captured_bytes.inc(captured)
-        for path in deletions:
-            self._unlink_quiet(path)
-        for w in waiters:
-            w.set()
-        self._update_gauges()
-        return True
+        return captured, waiters
+
+    def _commit_failed(self) -> None:
+        if self.commit_failing_since is None:
+            self.commit_failing_since = time.monotonic()
+
+    def commit_health(self, now_mono: float | None = None) -> dict[str, Any]:
+        """For ``/readyz``: whether commits succeed, and since when they fail."""
+        now = time.monotonic() if now_mono is None else now_mono
+        failing = self.commit_failing_since
+        return {
+            "ok": failing is None or now - failing < COMMIT_FAILING_NOT_READY_S,
+            "failing_for_s": None if failing is None else round(now - failing, 3),
+            "last_commit_age_s": (None if self.last_commit_mono is None
+                                  else round(now - self.last_commit_mono, 3)),
+            "commits": self.commits,
+        }
 
     def _sync_data(self, syncs: list[tuple[SpoolStream, int]]) -> list[SpoolStream]:
         """fdatasync every dirty segment; the streams whose sync failed (each counted once)."""
