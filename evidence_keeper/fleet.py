@@ -23,6 +23,7 @@ from typing import Any, Final, Protocol
 from evidence_keeper.agents import list_agent_pods
 from evidence_keeper.api.client import ApiError, call
 from evidence_keeper.archive.cluster import AgentPod, ClusterError
+from evidence_keeper.timefmt import rfc3339
 
 AGENT_SELECTOR: Final = "app.kubernetes.io/name=evidence-keeper"
 QUERY_WORKERS: Final = 16
@@ -30,10 +31,6 @@ NO_AGENT: Final = "no evidence-keeper agent — logs on this node are not preser
 
 __all__ = ["AGENT_SELECTOR", "NO_AGENT", "ClusterError", "Fleet", "NodeRow", "Selection",
            "agent_checks", "fleet_json", "format_fleet", "survey", "table", "verdict"]
-
-
-def rfc3339(ts: datetime) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # ------------------------------------------------------------------------------ agents

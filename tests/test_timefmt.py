@@ -73,5 +73,4 @@ def test_no_other_module_formats_or_parses_rfc3339_inline() -> None:
                     offenders.append(f"{path.name}: def {node.name}")
             if isinstance(node, ast.Constant) and node.value == "%Y-%m-%dT%H:%M:%S.%fZ":
                 offenders.append(f"{path.name}:{node.lineno}: strftime RFC3339")
-    allowed = {"kube.py"}  # discover/kube.py: another change moves its records (issue 11)
-    assert [o for o in offenders if o.split(":")[0] not in allowed] == []
+    assert offenders == []

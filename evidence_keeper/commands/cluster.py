@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
+from evidence_keeper import timefmt
 from evidence_keeper.agents import kube_client
 from evidence_keeper.api.client import ApiError, call, default_url
 from evidence_keeper.archive.cluster import ClusterError
@@ -50,7 +50,7 @@ from evidence_keeper.fleet import (
     table,
     verdict,
 )
-from evidence_keeper.settings import Settings, load_settings, parse_duration
+from evidence_keeper.settings import Settings, load_settings
 from evidence_keeper.ship.store import Store, StoreError, open_store
 
 
@@ -85,25 +85,10 @@ def parse_when(value: str | None, name: str, now: datetime) -> datetime | None:
     """RFC3339 or a duration back from ``now`` (as the API's ``since``/``until``)."""
     if value is None:
         return None
-    v = value.strip()
-    if v and v[0].isdigit() and not re.fullmatch(r"\d{4}-.*", v):
-        try:
-            return now - timedelta(seconds=parse_duration(v))
-        except (ValueError, OverflowError):
-            raise CommandError(f"{name}: {value!r} is neither RFC3339 nor a duration"
-                               " like 30m") from None
     try:
-        ts = datetime.fromisoformat(v.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise CommandError(f"{name}: {value!r} is neither RFC3339 nor a duration"
-                           " like 30m") from None
-    if ts.tzinfo is None:
-        raise CommandError(f"{name}: {value!r} needs a time zone (e.g. Z)")
-    return ts.astimezone(UTC)
-
-
-def _rfc3339(ts: datetime) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return timefmt.parse_time(value, name, now)
+    except timefmt.TimeError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _selection(args: argparse.Namespace, settings: Settings) -> Selection:
@@ -267,7 +252,7 @@ def _gaps_from_store(args: argparse.Namespace) -> int:
         print(f"warning: {key}: {p} (run `evidence-keeper verify --ledger`)", file=sys.stderr)
     nodes = sorted({o.node for o in objects})
     doc = {"cluster": settings.cluster, "store": store.describe(),
-           "generated_at": _rfc3339(datetime.now(UTC)), "nodes": nodes,
+           "generated_at": timefmt.rfc3339(datetime.now(UTC)), "nodes": nodes,
            "objects": len(objects), "damaged_objects": sorted({k for k, _ in problems}),
            "gaps": gaps}
     if args.output == "json":
@@ -361,10 +346,10 @@ def _preflight_all_nodes(args: argparse.Namespace) -> int:
     assert since is not None
     max_backlog = (args.max_backlog_s if args.max_backlog_s is not None
                    else settings.backlog_threshold_s)
-    fleet = _survey(args, settings, gaps_params={"kind": "loss", "since": _rfc3339(since)},
+    fleet = _survey(args, settings, gaps_params={"kind": "loss", "since": timefmt.rfc3339(since)},
                     loss_since=args.since, max_backlog=max_backlog)
     if args.output == "json":
-        print(json.dumps(fleet_json(fleet, window_since=_rfc3339(since)), indent=2))
+        print(json.dumps(fleet_json(fleet, window_since=timefmt.rfc3339(since)), indent=2))
         if not fleet.ok:  # CI logs show stderr even when they keep the JSON as an artifact
             print(verdict(fleet), file=sys.stderr)
     else:

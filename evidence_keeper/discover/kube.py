@@ -65,6 +65,7 @@ from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss, StreamId
 from evidence_keeper.settings import Settings
 from evidence_keeper.ship.store import Store
+from evidence_keeper.timefmt import rfc3339
 
 log = get_logger("evidence_keeper.kube")
 
@@ -452,8 +453,7 @@ class KubeWatcher:
                 last = records[-1]
                 out.append({k: last.get(k) for k in (
                     "namespace", "pod", "pod_uid", "node", "owner", "service_account",
-                    "labels")} | {"observed_at": datetime.now(UTC).strftime(
-                        "%Y-%m-%dT%H:%M:%S.%fZ")})
+                    "labels")} | {"observed_at": rfc3339(datetime.now(UTC))})
         return out
 
     async def _watch_once(self, v1: Any, rv: str) -> str:
@@ -652,8 +652,8 @@ class KubeWatcher:
         base = last[-1] if last else {}
         self.lifecycle.add([{
             "id": f"previous_logs:{sid.container}:{sid.restart}", "event": "previous_logs",
-            "ts": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "observed_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "ts": rfc3339(datetime.now(UTC)),
+            "observed_at": rfc3339(datetime.now(UTC)),
             "namespace": sid.namespace, "pod": sid.pod, "pod_uid": sid.pod_uid,
             "node": base.get("node", self.node), "owner": base.get("owner"),
             "service_account": base.get("service_account"), "labels": base.get("labels", {}),
