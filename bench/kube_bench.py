@@ -36,8 +36,8 @@ from evidence_keeper.discover.kube import KubeTuning, KubeWatcher
 from evidence_keeper.logs import configure_logging
 from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings, load_settings
-from evidence_keeper.ship.store import FileStore
 from evidence_keeper.sim import KubeletSim
+from evidence_keeper.store import FileStore
 from evidence_keeper.supervisor import Agent
 from tests.fakekube import FakeKube
 

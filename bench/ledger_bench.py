@@ -32,7 +32,7 @@ from evidence_keeper.health.ledger import Ledger
 from evidence_keeper.health.ledgership import LedgerShipConfig, LedgerShipper
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss, StreamId
-from evidence_keeper.ship.store import FileStore
+from evidence_keeper.store import FileStore
 
 
 def ship_node(work: Path, store: FileStore, node: str, *, objects: int,

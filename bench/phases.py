@@ -37,8 +37,8 @@ import yaml
 from bench.datagen import Tree, quiet_tree
 from evidence_keeper.logs import configure_logging
 from evidence_keeper.settings import Settings, load_settings
-from evidence_keeper.ship.codec import decompress
-from evidence_keeper.ship.store import META_SUFFIX, ObjectMissing, Store, StoreError
+from evidence_keeper.store import META_SUFFIX, ObjectMissing, Store, StoreError
+from evidence_keeper.store.codec import decompress
 from evidence_keeper.supervisor import Agent
 
 MiB: Final = 1 << 20

@@ -39,8 +39,8 @@ from bench.search_bench import CLUSTER, build_store
 from evidence_keeper.replay.checkpoint import Checkpoints
 from evidence_keeper.replay.runner import Replayer, ReplayRequest
 from evidence_keeper.settings import load_settings
-from evidence_keeper.ship.store import FileStore
 from evidence_keeper.sim.intakes import DatadogIntake
+from evidence_keeper.store import FileStore
 
 API_KEY: Final = "bench-datadog-key"
 DATA_NOW: Final = datagen.START_EPOCH + 2 * 3600  # an hour after the last line

@@ -37,9 +37,9 @@ from moto.server import ThreadedMotoServer
 
 from evidence_keeper.logs import configure_logging
 from evidence_keeper.settings import Settings, load_settings
-from evidence_keeper.ship.codec import compress
 from evidence_keeper.sim import KubeletSim
 from evidence_keeper.spool.spool import SealedSegment, SpoolStream
+from evidence_keeper.store.codec import compress
 from evidence_keeper.supervisor import Agent
 
 WORDS = ("order", "payment", "PAYMENT_FAILED", "cart", "user", "shipping", "refused", "ok",

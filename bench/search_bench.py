@@ -47,8 +47,8 @@ from evidence_keeper.archive.search import Hit, Matcher, search
 from evidence_keeper.archive.verify import verify_archive
 from evidence_keeper.formats import EDGE_WINDOW, edge_timestamps, rfc3339
 from evidence_keeper.model import StreamId, segment_key
-from evidence_keeper.ship.codec import compress
-from evidence_keeper.ship.store import FileStore
+from evidence_keeper.store import FileStore
+from evidence_keeper.store.codec import compress
 
 CLUSTER: Final = "bench"
 NAMESPACE: Final = "shop"

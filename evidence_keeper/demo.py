@@ -50,11 +50,11 @@ from evidence_keeper.commands.render import format_gaps
 from evidence_keeper.logs import configure_logging
 from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings, load_settings
-from evidence_keeper.ship.store import FileStore, Store
 from evidence_keeper.sim import KubeletSim, nov10_incident, play
 from evidence_keeper.sim.apiserver import SimAgent, SimApiServer
 from evidence_keeper.sim.intakes import DatadogIntake
 from evidence_keeper.sim.scenario import NAMESPACE, PAYMENT_FAILED_MARKER, ScenarioStep
+from evidence_keeper.store import FileStore, Store
 from evidence_keeper.supervisor import Agent
 
 _TTY = sys.stdout.isatty()

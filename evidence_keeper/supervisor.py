@@ -56,11 +56,11 @@ from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss
 from evidence_keeper.replay.backfill import Backfill
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.codec import extension
 from evidence_keeper.ship.shipper import ShipConfig, Shipper
-from evidence_keeper.ship.store import CannotLock, Store, StoreError, open_store
 from evidence_keeper.spool.lock import SpoolBusy, SpoolLock
 from evidence_keeper.spool.spool import Spool
+from evidence_keeper.store import CannotLock, Store, StoreError, open_store
+from evidence_keeper.store.codec import extension
 from evidence_keeper.tail.tailer import Tailer
 from evidence_keeper.timefmt import parse_rfc3339, rfc3339
 from evidence_keeper.views import ApiView, ArchiveCaptureView, PipelineControl, api_fallback

@@ -26,8 +26,8 @@ from evidence_keeper.health.ledger import Ledger
 from evidence_keeper.health.ledgership import LedgerShipper
 from evidence_keeper.model import Loss, StreamId
 from evidence_keeper.ship.shipper import Shipper
-from evidence_keeper.ship.store import Store
 from evidence_keeper.spool.spool import Spool
+from evidence_keeper.store import Store
 from evidence_keeper.tail.tailer import Tailer
 
 

@@ -20,8 +20,8 @@ from evidence_keeper.fsio import FileSystem
 from evidence_keeper.health.ledger import GapRow, Ledger
 from evidence_keeper.model import SegmentKey, StreamId, parse_segment_key
 from evidence_keeper.settings import Settings, load_settings
-from evidence_keeper.ship.codec import decompress
-from evidence_keeper.ship.store import Store
+from evidence_keeper.store import Store
+from evidence_keeper.store.codec import decompress
 from evidence_keeper.supervisor import Agent
 
 # The leaked-task check (an async autouse fixture) and pytester for the test that proves it.

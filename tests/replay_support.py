@@ -19,8 +19,8 @@ from typing import Any
 
 from evidence_keeper.formats import edge_timestamps, rfc3339
 from evidence_keeper.model import StreamId, segment_key
-from evidence_keeper.ship.codec import compress, extension
-from evidence_keeper.ship.store import Store
+from evidence_keeper.store import Store
+from evidence_keeper.store.codec import compress, extension
 
 CRI = re.compile(rb"^(\S+) (stdout|stderr) ([PF]) ?(.*)$", re.S)
 

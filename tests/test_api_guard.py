@@ -34,8 +34,8 @@ from evidence_keeper.api.contract import json_depth
 from evidence_keeper.api.guarding import ConnectionGuard
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.store import FileStore
 from evidence_keeper.sim import KubeletSim
+from evidence_keeper.store import FileStore
 from tests.conftest import AgentThread, export_bytes
 from tests.test_archive import NS, TOKEN, archive_settings, raw_http, token_file
 

@@ -45,9 +45,9 @@ from evidence_keeper.cli import main as cli_main
 from evidence_keeper.formats import line_message, line_ts
 from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.codec import compress, decompress
-from evidence_keeper.ship.store import FileStore, Store
 from evidence_keeper.sim import KubeletSim, churn
+from evidence_keeper.store import FileStore, Store
+from evidence_keeper.store.codec import compress, decompress
 from tests.conftest import AgentThread, export_bytes, wait_exported
 from tests.fakekube import FakeKube
 from tests.test_s3 import REGION, moto_url, s3

@@ -30,8 +30,8 @@ from evidence_keeper.archive.manifest import (
     seal,
 )
 from evidence_keeper.model import StreamId, parse_segment_key, segment_key
-from evidence_keeper.ship.codec import compress, decompress
-from evidence_keeper.ship.store import FileStore
+from evidence_keeper.store import FileStore
+from evidence_keeper.store.codec import compress, decompress
 
 NS = "bomb"
 SID = StreamId(NS, "payment-1", "uid-1", "app", 0)

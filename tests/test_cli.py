@@ -22,8 +22,8 @@ from evidence_keeper.cli import COMMANDS, build_parser
 from evidence_keeper.cli import main as cli_main
 from evidence_keeper.formats import parse_ts
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.store import FileStore
 from evidence_keeper.sim import KubeletSim
+from evidence_keeper.store import FileStore
 from evidence_keeper.timefmt import rfc3339
 from evidence_keeper.version import BuildInfo, build_info, source_revision
 from tests.conftest import AgentThread, export_bytes

@@ -25,8 +25,8 @@ from evidence_keeper.archive.manifest import encode, manifest_key, seal
 from evidence_keeper.archive.verify import verify_archive
 from evidence_keeper.cli import main as cli_main
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.s3 import S3Store
 from evidence_keeper.sim import KubeletSim
+from evidence_keeper.store.s3 import S3Store
 from tests.conftest import AgentThread, running_agent, wait_until
 from tests.test_archive import (
     NS,

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from evidence_keeper.health.ledger import Ledger
-from evidence_keeper.ship.store import FileStore
 from evidence_keeper.sim import KubeletSim, churn
+from evidence_keeper.store import FileStore
 from tests.conftest import assert_bytes_equal, check_segments, export_bytes, stored_segments
 
 SEED = int(os.environ.get("CRASH_TEST_SEED", "20251110"))  # vary to explore

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.store import FileStore
 from evidence_keeper.sim import KubeletSim
+from evidence_keeper.store import FileStore
 from evidence_keeper.supervisor import Agent
 from tests.conftest import (
     AliasedInodes,

@@ -35,8 +35,8 @@ from typing import Any
 
 import pytest
 
-from evidence_keeper.ship.store import FileStore
 from evidence_keeper.sim import KubeletSim
+from evidence_keeper.store import FileStore
 from tests.test_crash import assert_streams_exact, wait_all_stored
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,8 +32,8 @@ from evidence_keeper.discover.lifecycle import (
 )
 from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.store import FileStore
 from evidence_keeper.sim import KubeletSim
+from evidence_keeper.store import FileStore
 from evidence_keeper.supervisor import Agent
 from tests.conftest import (
     assert_bytes_equal,

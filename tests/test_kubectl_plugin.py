@@ -23,8 +23,8 @@ import pytest
 
 from evidence_keeper.commands.kubectl.cluster import container_env, token_secret
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.store import FileStore
 from evidence_keeper.sim import KubeletSim
+from evidence_keeper.store import FileStore
 from evidence_keeper.version import build_info
 from tests.conftest import AgentThread, export_bytes
 from tests.fakekube import FakeKube, Pod, PodProxyFront

@@ -35,9 +35,9 @@ from evidence_keeper.health.ledgership import (
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss, StreamId
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.s3 import S3Store
-from evidence_keeper.ship.store import FileStore, Store, StoreError
 from evidence_keeper.sim import KubeletSim
+from evidence_keeper.store import FileStore, Store, StoreError
+from evidence_keeper.store.s3 import S3Store
 from evidence_keeper.supervisor import Agent
 from tests.conftest import AgentThread, running_agent, wait_until
 from tests.test_s3 import _aws_env, moto_url, s3

@@ -11,8 +11,8 @@ from pathlib import Path
 from evidence_keeper.archive.export import export_stream, find_streams
 from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.store import FileStore, Store
 from evidence_keeper.sim import KubeletSim, churn
+from evidence_keeper.store import FileStore, Store
 from tests.conftest import running_agent, wait_read
 
 

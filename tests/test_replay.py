@@ -33,10 +33,10 @@ from evidence_keeper.replay.delivery import RateLimit, retry_after_s
 from evidence_keeper.replay.parsing import LineParser
 from evidence_keeper.replay.runner import Replayer, ReplayRequest
 from evidence_keeper.settings import ConfigError, ReplayTarget, Settings, load_settings
-from evidence_keeper.ship.s3 import S3Store
-from evidence_keeper.ship.store import FileStore, Store
 from evidence_keeper.sim.intakes import DatadogIntake, LokiIntake, OtlpIntake
 from evidence_keeper.sim.kubelet import KubeletSim, SimClock
+from evidence_keeper.store import FileStore, Store
+from evidence_keeper.store.s3 import S3Store
 from tests.replay_support import (
     as_json_text,
     expected_lines,

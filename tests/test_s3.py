@@ -26,10 +26,10 @@ from moto.server import ThreadedMotoServer
 from evidence_keeper.archive.export import export_stream, find_streams
 from evidence_keeper.model import parse_segment_key
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.codec import decompress
-from evidence_keeper.ship.s3 import S3Store
-from evidence_keeper.ship.store import StoreError
 from evidence_keeper.sim import KubeletSim, churn
+from evidence_keeper.store import StoreError
+from evidence_keeper.store.codec import decompress
+from evidence_keeper.store.s3 import S3Store
 from tests.conftest import running_agent, wait_read, wait_until
 from tests.netproxy import Proxy
 

@@ -27,9 +27,9 @@ from evidence_keeper.archive.verify import format_report, verify_archive
 from evidence_keeper.fsio import FileSystem
 from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.s3 import S3Store
-from evidence_keeper.ship.store import FileStore, Store, StoreError
 from evidence_keeper.sim import KubeletSim
+from evidence_keeper.store import FileStore, Store, StoreError
+from evidence_keeper.store.s3 import S3Store
 from evidence_keeper.supervisor import Agent, StartupError
 from tests.conftest import (
     assert_bytes_equal,

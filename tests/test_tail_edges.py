@@ -23,8 +23,8 @@ from pathlib import Path
 from evidence_keeper.fsio import FileSystem
 from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.store import FileStore, StoreError
 from evidence_keeper.sim import KubeletSim
+from evidence_keeper.store import FileStore, StoreError
 from evidence_keeper.supervisor import Agent
 from tests.conftest import (
     AliasedInodes,

@@ -77,7 +77,7 @@ from evidence_keeper.fsio import FileSystem
 from evidence_keeper.logs import get_logger
 from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.store import Store, StoreError
+from evidence_keeper.store import Store, StoreError
 from evidence_keeper.timefmt import parse_rfc3339
 from evidence_keeper.timefmt import rfc3339_or_none as rfc3339
 

@@ -30,7 +30,7 @@ from evidence_keeper.archive.manifest import (
     select_segments,
 )
 from evidence_keeper.discover.lifecycle import LifecycleLedger, read_lifecycle
-from evidence_keeper.ship.store import Store
+from evidence_keeper.store import Store
 from evidence_keeper.timefmt import rfc3339
 
 

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from evidence_keeper.archive.objects import SegmentError, read_segment
 from evidence_keeper.model import SegmentKey, StreamId, parse_segment_key
-from evidence_keeper.ship.store import Store
+from evidence_keeper.store import Store
 
 
 class ExportError(Exception):

@@ -34,7 +34,7 @@ from typing import Any, Final
 import zstandard
 
 from evidence_keeper.health.ledgership import LedgerKey, ledger_prefix, parse_ledger_key
-from evidence_keeper.ship.store import ObjectMissing, Store, StoreError
+from evidence_keeper.store import ObjectMissing, Store, StoreError
 
 HARD_CAP: Final = 64 * 1024 * 1024  # no ledger object is anywhere near this
 READ_WORKERS: Final = 16

@@ -48,7 +48,7 @@ from evidence_keeper.archive.objects import (
     store_prefix,
 )
 from evidence_keeper.model import SegmentKey, StreamId, parse_segment_key
-from evidence_keeper.ship.store import ObjectMissing, Store
+from evidence_keeper.store import ObjectMissing, Store
 from evidence_keeper.timefmt import parse_rfc3339
 from evidence_keeper.timefmt import rfc3339_or_none as rfc3339
 

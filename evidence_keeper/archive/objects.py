@@ -8,7 +8,7 @@ memory or trust a body it did not check:
   (a file's size is checked before it is read; S3 gets a ranged GET), so a huge object never
   lands in memory;
 * :func:`segment_chunks` streams a segment's raw bytes, never beyond the length its key and
-  ``ek-length`` claim (:mod:`evidence_keeper.ship.codec`);
+  ``ek-length`` claim (:mod:`evidence_keeper.store.codec`);
 * :func:`read_segment` returns one whole segment only after its length and SHA-256 matched.
 
 Full keys (CONTRACT.md section 4, v2). Store backends take keys *relative* to the store's
@@ -25,14 +25,14 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from evidence_keeper.model import parse_segment_key
-from evidence_keeper.ship.codec import (
+from evidence_keeper.store import FileStore, ObjectMissing, Store, StoreError, safe_key
+from evidence_keeper.store.codec import (
     CHUNK,
     BodyError,
     check_claim,
     compressed_bound,
     decompressed_chunks,
 )
-from evidence_keeper.ship.store import FileStore, ObjectMissing, Store, StoreError, safe_key
 
 
 class SegmentError(Exception):

@@ -66,8 +66,8 @@ from evidence_keeper.archive.objects import (
 )
 from evidence_keeper.formats import line_message, line_ts
 from evidence_keeper.model import StreamId
-from evidence_keeper.ship.codec import compressed_bound
-from evidence_keeper.ship.store import Store
+from evidence_keeper.store import Store
+from evidence_keeper.store.codec import compressed_bound
 from evidence_keeper.timefmt import rfc3339_or_none
 
 CHUNK: Final = 4 << 20  # decompressed bytes handed to the scanner at a time

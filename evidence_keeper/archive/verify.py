@@ -43,8 +43,8 @@ from evidence_keeper.archive.objects import (
     segment_chunks,
 )
 from evidence_keeper.model import parse_segment_key
-from evidence_keeper.ship.codec import CHUNK, ZSTD_MAX_WINDOW, compressed_bound
-from evidence_keeper.ship.store import ObjectMissing, Store, StoreError
+from evidence_keeper.store import ObjectMissing, Store, StoreError
+from evidence_keeper.store.codec import CHUNK, ZSTD_MAX_WINDOW, compressed_bound
 
 VERIFY_WORKERS: Final = 8
 VERIFY_MEMORY: Final = 384 * 1024 * 1024  # bodies and decompression state of all workers

@@ -40,7 +40,7 @@ from evidence_keeper.commands.common import (
 )
 from evidence_keeper.commands.render import json_doc
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.store import StoreError
+from evidence_keeper.store import StoreError
 
 NAME: Final = "archive"
 EXIT_CODES: Final = """\

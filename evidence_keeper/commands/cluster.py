@@ -51,7 +51,7 @@ from evidence_keeper.fleet import (
     verdict,
 )
 from evidence_keeper.settings import Settings, load_settings
-from evidence_keeper.ship.store import Store, StoreError, open_store
+from evidence_keeper.store import Store, StoreError, open_store
 
 
 class CommandError(Exception):

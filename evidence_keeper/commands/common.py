@@ -15,7 +15,7 @@ from typing import Final
 from evidence_keeper.api.client import default_url
 from evidence_keeper.commands.base import CliError, NoEvidence
 from evidence_keeper.settings import Settings, load_settings
-from evidence_keeper.ship.store import FileStore, Store, StoreError, open_store
+from evidence_keeper.store import FileStore, Store, StoreError, open_store
 from evidence_keeper.timefmt import TimeError, parse_time
 
 FORMATS: Final = ("text", "json")

@@ -34,7 +34,7 @@ from evidence_keeper.commands.common import (
     store_failure,
 )
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.store import ObjectMissing, Store, StoreError
+from evidence_keeper.store import ObjectMissing, Store, StoreError
 
 NAME: Final = "export"
 EXIT_CODES: Final = """\

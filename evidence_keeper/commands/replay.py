@@ -25,7 +25,7 @@ from evidence_keeper.commands.base import subcommand
 from evidence_keeper.replay.checkpoint import Checkpoints
 from evidence_keeper.replay.runner import Progress, Replayer, ReplayRequest, ReplaySummary
 from evidence_keeper.settings import ConfigError, ReplayTarget, Settings, load_settings
-from evidence_keeper.ship.store import StoreError, open_store
+from evidence_keeper.store import StoreError, open_store
 from evidence_keeper.timefmt import TimeError, parse_time
 
 NAME: Final = "replay"

@@ -44,7 +44,7 @@ from evidence_keeper.commands.common import (
 from evidence_keeper.commands.render import format_hit
 from evidence_keeper.model import parse_segment_key
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.store import Store, StoreError
+from evidence_keeper.store import Store, StoreError
 
 NAME: Final = "search"
 EXIT_CODES: Final = """\

@@ -12,7 +12,7 @@ from evidence_keeper.commands import cluster
 from evidence_keeper.commands.base import EXIT_NEGATIVE, EXIT_OK, CliError, subcommand
 from evidence_keeper.commands.common import Progress, add_config, add_output, read_store, settings
 from evidence_keeper.commands.render import json_doc
-from evidence_keeper.ship.store import StoreError
+from evidence_keeper.store import StoreError
 
 NAME: Final = "verify"
 EXIT_CODES: Final = """\

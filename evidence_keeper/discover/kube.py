@@ -64,7 +64,7 @@ from evidence_keeper.logs import get_logger, stream_fields
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss, StreamId
 from evidence_keeper.settings import Settings
-from evidence_keeper.ship.store import Store
+from evidence_keeper.store import Store
 from evidence_keeper.timefmt import rfc3339
 
 log = get_logger("evidence_keeper.kube")

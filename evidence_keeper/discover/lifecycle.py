@@ -43,7 +43,7 @@ from typing import Any, Final
 
 from evidence_keeper.logs import get_logger
 from evidence_keeper.model import StreamId
-from evidence_keeper.ship.store import ObjectMissing, Store, StoreError
+from evidence_keeper.store import ObjectMissing, Store, StoreError
 from evidence_keeper.timefmt import parse_rfc3339, rfc3339
 
 log = get_logger("evidence_keeper.lifecycle")

@@ -46,8 +46,8 @@ from typing import Any, Final
 from evidence_keeper.health.ledger import Ledger, LedgerRecord
 from evidence_keeper.logs import get_logger
 from evidence_keeper.metrics import Metrics
-from evidence_keeper.ship.codec import compress, extension
-from evidence_keeper.ship.store import Store, StoreError
+from evidence_keeper.store import Store, StoreError
+from evidence_keeper.store.codec import compress, extension
 
 log = get_logger("evidence_keeper.health.ledgership")
 

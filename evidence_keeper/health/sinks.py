@@ -36,8 +36,8 @@ from evidence_keeper.health.probes import Prober, ProbeResult
 from evidence_keeper.logs import get_logger
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.settings import SinkProbe
-from evidence_keeper.ship.store import Store
 from evidence_keeper.spool.spool import Spool
+from evidence_keeper.store import Store
 
 log = get_logger("evidence_keeper.health")
 COVERAGE_FLUSH_S = 10.0

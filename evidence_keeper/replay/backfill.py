@@ -43,8 +43,8 @@ from evidence_keeper.model import StreamId
 from evidence_keeper.replay.checkpoint import Checkpoints
 from evidence_keeper.replay.runner import Replayer, ReplayRequest
 from evidence_keeper.settings import ReplayTarget, Settings
-from evidence_keeper.ship.store import Store
 from evidence_keeper.spool.spool import Spool
+from evidence_keeper.store import Store
 
 log = get_logger("evidence_keeper.replay")
 SHIP_TIMEOUT_S: Final = 300.0

@@ -31,7 +31,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 
 from evidence_keeper.replay.encoding import Batch
 from evidence_keeper.settings import ReplayTarget
-from evidence_keeper.ship.store import Store, StoreError, open_store
+from evidence_keeper.store import Store, StoreError, open_store
 
 RETRY_STATUS: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_BACKOFF_S: Final = 30.0

@@ -56,7 +56,7 @@ from evidence_keeper.replay.source import (
     read_segment,
 )
 from evidence_keeper.settings import ReplayTarget
-from evidence_keeper.ship.store import Store, StoreError
+from evidence_keeper.store import Store, StoreError
 
 IN_FLIGHT_MARGIN_S: Final = 600.0  # a line this close to Datadog's 18 h limit takes the archive
 

@@ -11,7 +11,7 @@ last line, which is dropped (its timestamp put it before the window).
 Reading: each body is decompressed as a stream, never to more than its ``ek-length`` (the
 key's range, a hard cap); a longer or shorter body, or one whose SHA-256 differs from
 ``ek-sha256``, is an error naming the object: replaying something other than the evidence
-would be a false record. (The bounded decompression of ``ship/codec.py`` is being added on
+would be a false record. (The bounded decompression of ``store/codec.py`` is being added on
 another branch; this local one should be folded into it.)
 """
 
@@ -35,7 +35,7 @@ from evidence_keeper.archive.manifest import (
     select_segments,
 )
 from evidence_keeper.model import StreamId, parse_segment_key
-from evidence_keeper.ship.store import Store
+from evidence_keeper.store import Store
 from evidence_keeper.timefmt import parse_rfc3339
 
 CHUNK: Final = 1 << 20

@@ -42,9 +42,9 @@ from evidence_keeper.formats import EDGE_WINDOW, edge_timestamps, rfc3339
 from evidence_keeper.logs import get_logger, stream_fields
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import SEGMENT_EXTENSIONS, segment_key
-from evidence_keeper.ship.codec import compress, extension
-from evidence_keeper.ship.store import Store, StoreError
 from evidence_keeper.spool.spool import SealedSegment, Spool, SpoolStream
+from evidence_keeper.store import Store, StoreError
+from evidence_keeper.store.codec import compress, extension
 
 log = get_logger("evidence_keeper.ship")
 

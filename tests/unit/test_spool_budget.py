@@ -14,8 +14,8 @@ from evidence_keeper.fsio import FileSystem
 from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss, StreamId
 from evidence_keeper.ship.shipper import ShipConfig, Shipper
-from evidence_keeper.ship.store import FileStore
 from evidence_keeper.spool.spool import Spool
+from evidence_keeper.store import FileStore
 
 A = StreamId("shop", "quiet-1", "u1", "app", 0)
 B = StreamId("shop", "noisy-1", "u2", "app", 0)

@@ -46,7 +46,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from evidence_keeper.ship.store import CannotLock, ObjectMissing, StoreError, safe_key
+from evidence_keeper.store.base import CannotLock, ObjectMissing, StoreError, safe_key
 
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 PART_SIZE = 8 * 1024 * 1024

@@ -1,15 +1,7 @@
-"""Store backends behind one small, blocking interface.
-
-The shipper, ``export``, ``verify`` and ``search`` see a store only through :class:`Store`:
-``put`` an object with its ``ek-*`` metadata, ``get`` it back, ``head`` its metadata, ``list``
-keys under a prefix, and ``check`` that the store is usable. Calls block; async callers run
-them in threads. Keys are relative to the store prefix; the backend adds the prefix.
-
-``file:///dir`` keeps each object as a file at ``dir/<key>`` with its metadata beside it in
+"""``file:///dir``: each object a file at ``dir/<key>``, its metadata beside it in
 ``<key>.meta.json``. The sidecar is renamed into place before the body, so a body that exists
 always has its metadata; both are written temp + fsync + rename, so a crash leaves either the
-old object or the new one, never half of one.
-"""
+old object or the new one, never half of one."""
 
 from __future__ import annotations
 
@@ -18,65 +10,15 @@ import os
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
 
 from evidence_keeper.fsio import FileSystem
-
-META_SUFFIX = ".meta.json"
-
-
-class StoreError(Exception):
-    """The store refused or failed an operation; ``retryable`` says whether to try again.
-
-    ``ambiguous``: a write failed after the request may have reached the store (a timeout,
-    a reset connection, a 5xx): the object may be stored although the client saw an error.
-    """
-
-    def __init__(self, message: str, *, retryable: bool = True, ambiguous: bool = False) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.ambiguous = ambiguous
-
-
-class CannotLock(StoreError):
-    """``object_lock_days > 0`` but the store cannot lock objects: a definite answer."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retryable=False)
-
-
-class ObjectMissing(StoreError):
-    def __init__(self, key: str) -> None:
-        super().__init__(f"no object {key}", retryable=False)
-        self.key = key
-
-
-class Store(Protocol):
-    scheme: str
-    check_name: str  # the ``check`` label of the store probe: "s3" or "file"
-
-    def put(self, key: str, body: bytes, meta: Mapping[str, str], *,
-            retain_until: datetime | None = None) -> None: ...
-
-    def get(self, key: str) -> bytes: ...
-
-    def head(self, key: str) -> dict[str, str] | None: ...
-
-    def list(self, prefix: str) -> Iterator[str]: ...
-
-    def check(self) -> None: ...
-
-    def check_object_lock(self) -> None: ...
-
-    def describe(self) -> str: ...
-
-
-def safe_key(key: str) -> str:
-    """Reject keys that could name a path outside the store."""
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in key:
-        raise StoreError(f"invalid store key {key!r}", retryable=False)
-    return key
+from evidence_keeper.store.base import (
+    META_SUFFIX,
+    CannotLock,
+    ObjectMissing,
+    StoreError,
+    safe_key,
+)
 
 
 class FileStore:
@@ -156,14 +98,3 @@ class FileStore:
     def check_object_lock(self) -> None:
         raise CannotLock(f"object_lock_days > 0 needs an S3 bucket with Object Lock enabled;"
                          f" {self.describe()} cannot lock objects")
-
-
-def open_store(store_url: str, *, fs: FileSystem | None = None, **s3_options: object) -> Store:
-    """The backend for a ``store_url`` (``file:///dir`` or ``s3://bucket/prefix``)."""
-    if store_url.startswith("file://"):
-        return FileStore(Path(store_url[len("file://"):]), fs=fs)
-    if store_url.startswith("s3://"):
-        from evidence_keeper.ship.s3 import S3Store
-
-        return S3Store.from_url(store_url, **s3_options)
-    raise StoreError(f"unsupported store_url {store_url!r}", retryable=False)
