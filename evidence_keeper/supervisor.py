@@ -39,7 +39,7 @@ from aiohttp import web
 
 from evidence_keeper.archive.service import install as install_archive
 from evidence_keeper.discover.kube import KubeWatcher, kube_enabled
-from evidence_keeper.discover.logtree import LogTree
+from evidence_keeper.discover.logtree import LogTree, Scan
 from evidence_keeper.fsio import FileSystem
 from evidence_keeper.health.ledger import Ledger, rfc3339
 from evidence_keeper.health.probes import Prober, Resolver, ResolverPool
@@ -51,6 +51,7 @@ from evidence_keeper.settings import Settings
 from evidence_keeper.ship.shipper import ShipConfig, Shipper
 from evidence_keeper.ship.store import Store, StoreError, open_store
 from evidence_keeper.spool.spool import Spool
+from evidence_keeper.tail.budget import FdBudget, raise_nofile_limit
 from evidence_keeper.tail.tailer import Tailer
 
 log = get_logger("evidence_keeper.supervisor")
@@ -68,6 +69,8 @@ class Status:
     started_at: float = field(default_factory=time.time)
     log_root_ok: bool = True
     log_root_error: str | None = None
+    log_root_state: str = "ok"  # ok | missing | empty (a remount: nothing is ended meanwhile)
+    unlisted_dirs: int = 0
     kube_mode: str = "off"  # off | watch | api-logs (the weaker fallback: capture via pods/log)
     kube_detail: str | None = None
 
@@ -91,8 +94,7 @@ class Agent:
             metrics=self.metrics,
             fs=self.fs,
         )
-        self.tree = LogTree(str(settings.log_root), fs=self.fs)
-        self.tailer = Tailer(self.spool, metrics=self.metrics, fs=self.fs)
+        self.tree, self.tailer = self._build_tail()
         self.store = store or open_store(
             settings.store_url,
             endpoint_url=settings.s3_endpoint_url,
@@ -131,6 +133,18 @@ class Agent:
         self._backlog_gap: int | None = None
         install_archive(self)
 
+    def _build_tail(self) -> tuple[LogTree, Tailer]:
+        """The log tree and the tailer, within the descriptor budget (soft limit raised to
+        the hard one first, ``fd_reserve`` kept for everything but the tail path)."""
+        raise_nofile_limit()
+        skipped = self.metrics.skipped_files
+        tree = LogTree(str(self.settings.log_root), fs=self.fs,
+                       symlink_roots=tuple(str(p) for p in self.settings.log_symlink_roots),
+                       on_skip=lambda reason: skipped.labels(reason=reason).inc())
+        budget = FdBudget.from_process(reserve=self.settings.fd_reserve)
+        tailer = Tailer(self.spool, metrics=self.metrics, fs=self.fs, budget=budget, tree=tree)
+        return tree, tailer
+
     def _record_loss(self, loss: Loss) -> None:
         self.ledger.record_loss(loss, at=datetime.now(UTC))
 
@@ -162,6 +176,7 @@ class Agent:
         warned = False
         while not self.intake_closed.is_set():
             scan = await asyncio.to_thread(self.tree.scan)
+            self._note_root(scan)
             if not scan.root_ok:
                 if not warned:
                     log.error("log root unavailable; retrying", error=scan.error)
@@ -175,13 +190,32 @@ class Agent:
                 if self.status.kube_mode != "api-logs":  # else the API fallback owns streams
                     await asyncio.to_thread(self.tailer.sync, scan)
                     self.status.tailing = True
-            await self._sleep_or_close(self.settings.discover_interval_s)
+            await self._paced_sleep(self.settings.discover_interval_s)
+
+    async def _paced_sleep(self, seconds: float) -> None:
+        """Sleep; a wake-up far later than asked means the agent did not run (SIGSTOP, a
+        frozen cgroup, CPU starvation): the tailer names that window in any loss it finds."""
+        before = time.monotonic()
+        await self._sleep_or_close(seconds)
+        self.tailer.note_pause(time.monotonic() - before - seconds)
+
+    def _note_root(self, scan: Scan) -> None:
+        """Log root state for /readyz and the metric. Empty while streams are tailed is a
+        remount, not a deletion: the tailer ends nothing (see Tailer.sync)."""
+        state = "missing" if not scan.root_ok else (
+            "empty" if scan.root_empty and self.tailer.tails else "ok")
+        if state != self.status.log_root_state:
+            log.warning("log root state changed", state=state, log_root=self.tree.root)
+        self.status.log_root_state = state
+        self.status.unlisted_dirs = len(scan.unlisted)
+        self.metrics.log_root_up.set(1 if state == "ok" else 0)
+        self.metrics.unlisted_dirs.set(len(scan.unlisted))
 
     async def _tail_loop(self) -> None:
         while not self.intake_closed.is_set():
             more = await asyncio.to_thread(self.tailer.pump)
             if not more:
-                await self._sleep_or_close(self.settings.tail_interval_s)
+                await self._paced_sleep(self.settings.tail_interval_s)
 
     async def _monitor_loop(self) -> None:
         """Backlog gap, spool gauges, heartbeat and ledger retention, once a second."""
@@ -277,6 +311,9 @@ class Agent:
                       "streams": len(self.spool.streams)},
             "tail": {"tailing": st.tailing, "log_root": str(self.settings.log_root),
                      "log_root_ok": st.log_root_ok, "error": st.log_root_error,
+                     "log_root_state": st.log_root_state, "unlisted_dirs": st.unlisted_dirs,
+                     "open_files": self.tailer.budget.in_use,
+                     "open_files_budget": self.tailer.budget.tail_max,
                      "files": sum(1 for t in self.tailer.tails.values() for f in t.queue
                                   if f.is_open)},
             "store": {"url": self.store.describe(), "shipping_up": self.shipper.store_up,
