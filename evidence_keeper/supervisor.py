@@ -38,6 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from evidence_keeper.archive.service import install as install_archive
+from evidence_keeper.discover.changes import ChangeWatcher
 from evidence_keeper.discover.kube import KubeWatcher, kube_enabled
 from evidence_keeper.discover.logtree import LogTree, Scan
 from evidence_keeper.fsio import FileSystem
@@ -95,6 +96,7 @@ class Agent:
             fs=self.fs,
         )
         self.tree, self.tailer = self._build_tail()
+        self.watcher = ChangeWatcher(enabled=settings.watch_mode != "poll")
         self.store = store or open_store(
             settings.store_url,
             endpoint_url=settings.s3_endpoint_url,
@@ -172,10 +174,52 @@ class Agent:
         except TimeoutError:
             pass
 
+    def _scan_and_watch(self, changed: set[str] | None) -> Scan:
+        scan = self.tree.scan(changed)
+        if scan.root_ok:
+            self.watcher.watch(self.tree.dirs)
+        return scan
+
+    def _changes(self, take: Callable[[], set[str] | None], due: list[float]) -> set[str] | None:
+        """What changed (inotify), or None for a full pass: polling, an overflow, or the
+        periodic safety-net pass every ``rescan_interval_s``."""
+        changed = take()
+        now = time.monotonic()
+        if now >= due[0]:
+            due[0] = now + self.settings.rescan_interval_s
+            return None
+        return changed
+
+    async def _wait_change(self, wake: asyncio.Event, poll_s: float) -> None:
+        """Until a change (inotify) or ``poll_s``; the safety-net period while watching."""
+        if not self.watcher.active:
+            await self._sleep_or_close(poll_s)
+            return
+        del poll_s
+        closed = asyncio.create_task(self.intake_closed.wait(), name="wait-intake-closed")
+        changed = asyncio.create_task(wake.wait(), name="wait-change")
+        try:
+            await asyncio.wait({closed, changed}, timeout=self.settings.rescan_interval_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            changed.cancel()
+        await asyncio.sleep(0.01)  # let a burst of events (a rotation) arrive together
+
+    async def _pace_loop(self) -> None:
+        """A heartbeat that notices the agent not running: a wake-up far later than asked
+        (SIGSTOP, a frozen cgroup, CPU starvation) is a blind window the tailer names."""
+        while not self.intake_closed.is_set():
+            before = time.monotonic()
+            await self._sleep_or_close(0.5)
+            self.tailer.note_pause(time.monotonic() - before - 0.5)
+
     async def _discover_loop(self) -> None:
         warned = False
+        due = [0.0]
         while not self.intake_closed.is_set():
-            scan = await asyncio.to_thread(self.tree.scan)
+            changed = self._changes(self.watcher.take_scan, due)
+            scan = await asyncio.to_thread(self._scan_and_watch, changed)
             self._note_root(scan)
             if not scan.root_ok:
                 if not warned:
@@ -190,14 +234,7 @@ class Agent:
                 if self.status.kube_mode != "api-logs":  # else the API fallback owns streams
                     await asyncio.to_thread(self.tailer.sync, scan)
                     self.status.tailing = True
-            await self._paced_sleep(self.settings.discover_interval_s)
-
-    async def _paced_sleep(self, seconds: float) -> None:
-        """Sleep; a wake-up far later than asked means the agent did not run (SIGSTOP, a
-        frozen cgroup, CPU starvation): the tailer names that window in any loss it finds."""
-        before = time.monotonic()
-        await self._sleep_or_close(seconds)
-        self.tailer.note_pause(time.monotonic() - before - seconds)
+            await self._wait_change(self.watcher.scan_wake, self.settings.discover_interval_s)
 
     def _note_root(self, scan: Scan) -> None:
         """Log root state for /readyz and the metric. Empty while streams are tailed is a
@@ -212,10 +249,16 @@ class Agent:
         self.metrics.unlisted_dirs.set(len(scan.unlisted))
 
     async def _tail_loop(self) -> None:
+        due = [0.0]
         while not self.intake_closed.is_set():
-            more = await asyncio.to_thread(self.tailer.pump)
-            if not more:
-                await self._paced_sleep(self.settings.tail_interval_s)
+            dirs = self._changes(self.watcher.take_tail, due)
+            more = await asyncio.to_thread(self.tailer.pump, dirs)
+            if more:
+                continue
+            if self.tailer.pending or not self.watcher.active:
+                await self._sleep_or_close(self.settings.tail_interval_s)
+            else:
+                await self._wait_change(self.watcher.tail_wake, self.settings.tail_interval_s)
 
     async def _monitor_loop(self) -> None:
         """Backlog gap, spool gauges, heartbeat and ledger retention, once a second."""
@@ -351,6 +394,8 @@ class Agent:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Recover the spool and check the store; raises StartupError on a fatal problem."""
+        if self.settings.watch_mode == "inotify" and not self.watcher.active:
+            raise StartupError("watch_mode is inotify but inotify is not available here")
         try:
             await asyncio.to_thread(self.spool.recover)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -382,12 +427,15 @@ class Agent:
         except OSError as exc:
             raise StartupError(f"cannot listen on {self.settings.listen}: {exc}") from exc
         ship_stop = asyncio.Event()
+        self.watcher.attach(asyncio.get_running_loop())
+        self.metrics.watch_mode.set(1 if self.watcher.active else 0)
         try:
             async with asyncio.TaskGroup() as tg:
                 intake = [
                     tg.create_task(self._guard("discover", self._discover_loop),
                                    name="discover"),
                     tg.create_task(self._guard("tail", self._tail_loop), name="tail"),
+                    tg.create_task(self._guard("pace", self._pace_loop), name="pace"),
                     tg.create_task(self._guard("commit", self._commit_loop), name="commit"),
                     tg.create_task(self._guard("monitor", self._monitor_loop), name="monitor"),
                     tg.create_task(self._guard("sinks", self._sinks_loop), name="sinks"),
@@ -398,6 +446,7 @@ class Agent:
                 await stop.wait()
                 await self.shutdown(intake, ship, ship_stop)
         finally:
+            self.watcher.close()
             await runner.cleanup()
 
     async def shutdown(self, intake: list[asyncio.Task[None]], ship: asyncio.Task[None],
@@ -428,6 +477,7 @@ class Agent:
         log.info("shutdown complete", drained=drained, unshipped_bytes=left)
 
     def close(self) -> None:
+        self.watcher.close()
         self.shipper.close()
         self.sinks.close()
         self.resolvers.close()

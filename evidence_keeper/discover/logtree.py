@@ -30,7 +30,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -111,6 +111,9 @@ class LogTree:
         # those of any Docker target directory) are.
         self._groups: dict[str, tuple[tuple[list[str], ...], dict[StreamId, StreamListing]]] = {}
         self._targets: dict[str, tuple[str, ...]] = {}  # container dir -> Docker dirs used
+        self._changed: Collection[str] | None = None
+        self._failed: set[str] = set()  # last listing failed: always listed again
+        self.dirs: set[str] = set()  # every directory the last scan listed (to watch)
 
     def _skip(self, path: str, reason: str, what: str) -> None:
         if path in self._skipped:
@@ -128,6 +131,11 @@ class LogTree:
         deleted, which would end them: the last listing is reused and the directory is
         reported unlisted, so the tailer forgets nothing below it because of it.
         """
+        if self._changed is not None and path not in self._changed and (
+                path not in self._failed):
+            kept = self._stale.get(path)
+            if kept is not None:
+                return kept[1]  # watched and unchanged since listed (inotify)
         try:
             st = self.fs.stat(path)
             if dir_check and stat.S_ISLNK(st.st_mode):
@@ -142,8 +150,10 @@ class LogTree:
             return None
         except OSError:
             self._unlisted.add(path)
+            self._failed.add(path)
             kept = self._cache.get(path) or self._stale.get(path)
             return None if kept is None else kept[1]
+        self._failed.discard(path)
         self._stale[path] = (st.st_mtime_ns, names)
         if now - st.st_mtime_ns / 1e9 >= RACY_S:
             self._cache[path] = (st.st_mtime_ns, names)
@@ -151,10 +161,13 @@ class LogTree:
             self._cache.pop(path, None)
         return names
 
-    def scan(self) -> Scan:
+    def scan(self, changed: Collection[str] | None = None) -> Scan:
+        """List the tree. ``changed``: only these directories changed since the last scan
+        (inotify); the others reuse their last listing without a system call."""
         now = time.time()
         out = Scan()
         self._unlisted = set()
+        self._changed = changed
         pods = self._list(self.root, now, dir_check=False)
         if pods is None:
             out.root_ok = False
@@ -187,6 +200,7 @@ class LogTree:
                 self._scan_container(out, StreamId(namespace, pod, uid, container, 0), cpath,
                                      names, now, seen_dirs)
         out.root_empty = not any_pod
+        self.dirs = seen_dirs
         out.unlisted = set(self._unlisted)
         out.complete = not self._unlisted
         for stale in self._cache.keys() - seen_dirs:

@@ -114,6 +114,7 @@ class Tailer:
         self._vanished_checked = False
         self.syncs = 0
         self.window = ""  # the blind window the current pass follows ("" when none)
+        self.pending = False  # the last pass left work that needs no change event
 
     # ------------------------------------------------------------------ discovery input
     def sync(self, scan: Scan) -> None:
@@ -228,10 +229,13 @@ class Tailer:
         # Names as they are after the live file's stat: a file renamed before that live file
         # was created is listed now, and is queued before it (the stream's order).
         fresh = self.relist(listing)
-        listed_ids = self._queue_rotated(t, listing, fresh or listing)
+        complete = [fresh is not None]
+        listed_ids = self._queue_rotated(t, listing, fresh or listing, complete)
         self._queue_live(t, listing, live_id, live_st)
-        if fresh is not None:
+        if complete[0]:
             self._check_sight(t, live_id, listed_ids)
+        elif any(f.ts is None and not f.gz for f in t.queue):
+            t.listing = None  # refresh again at the next scan, even if it lists the same
         # Finality: every file but the live one is complete once a newer live file exists;
         # all are complete once a later restart exists (the container exited).
         for f in t.queue:
@@ -241,9 +245,18 @@ class Tailer:
         self.spool.dirty = True
         del s  # the spool stream exists from here on
 
-    def _queue_rotated(self, t: StreamTail, listing: StreamListing,
-                       names: StreamListing) -> set[tuple[int, int]]:
-        """Queue rotated files not seen before; returns the inodes of listed plain files."""
+    def fs_exists(self, path: str) -> bool:
+        try:
+            self.fs.stat(path)
+        except OSError:
+            return False
+        return True
+
+    def _queue_rotated(self, t: StreamTail, listing: StreamListing, names: StreamListing,
+                       complete: list[bool]) -> set[tuple[int, int]]:
+        """Queue rotated files not seen before; returns the inodes of listed plain files.
+        ``complete[0]`` turns False when a listed file could not be identified (renamed or
+        compressed since the listing): continuity is then judged at the next refresh."""
         queued_ts: set[str | None] = {f.ts for f in t.queue if f.ts}
         listed: set[tuple[int, int]] = set()
         for r in names.rotated:
@@ -254,6 +267,12 @@ class Tailer:
             try:
                 st = self.fs.stat(path)
             except OSError:
+                # Compressed (or removed) since the listing: its .gz, if any, is that file.
+                gz = Listed(f"{r.name}.gz", r.ts, True)
+                if self.fs_exists(listing.path(gz)):
+                    self._queue_gz(t, gz, listing.path(gz), queued_ts)
+                else:
+                    complete[0] = False
                 continue
             rid = (st.st_dev, st.st_ino)
             listed.add(rid)
@@ -335,7 +354,7 @@ class Tailer:
         if any(f.gz and f.deferred for f in t.queue):
             return  # an unopened .gz may be the file's compressed copy: decide next time
         for f in list(t.queue):
-            if f.blind or not (f.is_open or f.parked) or f.gz:
+            if f.blind or not (f.is_open or f.parked) or f.gz or self._empty(f):
                 continue
             if not lost_sight(file_id=(f.dev, f.ino), named=f.ts is not None,
                               live_id=live_id, listed_ids=listed, has_gz_twin=False):
@@ -348,6 +367,16 @@ class Tailer:
             f.final = True
             if f.parked:
                 self._lost_parked(t, f)
+
+    def _empty(self, f: TailFile) -> bool:
+        """Nothing read and nothing in it: kubelet never rotates an empty file for size, and
+        an empty file cannot be told from its compressed copy, so no window is claimed."""
+        if f.pos or f.fd is None:
+            return f.pos == 0 and f.size == 0
+        try:
+            return self.fs.fstat(f.fd).st_size == 0
+        except OSError:
+            return False
 
     def _lost_parked(self, t: StreamTail, f: TailFile) -> None:
         """A closed file that vanished: what it held after ``pos`` is lost (length unknown)."""
@@ -383,6 +412,8 @@ class Tailer:
         if head is None:
             return None
         for q in t.queue:
+            if not q.gz and q.ts is None and q.fd is not None:
+                self.files.update_fp(q)  # its head now: it may have grown since it was read
             if not q.gz and q.ts is None and q.fp_len and head_identifies(
                     head, fp_len=q.fp_len, fp=q.fp, size=q.size):
                 return q
@@ -412,7 +443,8 @@ class Tailer:
         now = time.monotonic()
         self.budget.measure()
         tails = [t for t in self.tails.values() if t.queue and (
-            dirs is None or _wants_pump(t, dirs))]
+            dirs is None or _has_work(t) or any(d in dirs for d in t.dirs))]
+        self.pending = any(_has_work(t) for t in tails)
         if self.budget.short:
             tails.sort(key=lambda t: t.endangered)
         for t in tails:
@@ -710,12 +742,12 @@ def _under(path: str, dirs: Collection[str]) -> bool:
     return any(path == d or path.startswith(d + "/") for d in dirs)
 
 
-def _wants_pump(t: StreamTail, dirs: Collection[str]) -> bool:
-    """A stream is read on a change of one of its directories, or while it has work."""
+def _has_work(t: StreamTail) -> bool:
+    """Work of its own, without a change event: a file to open, unread or final bytes."""
+    if not t.queue:
+        return False
     head = t.queue[0]
     if head.deferred or (not head.is_open and not head.parked):
         return True
-    if head.is_open and (head.final or head.size != head.pos):
-        return True
-    return any(d in dirs for d in t.dirs)
+    return head.is_open and (head.final or head.size != head.pos)
 
