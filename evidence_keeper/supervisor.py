@@ -210,7 +210,7 @@ class Agent:
         """A heartbeat that notices the agent not running: a wake-up far later than asked
         (SIGSTOP, a frozen cgroup, CPU starvation) is a blind window the tailer names."""
         while not self.intake_closed.is_set():
-            before = time.monotonic()
+            before = self.tailer.beat = time.monotonic()
             await self._sleep_or_close(0.5)
             self.tailer.note_pause(time.monotonic() - before - 0.5)
 
@@ -234,13 +234,14 @@ class Agent:
                 if self.status.kube_mode != "api-logs":  # else the API fallback owns streams
                     await asyncio.to_thread(self.tailer.sync, scan)
                     self.status.tailing = True
+                    self.watcher.tail_wake.set()  # newly queued files are read at once
             await self._wait_change(self.watcher.scan_wake, self.settings.discover_interval_s)
 
     def _note_root(self, scan: Scan) -> None:
         """Log root state for /readyz and the metric. Empty while streams are tailed is a
         remount, not a deletion: the tailer ends nothing (see Tailer.sync)."""
         state = "missing" if not scan.root_ok else (
-            "empty" if scan.root_empty and self.tailer.tails else "ok")
+            "empty" if scan.root_empty and (self.tailer.tails or self.spool.streams) else "ok")
         if state != self.status.log_root_state:
             log.warning("log root state changed", state=state, log_root=self.tree.root)
         self.status.log_root_state = state

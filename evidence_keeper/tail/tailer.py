@@ -115,6 +115,7 @@ class Tailer:
         self.syncs = 0
         self.window = ""  # the blind window the current pass follows ("" when none)
         self.pending = False  # the last pass left work that needs no change event
+        self.beat = 0.0  # monotonic time of the supervisor's last heartbeat (0: none)
 
     # ------------------------------------------------------------------ discovery input
     def sync(self, scan: Scan) -> None:
@@ -129,6 +130,9 @@ class Tailer:
             return
         self.syncs += 1
         self.budget.measure()
+        if self.beat:
+            # The heartbeat has not run for a while: the process is just back from a pause.
+            self.note_pause(time.monotonic() - self.beat)
         for sid, listing in scan.streams.items():
             with self.spool.lock:
                 t = self.tails.get(sid)
