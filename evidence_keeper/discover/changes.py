@@ -46,6 +46,7 @@ IN_DELETE_SELF: Final = 0x00000400
 IN_MOVE_SELF: Final = 0x00000800
 IN_Q_OVERFLOW: Final = 0x00004000
 IN_IGNORED: Final = 0x00008000
+IN_ISDIR: Final = 0x40000000
 IN_ONLYDIR: Final = 0x01000000
 IN_DONT_FOLLOW: Final = 0x02000000
 TREE: Final = (IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_ATTRIB
@@ -165,7 +166,7 @@ class ChangeWatcher:
                 if mask & TREE or mask & IN_IGNORED:
                     self._scan.add(path)
                     scan = True
-                    if name and mask & (IN_CREATE | IN_MOVED_TO):
+                    if name and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
                         self._scan.add(f"{path}/{name}")  # a new pod or container directory
                 self._tail.add(path)
                 tail = True

@@ -1,0 +1,135 @@
+"""Queues and pumping: the descriptor budget, endangered streams first, parked files,
+blind windows recorded at the right offset, change-driven passes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evidence_keeper.sim import KubeletSim
+from evidence_keeper.tail.budget import FdBudget, count_open_fds
+from tests.unit.tailing import Pipeline
+
+
+def tight_budget(files: int) -> FdBudget:
+    """A budget that lets the tail path open about ``files`` more descriptors."""
+    base = count_open_fds()
+    tail = (files + 4) * 4 // 3  # three quarters of the tail share are for files
+    return FdBudget(limit=base + tail + 16, reserve=16, in_use=base)
+
+
+def test_more_files_than_descriptors_are_all_read(tmp_path: Path) -> None:
+    sim = KubeletSim(tmp_path / "pods", max_files=5)
+    for i in range(30):
+        sim.add_pod("ns", f"p{i}")
+        sim.write("ns", f"p{i}", "app", f"rotated {i}")
+        sim.rotate("ns", f"p{i}", "app")
+        sim.write("ns", f"p{i}", "app", f"live {i}")
+    p = Pipeline(tmp_path, budget=tight_budget(8))
+    try:
+        p.step(12)
+        for sid in sim.streams():
+            assert p.spooled(sid) == sim.record(sid)
+        assert p.losses == []
+        assert p.tailer.budget.in_use <= p.tailer.budget.tail_max
+        held = sum(1 for t in p.tailer.tails.values() for f in t.queue if f.is_open)
+        assert held <= 8  # idle live files were parked under pressure
+    finally:
+        p.close()
+
+
+def test_a_parked_file_is_reopened_by_inode_when_it_grows(tmp_path: Path) -> None:
+    sim = KubeletSim(tmp_path / "pods")
+    for i in range(12):
+        sim.add_pod("ns", f"p{i}")
+        sim.write("ns", f"p{i}", "app", f"first {i}")
+    p = Pipeline(tmp_path, budget=tight_budget(4))
+    try:
+        p.step(6)
+        parked = [t for t in p.tailer.tails.values() if t.queue and t.queue[0].parked]
+        assert parked
+        sim.write("ns", "p0", "app", "grown while closed")
+        sim.rotate("ns", "p1", "app")  # renamed while closed: found under its new name
+        sim.write("ns", "p1", "app", "after the rotation")
+        p.step(6)
+        for sid in sim.streams():
+            assert p.spooled(sid) == sim.record(sid)
+        assert p.losses == []
+    finally:
+        p.close()
+
+
+def test_a_live_file_rotated_away_unseen_is_a_hole_after_its_bytes(tmp_path: Path) -> None:
+    sim = KubeletSim(tmp_path / "pods", max_files=3)
+    sim.add_pod("ns", "p")
+    sid = sim.stream_of("ns", "p", "app")
+    sim.write("ns", "p", "app", "seen " * 20)
+    p = Pipeline(tmp_path)
+    try:
+        p.step()
+        sim.write("ns", "p", "app", "written before the rotations " * 4)
+        held = sim.record_len(sid)
+        for r in range(4):  # the held file and its successor are deleted unseen
+            sim.rotate("ns", "p", "app")
+            sim.write("ns", "p", "app", f"rotation {r} " * 10)
+        on_disk = sim.disk_bytes(sid)
+        p.tailer.note_pause(12.0)
+        p.step(2)
+        assert p.spooled(sid) == sim.record(sid)[:held] + on_disk
+        assert [(x.offset, x.bytes, x.reason) for x in p.losses] == [
+            (held, None, "rotated_away")]
+        assert "did not run for 12.0s" in p.losses[0].detail
+    finally:
+        p.close()
+
+
+def test_rotations_the_agent_saw_are_not_a_window(tmp_path: Path) -> None:
+    sim = KubeletSim(tmp_path / "pods", max_files=3)
+    sim.add_pod("ns", "p")
+    sid = sim.stream_of("ns", "p", "app")
+    p = Pipeline(tmp_path)
+    try:
+        for r in range(8):
+            sim.write("ns", "p", "app", f"line {r} " * 12)
+            sim.rotate("ns", "p", "app")
+            p.step()
+        assert p.spooled(sid) == sim.record(sid)
+        assert p.losses == []
+    finally:
+        p.close()
+
+
+def test_a_change_driven_pass_reads_only_changed_or_busy_streams(tmp_path: Path) -> None:
+    sim = KubeletSim(tmp_path / "pods")
+    sim.add_pod("ns", "a")
+    sim.add_pod("ns", "b")
+    p = Pipeline(tmp_path)
+    try:
+        p.step()
+        sim.write("ns", "a", "app", "in a")
+        sim.write("ns", "b", "app", "in b")
+        a_dir = str(sim.path_of("ns", "a", "app").parent)
+        assert p.tailer.pump(dirs={a_dir}) is False
+        a, b = sim.stream_of("ns", "a", "app"), sim.stream_of("ns", "b", "app")
+        assert p.spool.streams[a].next_offset == sim.record_len(a)
+        assert p.spool.streams[b].next_offset == 0  # not told, and nothing of its own to do
+        p.tailer.pump(dirs=None)
+        assert p.spool.streams[b].next_offset == sim.record_len(b)
+    finally:
+        p.close()
+
+
+def test_endangered_streams_go_first_when_short(tmp_path: Path) -> None:
+    sim = KubeletSim(tmp_path / "pods")
+    sim.add_pod("ns", "live")
+    sim.add_pod("ns", "rotated")
+    sim.write("ns", "live", "app", "live bytes")
+    sim.write("ns", "rotated", "app", "rotated bytes")
+    sim.rotate("ns", "rotated", "app")
+    p = Pipeline(tmp_path)
+    try:
+        p.tailer.sync(p.tree.scan())
+        tails = sorted(p.tailer.tails.values(), key=lambda t: t.endangered)
+        assert tails[0].id.pod == "rotated" and tails[0].endangered == 1
+        assert tails[-1].endangered == 2
+    finally:
+        p.close()
