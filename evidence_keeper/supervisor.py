@@ -220,7 +220,6 @@ class Agent:
         while not self.intake_closed.is_set():
             changed = self._changes(self.watcher.take_scan, due)
             scan = await asyncio.to_thread(self._scan_and_watch, changed)
-            self._note_root(scan)
             if not scan.root_ok:
                 if not warned:
                     log.error("log root unavailable; retrying", error=scan.error)
@@ -235,13 +234,14 @@ class Agent:
                     await asyncio.to_thread(self.tailer.sync, scan)
                     self.status.tailing = True
                     self.watcher.tail_wake.set()  # newly queued files are read at once
+            self._note_root(scan)
             await self._wait_change(self.watcher.scan_wake, self.settings.discover_interval_s)
 
     def _note_root(self, scan: Scan) -> None:
         """Log root state for /readyz and the metric. Empty while streams are tailed is a
         remount, not a deletion: the tailer ends nothing (see Tailer.sync)."""
         state = "missing" if not scan.root_ok else (
-            "empty" if scan.root_empty and (self.tailer.tails or self.spool.streams) else "ok")
+            "empty" if scan.root_empty and self.tailer.root_gone else "ok")
         if state != self.status.log_root_state:
             log.warning("log root state changed", state=state, log_root=self.tree.root)
         self.status.log_root_state = state

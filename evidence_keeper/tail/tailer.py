@@ -116,6 +116,8 @@ class Tailer:
         self.window = ""  # the blind window the current pass follows ("" when none)
         self.pending = False  # the last pass left work that needs no change event
         self.beat = 0.0  # monotonic time of the supervisor's last heartbeat (0: none)
+        self.root_gone = False  # the log root is empty as after a remount (see _root_gone)
+        self._pods_last = 0
 
     # ------------------------------------------------------------------ discovery input
     def sync(self, scan: Scan) -> None:
@@ -141,7 +143,7 @@ class Tailer:
                 if t.listing is not listing and t.listing != listing:
                     self._refresh(t, listing)
         with self.spool.lock:
-            if not scan.root_empty:
+            if not self._root_gone(scan):
                 if not self._vanished_checked and scan.complete:
                     self._vanished_checked = True
                     self._recover_vanished(scan)
@@ -150,6 +152,27 @@ class Tailer:
             self.first_scan_done = True
             self._update_gauges()
         self.window = ""  # this listing has seen what the window hid
+
+    def _root_gone(self, scan: Scan) -> bool:
+        """Is an empty log root a remount (the tree will come back) rather than deletions?
+
+        Kubelet removes pod directories one by one, and on a real node the agent's own pod
+        logs are in the tree. So several pod directories vanishing in one scan, or an empty
+        root at start-up while the checkpoint holds streams, is the tree being unavailable:
+        nothing is ended and nothing recorded until it lists pods again.
+        """
+        if not scan.root_empty:
+            self._pods_last = len({(s.namespace, s.pod, s.pod_uid) for s in scan.streams})
+            if self.root_gone:
+                log.info("log root lists pods again; continuing from checkpointed positions")
+            self.root_gone = False
+            return False
+        if not self.root_gone and (self._pods_last >= 2 or (
+                not self.first_scan_done and self.spool.streams)):
+            self.root_gone = True
+            log.warning("log root is empty: treated as unavailable (a remount), nothing is"
+                        " ended", streams=len(self.spool.streams))
+        return self.root_gone
 
     def note_pause(self, seconds: float) -> None:
         """A loop woke ``seconds`` later than it asked: the agent did not run meanwhile

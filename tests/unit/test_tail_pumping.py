@@ -133,3 +133,36 @@ def test_endangered_streams_go_first_when_short(tmp_path: Path) -> None:
         assert tails[-1].endangered == 2
     finally:
         p.close()
+
+
+def test_the_last_pod_deleted_ends_its_stream_but_a_remount_ends_nothing(
+        tmp_path: Path) -> None:
+    sim = KubeletSim(tmp_path / "pods")
+    sim.add_pod("ns", "only")
+    p = Pipeline(tmp_path)
+    try:
+        p.step()
+        sim.delete_pod("ns", "only")  # kubelet removes pods one by one: a real deletion
+        p.step()
+        assert not p.tailer.tails and not p.tailer.root_gone
+        for i in range(3):
+            sim.add_pod("ns", f"p{i}")
+            sim.write("ns", f"p{i}", "app", f"pod {i}")
+        p.step()
+        away = tmp_path / "away"
+        (tmp_path / "pods").rename(away)
+        (tmp_path / "pods").mkdir()  # an empty mount point
+        p.step(3)
+        assert p.tailer.root_gone and len(p.tailer.tails) == 3
+        assert not any(t.gone for t in p.tailer.tails.values())
+        (tmp_path / "pods").rmdir()
+        away.rename(tmp_path / "pods")
+        for i in range(3):
+            sim.write("ns", f"p{i}", "app", f"pod {i} again")
+        p.step(2)
+        assert not p.tailer.root_gone
+        for sid in sim.streams()[1:]:
+            assert p.spooled(sid) == sim.record(sid)
+        assert p.losses == []
+    finally:
+        p.close()
