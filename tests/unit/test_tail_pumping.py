@@ -144,7 +144,8 @@ def test_the_last_pod_deleted_ends_its_stream_but_a_remount_ends_nothing(
         p.step()
         sim.delete_pod("ns", "only")  # kubelet removes pods one by one: a real deletion
         p.step()
-        assert not p.tailer.tails and not p.tailer.root_gone
+        assert all(t.gone for t in p.tailer.tails.values()) and not p.tailer.root_gone
+        p.step()
         for i in range(3):
             sim.add_pod("ns", f"p{i}")
             sim.write("ns", f"p{i}", "app", f"pod {i}")
