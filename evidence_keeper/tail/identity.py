@@ -83,3 +83,38 @@ def lost_sight(*, file_id: FileId, named: bool, live_id: FileId | None,
 def stamp_sorts_after(ts: str | None, known: str) -> bool:
     """Rotation names sort in time order (kubelet's timestamp, or the Docker ordering key)."""
     return ts is not None and ts > known
+
+
+def plain_candidate(*, file_id: FileId, ts: str | None, fp_len: int, cand_id: FileId,
+                    cand_ts: str | None, newer_exists: bool,
+                    short_candidate: str | None) -> bool:
+    """May a listed plain file be a checkpointed one (before its head is compared)?
+
+    Same inode first. An unread file (no head) keeps only its rotation name. A live file with
+    a head shorter than FP_MIN (timestamps only) is accepted only as the live file when nothing
+    newer was rotated, or as the one rotation that must have renamed it (``short_candidate``).
+    """
+    if cand_id != file_id or (fp_len == 0 and cand_ts != ts):
+        return False
+    if ts is None and fp_len < FP_MIN:
+        # ``short_candidate`` None means no rotation can be proven to be it: the live file
+        # is then accepted only when nothing newer exists (a reused inode number with the
+        # same timestamp prefix is otherwise indistinguishable).
+        return (cand_ts is None and not newer_exists) or (
+            cand_ts is not None and cand_ts == short_candidate)
+    return True
+
+
+def gz_candidate(*, ts: str | None, fp_len: int, cand_ts: str | None, consumed_ts: str,
+                 short_candidate: str | None) -> bool:
+    """May a listed .gz be a checkpointed file (before its head is compared)?
+
+    A named file is its own rotation name. A file compressed before its name was learnt is
+    recognised by its head only among rotations after everything consumed, and a short head
+    only as ``short_candidate``; without a head nothing is guessed.
+    """
+    if ts is not None:
+        return cand_ts == ts
+    if not fp_len or (cand_ts is not None and cand_ts <= consumed_ts):
+        return False
+    return fp_len >= FP_MIN or (cand_ts is not None and cand_ts == short_candidate)

@@ -217,10 +217,21 @@ class Tailer:
         return t
 
     def _park_if_short(self, t: StreamTail) -> None:
-        if self.budget.pressure:
-            for f in t.queue:
-                if not f.gz and not f.final and f.ts is None:
-                    self.files.park(f)
+        """After recovery (probes may exceed the budget): idle live files give their
+        descriptor back under pressure, every file does when the files' share is used up
+        (reopened later by inode and head, or a .gz by its rotation name)."""
+        if not self.budget.pressure:
+            return
+        short = not self.budget.can_open()
+        for f in t.queue:
+            if not f.is_open:
+                continue
+            if f.gz:
+                if short:
+                    self.files.close(f)
+                    f.deferred = True
+            elif short or (not f.final and f.ts is None):
+                self.files.park(f)
 
     def relist(self, listing: StreamListing) -> StreamListing | None:
         if not listing.dir:
@@ -611,6 +622,8 @@ class Tailer:
         try:
             st = self.fs.stat(path)
         except OSError:
+            if f.ts is not None:
+                return self._unpark_rotated(t, s, f)
             return False
         if (st.st_dev, st.st_ino) != (f.dev, f.ino):
             return False
@@ -625,6 +638,22 @@ class Tailer:
             return False
         del s
         return True
+
+    def _unpark_rotated(self, t: StreamTail, s: SpoolStream, f: TailFile) -> bool:
+        """A parked rotated file no longer under its plain name: compressed (its ``.gz``
+        keeps the rotation name) or deleted, taking what was not read with it."""
+        assert t.listing is not None and f.ts is not None
+        listing = self.relist(t.listing)  # fresh: the .gz may be newer than the last scan
+        if listing is None or any(r.ts == f.ts and not r.gz for r in listing.rotated):
+            return False  # still listed plain: removed between listing and stat, look again
+        gz = next((r for r in listing.rotated if r.gz and r.ts == f.ts), None)
+        if gz is not None:
+            f.parked = False
+            return self._open_deferred_gz(t, s, f, listing.path(gz), gz)
+        f.blind = (f"{f.name} was removed while closed for lack of descriptors; bytes"
+                   " after the agent's position in it are unknown")
+        self._lost_parked(t, f)
+        return False
 
     def _retry_open(self, t: StreamTail, s: SpoolStream, f: TailFile) -> bool:
         """Open a queued file that could not be opened before, wherever it is now.

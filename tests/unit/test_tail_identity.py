@@ -6,9 +6,11 @@ from evidence_keeper.tail.identity import (
     FP_MIN,
     consumed_matches,
     fingerprint,
+    gz_candidate,
     head_identifies,
     is_final,
     lost_sight,
+    plain_candidate,
 )
 
 LONG = b"2025-11-10T12:27:00.123456789Z stdout F order 42 PAYMENT_FAILED " * 3
@@ -64,3 +66,35 @@ def test_lost_sight_needs_a_file_neither_live_nor_listed() -> None:
                           has_gz_twin=False)
     assert not lost_sight(file_id=x, live_id=(1, 11), listed_ids=[], named=False,
                           has_gz_twin=True)
+
+
+def test_a_short_live_head_is_not_taken_from_a_reused_inode_when_files_were_rotated() -> None:
+    # The checkpointed live file had only an 18-byte head (a timestamp prefix every line
+    # shares). After rotations while the agent was down, the new live file got its inode
+    # number back: without proof of which rotation renamed it, it is not the same file.
+    same = (1, 10)
+    common = {"file_id": same, "ts": None, "fp_len": 18, "cand_id": same}
+    assert not plain_candidate(cand_ts=None, newer_exists=True, short_candidate=None,
+                               **common)  # main accepted this (None == None): flaky loss
+    assert plain_candidate(cand_ts=None, newer_exists=False, short_candidate=None, **common)
+    assert plain_candidate(cand_ts="20251110-122701", newer_exists=True,
+                           short_candidate="20251110-122701", **common)
+    assert not plain_candidate(cand_ts="20251110-122702", newer_exists=True,
+                               short_candidate="20251110-122701", **common)
+    assert not plain_candidate(cand_ts=None, newer_exists=False, short_candidate=None,
+                               **{**common, "cand_id": (1, 11)})
+
+
+def test_gz_candidates() -> None:
+    assert gz_candidate(ts="a", fp_len=0, cand_ts="a", consumed_ts="", short_candidate=None)
+    assert not gz_candidate(ts="a", fp_len=99, cand_ts="b", consumed_ts="",
+                            short_candidate=None)
+    assert gz_candidate(ts=None, fp_len=FP_MIN, cand_ts="b", consumed_ts="a",
+                        short_candidate=None)
+    assert not gz_candidate(ts=None, fp_len=FP_MIN, cand_ts="a", consumed_ts="a",
+                            short_candidate=None)
+    assert not gz_candidate(ts=None, fp_len=0, cand_ts="b", consumed_ts="",
+                            short_candidate="b")
+    assert gz_candidate(ts=None, fp_len=10, cand_ts="b", consumed_ts="", short_candidate="b")
+    assert not gz_candidate(ts=None, fp_len=10, cand_ts="c", consumed_ts="",
+                            short_candidate="b")

@@ -167,3 +167,30 @@ def test_the_last_pod_deleted_ends_its_stream_but_a_remount_ends_nothing(
         assert p.losses == []
     finally:
         p.close()
+
+
+def test_restart_with_more_checkpointed_files_than_descriptors(tmp_path: Path) -> None:
+    sim = KubeletSim(tmp_path / "pods", max_files=5)
+    for i in range(24):
+        sim.add_pod("ns", f"p{i}")
+        sim.write("ns", f"p{i}", "app", f"first {i} " * 8)
+    p = Pipeline(tmp_path)
+    p.step()
+    p.close()
+    for i in range(24):  # while down: more bytes, and a rotation that gets compressed
+        sim.write("ns", f"p{i}", "app", f"while down {i} " * 8)
+        sim.rotate("ns", f"p{i}", "app")
+        sim.write("ns", f"p{i}", "app", f"second {i} " * 8)
+        if i % 2:
+            sim.rotate("ns", f"p{i}", "app")  # the checkpointed file is now a .gz
+    base = count_open_fds()
+    # Room for a few files only, and nothing beyond the process limit but the reserve.
+    q = Pipeline(tmp_path, budget=tight_budget(6))
+    assert q.tailer.budget.in_use >= base
+    try:
+        q.step(20)
+        for sid in sim.streams():
+            assert q.spooled(sid) == sim.record(sid), sid
+        assert q.losses == []
+    finally:
+        q.close()
