@@ -3,8 +3,10 @@ blind windows recorded at the right offset, change-driven passes."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
+from evidence_keeper.fsio import FileSystem
 from evidence_keeper.sim import KubeletSim
 from evidence_keeper.tail.budget import FdBudget, count_open_fds
 from tests.unit.tailing import Pipeline
@@ -194,3 +196,37 @@ def test_restart_with_more_checkpointed_files_than_descriptors(tmp_path: Path) -
         assert q.losses == []
     finally:
         q.close()
+
+
+def test_an_unlistable_directory_does_not_keep_deleted_pods_alive(tmp_path: Path) -> None:
+    sim = KubeletSim(tmp_path / "pods")
+    sim.add_pod("ns", "sick")
+    sim.add_pod("ns", "deleted")
+    sim.write("ns", "deleted", "app", "last words")
+    sick_dir = str(sim.path_of("ns", "sick", "app").parent)
+
+    class Eio(FileSystem):
+        broken = False
+
+        def listdir(self, path: str) -> list[str]:
+            if self.broken and path == sick_dir:
+                raise OSError(errno.EIO, "Input/output error")
+            return super().listdir(path)
+
+    fs = Eio()
+    p = Pipeline(tmp_path, fs=fs)
+    try:
+        p.step()
+        fs.broken = True
+        sick, deleted = sim.stream_of("ns", "sick", "app"), sim.stream_of("ns", "deleted", "app")
+        record = sim.record(deleted)
+        sim.delete_pod("ns", "deleted")
+        p.step(3)
+        # Ended, read to its end and finished (it ships first); main never ended it.
+        assert p.tailer.tails[deleted].gone and not p.tailer.tails[deleted].queue
+        assert p.spool.streams[deleted].finished
+        assert p.spooled(deleted) == record
+        assert not p.tailer.tails[sick].gone  # its directory only failed to list
+        assert p.losses == []
+    finally:
+        p.close()
