@@ -117,6 +117,8 @@ class Tailer:
         self.pending = False  # the last pass left work that needs no change event
         self.beat = 0.0  # monotonic time of the supervisor's last heartbeat (0: none)
         self.root_gone = False  # the log root is empty as after a remount (see _root_gone)
+        self._unlisted: set[str] = set()
+        self._relisted: set[str] = set()
         self._pods_last = 0
 
     # ------------------------------------------------------------------ discovery input
@@ -132,6 +134,9 @@ class Tailer:
             return
         self.syncs += 1
         self.budget.measure()
+        # Directories listed again after failing: what changed meanwhile was not watched.
+        self._relisted = self._unlisted - scan.unlisted
+        self._unlisted = set(scan.unlisted)
         if self.beat:
             # The heartbeat has not run for a while: the process is just back from a pause.
             self.note_pause(time.monotonic() - self.beat)
@@ -397,14 +402,18 @@ class Tailer:
             if not lost_sight(file_id=(f.dev, f.ino), named=f.ts is not None,
                               live_id=live_id, listed_ids=listed, has_gz_twin=False):
                 continue
-            why = self.window or ("its rotated name was removed before the agent listed it"
-                                  + (" (the file was closed for lack of descriptors)"
-                                     if f.parked else ""))
+            why = self.window or self._listing_window(t) or (
+                "its rotated name was removed before the agent listed it"
+                + (" (the file was closed for lack of descriptors)" if f.parked else ""))
             f.blind = (f"{f.name} was rotated and removed without the agent seeing its"
                        f" successor ({why}); files rotated away meanwhile are unknown")
             f.final = True
             if f.parked:
                 self._lost_parked(t, f)
+
+    def _listing_window(self, t: StreamTail) -> str:
+        failed = sorted(d for d in self._relisted if _under(t.dir, {d}))
+        return f"the listing of {failed[0]} failed for a while" if failed else ""
 
     def _empty(self, f: TailFile) -> bool:
         """Nothing read and nothing in it: kubelet never rotates an empty file for size, and

@@ -230,3 +230,38 @@ def test_an_unlistable_directory_does_not_keep_deleted_pods_alive(tmp_path: Path
         assert p.losses == []
     finally:
         p.close()
+
+
+def test_a_failed_listing_is_named_as_the_window(tmp_path: Path) -> None:
+    sim = KubeletSim(tmp_path / "pods", max_files=3)
+    sim.add_pod("ns", "p")
+    sid = sim.stream_of("ns", "p", "app")
+    cdir = str(sim.path_of("ns", "p", "app").parent)
+
+    class Eio(FileSystem):
+        broken = False
+
+        def listdir(self, path: str) -> list[str]:
+            if self.broken and path == cdir:
+                raise OSError(errno.EIO, "Input/output error")
+            return super().listdir(path)
+
+    fs = Eio()
+    p = Pipeline(tmp_path, fs=fs)
+    try:
+        sim.write("ns", "p", "app", "seen " * 20)
+        p.step()
+        fs.broken = True
+        held = sim.record_len(sid)
+        for r in range(4):
+            sim.rotate("ns", "p", "app")
+            sim.write("ns", "p", "app", f"unseen rotation {r} " * 8)
+        p.step(2)
+        fs.broken = False
+        on_disk = sim.disk_bytes(sid)
+        p.step(2)
+        assert p.spooled(sid) == sim.record(sid)[:held] + on_disk
+        assert [(x.offset, x.bytes) for x in p.losses] == [(held, None)]
+        assert f"the listing of {cdir} failed" in p.losses[0].detail
+    finally:
+        p.close()
