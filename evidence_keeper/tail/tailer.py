@@ -133,7 +133,8 @@ class Tailer:
         if not scan.root_ok:
             return
         self.syncs += 1
-        self.budget.measure()
+        with self.spool.lock:  # the read pass may be opening files in its own thread
+            self.budget.measure()
         # Directories listed again after failing: what changed meanwhile was not watched.
         self._relisted = self._unlisted - scan.unlisted
         self._unlisted = set(scan.unlisted)
@@ -488,7 +489,8 @@ class Tailer:
         """
         more = False
         now = time.monotonic()
-        self.budget.measure()
+        with self.spool.lock:
+            self.budget.measure()
         tails = [t for t in self.tails.values() if t.queue and (
             dirs is None or _has_work(t) or any(d in dirs for d in t.dirs))]
         self.pending = any(_has_work(t) for t in tails)
