@@ -97,6 +97,7 @@ class Agent:
         )
         self.tree, self.tailer = self._build_tail()
         self.watcher = ChangeWatcher(enabled=settings.watch_mode != "poll")
+        self.tailer.write_seq = self.watcher.write_seq
         self.store = store or open_store(
             settings.store_url,
             endpoint_url=settings.s3_endpoint_url,

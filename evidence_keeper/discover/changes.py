@@ -69,6 +69,11 @@ class ChangeWatcher:
         self.scan_wake = asyncio.Event()
         self.tail_wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Writes reported per directory (IN_MODIFY, IN_CLOSE_WRITE); after a queue overflow
+        # every directory counts as written (events were lost).
+        self._writes: dict[str, int] = {}
+        self._retired: dict[str, int] = {}
+        self._overflows = 0
         if enabled:
             try:
                 self._ino = INotify(nonblocking=True)
@@ -100,18 +105,20 @@ class ChangeWatcher:
             return
         want = set(dirs)
         with self._lock:
-            gone = [p for p in self._paths if p not in want]
+            gone = [(p, self._paths.pop(p)) for p in list(self._paths) if p not in want]
+            for p, wd in gone:
+                self._wds.pop(wd, None)
+                self._writes.setdefault(p, 0)  # it was watched until now
+            # Write counts of directories no longer watched stay one more round (the sync
+            # after this scan asks for them), then go.
+            self._retired = {p: self._writes.pop(p) for p in list(self._writes)
+                             if p not in want}
             new = [p for p in want if p not in self._paths]
-        for path in gone:
-            with self._lock:
-                wd = self._paths.pop(path, None)
-                if wd is not None:
-                    self._wds.pop(wd, None)
-            if wd is not None:
-                try:
-                    ino.rm_watch(wd)
-                except OSError:
-                    pass  # removed with its directory already
+        for _path, wd in gone:
+            try:
+                ino.rm_watch(wd)
+            except OSError:
+                pass  # removed with its directory already
         for path in new:
             try:
                 wd = ino.add_watch(path, DIR_MASK)
@@ -156,6 +163,7 @@ class ChangeWatcher:
             for wd, mask, name in events:
                 if mask & IN_Q_OVERFLOW:
                     self._full_scan = self._full_tail = scan = tail = True
+                    self._overflows += 1
                     continue
                 path = self._wds.get(wd)
                 if path is None:
@@ -163,11 +171,14 @@ class ChangeWatcher:
                 if mask & IN_IGNORED:
                     self._paths.pop(path, None)
                     self._wds.pop(wd, None)
+                    self._writes.setdefault(path, 0)  # it was watched until now
                 if mask & TREE or mask & IN_IGNORED:
                     self._scan.add(path)
                     scan = True
                     if name and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
                         self._scan.add(f"{path}/{name}")  # a new pod or container directory
+                if mask & (IN_MODIFY | IN_CLOSE_WRITE):
+                    self._writes[path] = self._writes.get(path, 0) + 1
                 self._tail.add(path)
                 tail = True
         if scan:
@@ -190,6 +201,25 @@ class ChangeWatcher:
             full, self._full_tail = self._full_tail or self._ino is None, False
             changed, self._tail = self._tail, set()
         return None if full else changed
+
+    def write_seq(self, path: str) -> int:
+        """A number that changes whenever a write in ``path`` was (or may have been) missed
+        or reported; -1 when ``path`` is not watched by inotify (nothing can be concluded).
+
+        Kept after the directory is removed, so a file closed there can tell whether it was
+        written before its directory went."""
+        with self._lock:
+            if self._ino is None:
+                return -1
+            if path in self._writes:
+                n = self._writes[path]
+            elif path in self._retired:
+                n = self._retired[path]
+            elif path in self._paths:
+                n = 0
+            else:
+                return -1
+            return n + self._overflows * (1 << 40)
 
     def request_full(self) -> None:
         with self._lock:

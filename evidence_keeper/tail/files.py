@@ -59,6 +59,9 @@ class TailFile:
     deferred: bool = False  # never opened yet for lack of a descriptor
     blind: str = ""  # a blind window follows this file: recorded once it is read to its end
     idle_since: float = 0.0  # monotonic: last time this file grew (0: unknown)
+    # Writes inotify had reported in its directory when the file was last seen unchanged
+    # (-1: not watched): a parked file whose directory vanished with no write since is done.
+    park_seq: int = -1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -160,11 +163,11 @@ class FileReader:
         if was_open:
             self.budget.closed()
 
-    def park(self, f: TailFile) -> None:
+    def park(self, f: TailFile, *, seq: int = -1) -> None:
         """Give the descriptor back; the file is found again by path, inode and head."""
         if f.is_open and not f.gz:
             self.close(f)
-            f.parked = True
+            f.parked, f.park_seq = True, seq
 
     def read_error(self, sid: StreamId, f: TailFile, exc: OSError) -> None:
         name = errno.errorcode.get(exc.errno or 0, "EUNKNOWN")

@@ -13,7 +13,8 @@ the queues and the pumping; the pieces it uses live next to it:
 Descriptors. Files are opened when they are seen, within the descriptor budget, and held
 where they protect bytes: a rotated file with unread bytes (kubelet may delete it), the files
 of ended or deleted containers. A live file read to its end is *parked* (closed) when it has
-been idle for ``idle_close_s`` or descriptors are short; it is reopened by path with an
+been idle for ``idle_close_s`` (30 s, only while inotify watches its directory, so a write is
+reported) or descriptors are short; it is reopened by path with an
 inode and head check when it grows. When the budget is short the most endangered streams are
 read first (ended or deleted, then rotated heads, then live files); a file that could not be
 opened for lack of descriptors and vanished is a recorded loss, never a stall.
@@ -54,7 +55,7 @@ import gzip
 import os
 import time
 import zlib
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Final
 
 from evidence_keeper.discover.logtree import Listed, LogTree, Scan, StreamListing
@@ -83,6 +84,9 @@ CHUNK: Final = 1 << 20
 # Two passes further apart than this (monotonic) mean the agent did not run: paused
 # (SIGSTOP, a frozen cgroup) or starved of CPU. Named in the detail of any loss it explains.
 STALL_S: Final = 3.0
+# A live file idle this long is closed while inotify watches its directory (a write is then
+# reported and the file reopened at once); without inotify only a descriptor shortage does.
+IDLE_CLOSE_S: Final = 30.0
 
 
 class Tailer:
@@ -96,7 +100,7 @@ class Tailer:
         per_stream_budget: int = 8 << 20,
         budget: FdBudget | None = None,
         tree: LogTree | None = None,
-        idle_close_s: float = 0.0,
+        idle_close_s: float = IDLE_CLOSE_S,
     ) -> None:
         self.spool = spool
         self.fs = fs or FileSystem()
@@ -115,6 +119,9 @@ class Tailer:
         self.syncs = 0
         self.window = ""  # the blind window the current pass follows ("" when none)
         self.pending = False  # the last pass left work that needs no change event
+        # Writes inotify reported in a directory so far (-1: not watched): the supervisor
+        # hands in ChangeWatcher.write_seq.
+        self.write_seq: Callable[[str], int] = lambda _dir: -1
         self.beat = 0.0  # monotonic time of the supervisor's last heartbeat (0: none)
         self.root_gone = False  # the log root is empty as after a remount (see _root_gone)
         self._unlisted: set[str] = set()
@@ -199,11 +206,23 @@ class Tailer:
             for f in list(t.queue):
                 f.final = True
                 if f.parked:
-                    # Closed for lack of descriptors when its files went: a real blind window.
-                    f.blind = (f"{f.name} was removed while closed for lack of descriptors;"
-                               " bytes written to it after it was closed are unknown")
-                    self._lost_parked(t, f)
+                    self._vanished_parked(t, f)
             self.spool.dirty = True
+
+    def _vanished_parked(self, t: StreamTail, f: TailFile) -> None:
+        """A closed live file whose directory went. If inotify watched it without a break
+        since it was last checked and reported no change, nothing was written: it is done.
+        Otherwise what was written after it was closed is unknown: a blind window."""
+        if f.park_seq >= 0 and self.write_seq(t.dir) == f.park_seq:
+            self.files.close(f)
+            t.queue.remove(f)
+            t.consumed.append((f.dev, f.ino, f.fp_len, f.fp, f.pos))
+            del t.consumed[:-CONSUMED_KEEP]
+            return
+        f.blind = (f"{f.name} was removed while closed (idle, or no descriptor was free) and"
+                   " a change to it could not be ruled out; bytes written to it after it was"
+                   " closed are unknown")
+        self._lost_parked(t, f)
 
     def _update_gauges(self) -> None:
         held = sum(1 for t in self.tails.values() for f in t.queue if f.is_open)
@@ -592,8 +611,9 @@ class Tailer:
             return -1
         if not f.idle_since:
             f.idle_since = now
-        if self.budget.pressure or (self.idle_close_s and now - f.idle_since >= self.idle_close_s):
-            self.files.park(f)
+        seq = self.write_seq(t.dir)
+        if self.budget.pressure or (seq >= 0 and now - f.idle_since >= self.idle_close_s):
+            self.files.park(f, seq=seq)
         return 0
 
     def _read(self, t: StreamTail, s: SpoolStream, f: TailFile, n: int) -> bytes | None:
@@ -630,6 +650,7 @@ class Tailer:
             return False
         path = listing.live_path if f.ts is None else listing.path(
             Listed(f.name, f.ts, False))
+        seq = self.write_seq(t.dir)  # before the stat: a write after it shows as a change
         try:
             st = self.fs.stat(path)
         except OSError:
@@ -639,7 +660,8 @@ class Tailer:
         if (st.st_dev, st.st_ino) != (f.dev, f.ino):
             return False
         if st.st_size == f.pos and not f.final:
-            return False  # nothing new: stay closed
+            f.park_seq = seq if f.park_seq >= 0 else -1  # nothing new: stay closed
+            return False
         if self.files.open_plain(t.id, f, path) is not Opened.OK:
             return False
         if (f.dev, f.ino) != (st.st_dev, st.st_ino) or (

@@ -78,3 +78,30 @@ def test_out_of_watches_falls_back_to_polling(tmp_path: Path) -> None:
     assert not w.active
     assert w.take_scan() is None and w.take_tail() is None  # polling: always a full pass
     assert not ChangeWatcher(enabled=False).active
+
+
+async def test_write_counts_survive_the_directory_for_one_round(tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    a.mkdir()
+    w = ChangeWatcher()
+    w.attach(asyncio.get_running_loop())
+    try:
+        assert w.write_seq(str(a)) == -1  # not watched: nothing can be concluded
+        w.watch({str(a)})
+        assert w.write_seq(str(a)) == 0
+        w.take_tail()
+        (a / "0.log").write_bytes(b"x")
+        await _events(w)
+        await asyncio.sleep(0.05)
+        first = w.write_seq(str(a))
+        assert first > 0
+        (a / "0.log").unlink()
+        a.rmdir()
+        await asyncio.sleep(0.1)
+        w.watch(set())  # the scan no longer lists it
+        assert w.write_seq(str(a)) == first  # the sync after that scan can still ask
+        w.watch(set())
+        assert w.write_seq(str(a)) == -1
+    finally:
+        w.close()
+    assert ChangeWatcher(enabled=False).write_seq(str(a)) == -1

@@ -265,3 +265,66 @@ def test_a_failed_listing_is_named_as_the_window(tmp_path: Path) -> None:
         assert f"the listing of {cdir} failed" in p.losses[0].detail
     finally:
         p.close()
+
+
+class Writes:
+    """Stands in for ChangeWatcher.write_seq: a write counter per directory."""
+
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+
+    def __call__(self, path: str) -> int:
+        return self.n.get(path, 0)
+
+
+def test_idle_live_files_are_closed_while_watched_and_a_quiet_deletion_loses_nothing(
+        tmp_path: Path) -> None:
+    sim = KubeletSim(tmp_path / "pods")
+    sim.add_pod("ns", "stays")  # (all pods vanishing at once would look like a remount)
+    sim.add_pod("ns", "quiet")
+    sim.add_pod("ns", "chatty")
+    sim.write("ns", "quiet", "app", "said once")
+    sim.write("ns", "chatty", "app", "said once")
+    p = Pipeline(tmp_path)
+    writes = Writes()
+    p.tailer.write_seq = writes
+    p.tailer.idle_close_s = 0.0
+    try:
+        p.step(2)
+        assert all(t.queue[0].parked for t in p.tailer.tails.values())  # idle: closed
+        quiet, chatty = sim.stream_of("ns", "quiet", "app"), sim.stream_of("ns", "chatty", "app")
+        # A write inotify reported but the agent could not read before the pod went.
+        sim.write("ns", "chatty", "app", "last words nobody read")
+        writes.n[str(sim.path_of("ns", "chatty", "app").parent)] = 1
+        seen = sim.record(chatty)[:len(p.spooled(chatty))]
+        sim.delete_pod("ns", "quiet")
+        sim.delete_pod("ns", "chatty")
+        p.step(2)
+        assert p.spooled(quiet) == sim.record(quiet)
+        assert p.spooled(chatty) == seen
+        assert [(x.stream, x.bytes, x.reason) for x in p.losses] == [
+            (chatty, None, "rotated_away")]
+    finally:
+        p.close()
+
+
+def test_a_parked_file_that_grows_is_reopened_on_its_directory_change(tmp_path: Path) -> None:
+    sim = KubeletSim(tmp_path / "pods")
+    sim.add_pod("ns", "p")
+    sim.write("ns", "p", "app", "first")
+    p = Pipeline(tmp_path)
+    writes = Writes()
+    p.tailer.write_seq = writes
+    p.tailer.idle_close_s = 0.0
+    try:
+        p.step(2)
+        sid = sim.stream_of("ns", "p", "app")
+        assert p.tailer.tails[sid].queue[0].parked
+        sim.write("ns", "p", "app", "second")
+        cdir = str(sim.path_of("ns", "p", "app").parent)
+        writes.n[cdir] = 1
+        p.tailer.pump(dirs={cdir})
+        assert p.spool.streams[sid].next_offset == sim.record_len(sid)
+        assert p.losses == []
+    finally:
+        p.close()
