@@ -77,7 +77,8 @@ class Metrics:
         )
         self.tailed_files = Gauge(
             "evidence_keeper_tailed_files",
-            "Container log files currently open for reading.",
+            "Container log files being tailed: open, or closed while idle or waiting for a"
+            " descriptor (see evidence_keeper_open_files for descriptors).",
             registry=r,
         )
         self.sink_up = Gauge(

@@ -67,6 +67,7 @@ class FdBudget:
     in_use: int = 0  # measured process-wide count plus the tail path's changes since
     denied: int = 0  # opens refused since the last measurement (a shortage this pass)
     short: bool = False  # the last pass ran out of descriptors
+    measured_at: float = 0.0  # monotonic time of the last real count
 
     @classmethod
     def from_process(cls, *, reserve: int) -> FdBudget:
@@ -81,11 +82,15 @@ class FdBudget:
         """Process-wide descriptor count the tail path may bring the process up to."""
         return self.limit - self.reserve
 
-    def measure(self) -> None:
-        """Re-read the real count; a pass that was denied anything is marked short."""
-        n = count_open_fds()
-        if n >= 0:
-            self.in_use = n
+    def measure(self, *, now: float | None = None, every_s: float = 0.0) -> None:
+        """Re-read the real count (at most every ``every_s`` seconds of ``now``, so an idle
+        polling pass does not list thousands of descriptors); a pass that was denied anything
+        is marked short."""
+        if now is None or now - self.measured_at >= every_s or self.denied:
+            n = count_open_fds()
+            if n >= 0:
+                self.in_use = n
+            self.measured_at = now or 0.0
         self.short = self.denied > 0
         self.denied = 0
 

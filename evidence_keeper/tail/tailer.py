@@ -125,6 +125,7 @@ class Tailer:
         self.beat = 0.0  # monotonic time of the supervisor's last heartbeat (0: none)
         self.root_gone = False  # the log root is empty as after a remount (see _root_gone)
         self._unlisted: set[str] = set()
+        self._gauges_at = 0.0
         self._relisted: set[str] = set()
         self._pods_last = 0
 
@@ -225,8 +226,7 @@ class Tailer:
         self._lost_parked(t, f)
 
     def _update_gauges(self) -> None:
-        held = sum(1 for t in self.tails.values() for f in t.queue if f.is_open)
-        self.metrics.tailed_files.set(held)
+        self.metrics.tailed_files.set(sum(len(t.queue) for t in self.tails.values()))
         self.metrics.open_files.set(max(self.budget.in_use, 0))
         self.metrics.fd_limit.set(self.budget.limit)
         self.metrics.fd_tail_budget.set(self.budget.tail_max)
@@ -509,7 +509,7 @@ class Tailer:
         more = False
         now = time.monotonic()
         with self.spool.lock:
-            self.budget.measure()
+            self.budget.measure(now=now, every_s=1.0)
         tails = [t for t in self.tails.values() if t.queue and (
             dirs is None or _has_work(t) or any(d in dirs for d in t.dirs))]
         self.pending = any(_has_work(t) for t in tails)
@@ -523,8 +523,10 @@ class Tailer:
                     continue
                 if self._pump_stream(t, s, now):
                     more = True
-        with self.spool.lock:
-            self._update_gauges()
+        if now - self._gauges_at >= 1.0:
+            self._gauges_at = now
+            with self.spool.lock:
+                self._update_gauges()
         return more
 
     def _pump_stream(self, t: StreamTail, s: SpoolStream, now: float) -> bool:
@@ -838,5 +840,7 @@ def _has_work(t: StreamTail) -> bool:
     head = t.queue[0]
     if head.deferred or (not head.is_open and not head.parked):
         return True
-    return head.is_open and (head.final or head.size != head.pos)
+    if head.parked:
+        return head.final  # ended (the API said so) or renamed: read it to its end now
+    return head.final or head.size != head.pos
 
