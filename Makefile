@@ -78,6 +78,7 @@ demo: venv
 # print their figures (copied into the same document with the date and machine).
 bench: venv
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.footprint
 	$(BIN)/python -m bench.s3_bench
 	$(BIN)/python -m bench.kube_bench
 	$(BIN)/python -m bench.search_bench

@@ -50,6 +50,9 @@ class FileSystem:
     def listdir(self, path: str) -> list[str]:
         return os.listdir(path)
 
+    def realpath(self, path: str) -> str:
+        return os.path.realpath(path)
+
     def makedirs(self, path: str) -> None:
         os.makedirs(path, mode=0o750, exist_ok=True)
 

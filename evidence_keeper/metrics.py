@@ -95,7 +95,8 @@ class Metrics:
         )
         self.tailed_files = Gauge(
             "evidence_keeper_tailed_files",
-            "Container log files currently open for reading.",
+            "Container log files being tailed: open, or closed while idle or waiting for a"
+            " descriptor (see evidence_keeper_open_files for descriptors).",
             registry=r,
         )
         self.sink_up = Gauge(
@@ -170,6 +171,48 @@ class Metrics:
             "evidence_keeper_replayed_lines",
             "Log lines replayed into a sink after its outage and acknowledged by it, by target.",
             ["target"],
+            registry=r,
+        )
+        self._init_real_node(r)
+
+    def _init_real_node(self, r: CollectorRegistry) -> None:
+        """Descriptors, skipped paths, the log root and change watching (issue 10)."""
+        self.open_files = Gauge(
+            "evidence_keeper_open_files",
+            "File descriptors open in the agent process (all of them, not only log files).",
+            registry=r,
+        )
+        self.fd_limit = Gauge(
+            "evidence_keeper_open_files_limit",
+            "The soft RLIMIT_NOFILE after start-up raised it to the hard limit.",
+            registry=r,
+        )
+        self.fd_tail_budget = Gauge(
+            "evidence_keeper_open_files_budget",
+            "Descriptors the tail path may bring the process up to (limit minus fd_reserve).",
+            registry=r,
+        )
+        self.skipped_files = Counter(
+            "evidence_keeper_skipped_files",
+            "Log paths never followed (symlinked directories, links outside"
+            " log_symlink_roots), counted once per path, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.log_root_up = Gauge(
+            "evidence_keeper_log_root_up",
+            "1 when the log root lists pod directories; 0 while it is missing, or empty while"
+            " the agent tails streams (a remount): nothing is ended meanwhile.",
+            registry=r,
+        )
+        self.unlisted_dirs = Gauge(
+            "evidence_keeper_unlisted_directories",
+            "Log directories whose last listing failed or came back empty (streams kept).",
+            registry=r,
+        )
+        self.watch_mode = Gauge(
+            "evidence_keeper_watch_inotify",
+            "1 while changes are learnt from inotify, 0 while polling.",
             registry=r,
         )
 

@@ -507,6 +507,22 @@ def _sink_probes(value: object) -> tuple[SinkProbe, ...]:
     return tuple(probes)
 
 
+def _path_list(value: object) -> tuple[Path, ...]:
+    """A comma list (or YAML list) of absolute directories; empty means none."""
+    if isinstance(value, str):
+        items: list[object] = [v for v in value.split(",") if v.strip()]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise _invalid(value, "is not a comma list of directories")
+    out: list[Path] = []
+    for item in items:
+        if not isinstance(item, str | Path) or not str(item).strip().startswith("/"):
+            raise _invalid(item, "is not an absolute directory")
+        out.append(_abs_path(item))
+    return tuple(out)
+
+
 # --------------------------------------------------------------------------------------------
 # Replay targets (issue 15): where ``evidence-keeper replay`` and the automatic backfill send
 # preserved lines. A YAML mapping ``name -> {kind, url, credentials_file, ...}``; from the
@@ -705,6 +721,28 @@ class Settings(BaseModel):
     )
     tail_interval_s: SubsecondDuration = Field(
         default=0.2, description="Poll period of open log files for new bytes."
+    )
+    log_symlink_roots: Annotated[tuple[Path, ...], BeforeValidator(_path_list)] = Field(
+        default=(Path("/var/lib/docker/containers"),),
+        description="Directories a symlinked log file may point into (cri-dockerd); links "
+        "elsewhere and symlinked directories are skipped.",
+    )
+    watch_mode: Annotated[
+        Literal["auto", "inotify", "poll"],
+        BeforeValidator(_choice(("auto", "inotify", "poll"))),
+    ] = Field(
+        default="auto",
+        description="How changes are noticed: inotify (change-driven), poll (every file each "
+        "tail_interval_s), or auto (inotify, polling where it is unavailable or exhausted).",
+    )
+    rescan_interval_s: Duration = Field(
+        default=10.0,
+        description="With inotify: period of the full safety-net scan and read pass.",
+    )
+    fd_reserve: Annotated[int, BeforeValidator(_integer(minimum=16))] = Field(
+        default=128,
+        description="File descriptors kept for the spool, checkpoint, ledger, store and HTTP; "
+        "the tail path never takes them.",
     )
 
     # -- spool: local durability -----------------------------------------------------------

@@ -44,8 +44,9 @@ from aiohttp import web
 from evidence_keeper.aiotasks import guard, sleep_until, stop_tasks
 from evidence_keeper.api.app import HttpLimits, serve
 from evidence_keeper.api.archiving import ArchiveService
+from evidence_keeper.discover.changes import ChangeWatcher
 from evidence_keeper.discover.kube import KubeWatcher, kube_enabled
-from evidence_keeper.discover.logtree import LogTree
+from evidence_keeper.discover.logtree import LogTree, Scan
 from evidence_keeper.fsio import FileSystem
 from evidence_keeper.health.ledger import Ledger
 from evidence_keeper.health.ledgership import LedgerShipConfig, LedgerShipper
@@ -61,6 +62,7 @@ from evidence_keeper.spool.lock import SpoolBusy, SpoolLock
 from evidence_keeper.spool.spool import Spool
 from evidence_keeper.store import CannotLock, Store, StoreError, open_store
 from evidence_keeper.store.codec import extension
+from evidence_keeper.tail.budget import FdBudget, raise_nofile_limit
 from evidence_keeper.tail.tailer import Tailer
 from evidence_keeper.timefmt import parse_rfc3339, rfc3339
 from evidence_keeper.views import ApiView, ArchiveCaptureView, PipelineControl, api_fallback
@@ -80,6 +82,8 @@ class Status:
     started_at: float = field(default_factory=time.time)
     log_root_ok: bool = True
     log_root_error: str | None = None
+    log_root_state: str = "ok"  # ok | missing | empty (a remount: nothing is ended meanwhile)
+    unlisted_dirs: int = 0
     kube_mode: str = "off"  # off | watch | api-logs (the weaker fallback: capture via pods/log)
     kube_detail: str | None = None
 
@@ -108,8 +112,9 @@ class Agent:
             fs=self.fs,
             segment_ext=extension(settings.compression),
         )
-        self.tree = LogTree(str(settings.log_root), fs=self.fs)
-        self.tailer = Tailer(self.spool, metrics=self.metrics, fs=self.fs)
+        self.tree, self.tailer = self._build_tail()
+        self.watcher = ChangeWatcher(enabled=settings.watch_mode != "poll")
+        self.tailer.write_seq = self.watcher.write_seq
         self.store = store or open_store(
             settings.store_url,
             endpoint_url=settings.s3_endpoint_url,
@@ -171,6 +176,18 @@ class Agent:
         self._backlog_gap: int | None = None
         self._shutdown_deadline = 0.0
 
+    def _build_tail(self) -> tuple[LogTree, Tailer]:
+        """The log tree and the tailer, within the descriptor budget (soft limit raised to
+        the hard one first, ``fd_reserve`` kept for everything but the tail path)."""
+        raise_nofile_limit()
+        skipped = self.metrics.skipped_files
+        tree = LogTree(str(self.settings.log_root), fs=self.fs,
+                       symlink_roots=tuple(str(p) for p in self.settings.log_symlink_roots),
+                       on_skip=lambda reason: skipped.labels(reason=reason).inc())
+        budget = FdBudget.from_process(reserve=self.settings.fd_reserve)
+        tailer = Tailer(self.spool, metrics=self.metrics, fs=self.fs, budget=budget, tree=tree)
+        return tree, tailer
+
     def _record_loss(self, loss: Loss) -> None:
         self.ledger.record_loss(loss, at=datetime.now(UTC))
 
@@ -184,10 +201,52 @@ class Agent:
     async def _sleep_or_close(self, seconds: float) -> None:
         await sleep_until(self.intake_closed, seconds)
 
+    def _scan_and_watch(self, changed: set[str] | None) -> Scan:
+        scan = self.tree.scan(changed)
+        if scan.root_ok:
+            self.watcher.watch(self.tree.dirs)
+        return scan
+
+    def _changes(self, take: Callable[[], set[str] | None], due: list[float]) -> set[str] | None:
+        """What changed (inotify), or None for a full pass: polling, an overflow, or the
+        periodic safety-net pass every ``rescan_interval_s``."""
+        changed = take()
+        now = time.monotonic()
+        if now >= due[0]:
+            due[0] = now + self.settings.rescan_interval_s
+            return None
+        return changed
+
+    async def _wait_change(self, wake: asyncio.Event, poll_s: float) -> None:
+        """Until a change (inotify) or ``poll_s``; the safety-net period while watching."""
+        if not self.watcher.active:
+            await self._sleep_or_close(poll_s)
+            return
+        del poll_s
+        closed = asyncio.create_task(self.intake_closed.wait(), name="wait-intake-closed")
+        changed = asyncio.create_task(wake.wait(), name="wait-change")
+        try:
+            await asyncio.wait({closed, changed}, timeout=self.settings.rescan_interval_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            changed.cancel()
+        await asyncio.sleep(0.01)  # let a burst of events (a rotation) arrive together
+
+    async def _pace_loop(self) -> None:
+        """A heartbeat that notices the agent not running: a wake-up far later than asked
+        (SIGSTOP, a frozen cgroup, CPU starvation) is a blind window the tailer names."""
+        while not self.intake_closed.is_set():
+            before = self.tailer.beat = time.monotonic()
+            await self._sleep_or_close(0.5)
+            self.tailer.note_pause(time.monotonic() - before - 0.5)
+
     async def _discover_loop(self) -> None:
         warned = False
+        due = [0.0]
         while not self.intake_closed.is_set():
-            scan = await asyncio.to_thread(self.tree.scan)
+            changed = self._changes(self.watcher.take_scan, due)
+            scan = await asyncio.to_thread(self._scan_and_watch, changed)
             if not scan.root_ok:
                 if not warned:
                     log.error("log root unavailable; retrying", error=scan.error)
@@ -201,13 +260,33 @@ class Agent:
                 if self.status.kube_mode != "api-logs":  # else the API fallback owns streams
                     await asyncio.to_thread(self.tailer.sync, scan)
                     self.status.tailing = True
-            await self._sleep_or_close(self.settings.discover_interval_s)
+                    self.watcher.tail_wake.set()  # newly queued files are read at once
+            self._note_root(scan)
+            await self._wait_change(self.watcher.scan_wake, self.settings.discover_interval_s)
+
+    def _note_root(self, scan: Scan) -> None:
+        """Log root state for /readyz and the metric. Empty while streams are tailed is a
+        remount, not a deletion: the tailer ends nothing (see Tailer.sync)."""
+        state = "missing" if not scan.root_ok else (
+            "empty" if scan.root_empty and self.tailer.root_gone else "ok")
+        if state != self.status.log_root_state:
+            log.warning("log root state changed", state=state, log_root=self.tree.root)
+        self.status.log_root_state = state
+        self.status.unlisted_dirs = len(scan.unlisted)
+        self.metrics.log_root_up.set(1 if state == "ok" else 0)
+        self.metrics.unlisted_dirs.set(len(scan.unlisted))
 
     async def _tail_loop(self) -> None:
+        due = [0.0]
         while not self.intake_closed.is_set():
-            more = await asyncio.to_thread(self.tailer.pump)
-            if not more:
+            dirs = self._changes(self.watcher.take_tail, due)
+            more = await asyncio.to_thread(self.tailer.pump, dirs)
+            if more:
+                continue
+            if self.tailer.pending or not self.watcher.active:
                 await self._sleep_or_close(self.settings.tail_interval_s)
+            else:
+                await self._wait_change(self.watcher.tail_wake, self.settings.tail_interval_s)
 
     async def _monitor_loop(self) -> None:
         """Backlog gap, spool gauges, heartbeat and ledger retention, once a second."""
@@ -310,6 +389,9 @@ class Agent:
                       "streams": len(self.spool.streams)},
             "tail": {"tailing": st.tailing, "log_root": str(self.settings.log_root),
                      "log_root_ok": st.log_root_ok, "error": st.log_root_error,
+                     "log_root_state": st.log_root_state, "unlisted_dirs": st.unlisted_dirs,
+                     "open_files": self.tailer.budget.in_use,
+                     "open_files_budget": self.tailer.budget.tail_max,
                      "files": sum(1 for t in self.tailer.tails.values() for f in t.queue
                                   if f.is_open)},
             "store": {"url": self.store.describe(), "shipping_up": self.shipper.store_up,
@@ -349,6 +431,8 @@ class Agent:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Recover the spool and check the store; raises StartupError on a fatal problem."""
+        if self.settings.watch_mode == "inotify" and not self.watcher.active:
+            raise StartupError("watch_mode is inotify but inotify is not available here")
         try:
             await asyncio.to_thread(self.spool.recover)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -414,6 +498,8 @@ class Agent:
             raise StartupError(f"cannot listen on {s.listen}: {exc}") from exc
         ship_stop, ledger_stop, http_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
         jobs_stop = asyncio.Event()  # archive jobs and backfills: until the drain is done
+        self.watcher.attach(asyncio.get_running_loop())
+        self.metrics.watch_mode.set(1 if self.watcher.active else 0)
         async with asyncio.TaskGroup() as tg:
             http = tg.create_task(self._serve_until(runner, http_stop), name="http")
             jobs = [tg.create_task(self._guarded(name, functools.partial(run, jobs_stop),
@@ -435,13 +521,15 @@ class Agent:
             finally:
                 jobs_stop.set()
                 await stop_tasks(jobs, within=5.0, cancel=False)
+                self.watcher.close()
                 http_stop.set()
                 await asyncio.shield(http)
 
     def _intake_loops(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
         loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("discover", self._discover_loop), ("tail", self._tail_loop),
-            ("commit", self._commit_loop), ("monitor", self._monitor_loop),
+            ("pace", self._pace_loop), ("commit", self._commit_loop),
+            ("monitor", self._monitor_loop),
             ("sinks", self._sinks_loop),
         ]
         if self.kube is not None:
@@ -508,6 +596,7 @@ class Agent:
         await self.ledger_shipper.abandon()
 
     def close(self) -> None:
+        self.watcher.close()
         self.shipper.close()
         self.ledger_shipper.close()
         self.sinks.close()

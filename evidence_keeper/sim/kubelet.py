@@ -32,6 +32,12 @@ What is reproduced, and from where:
 * A container restart starts ``N+1.log`` and removes every file of instance ``N-1`` (kubelet
   keeps only the previous instance); deleting a pod removes its directory.
 * copytruncate-style truncation in place (same inode, size 0).
+* cri-dockerd (with ``docker_root``): a ``fmt="docker"`` pod's ``<restart>.log`` is a symlink
+  to ``<docker_root>/<id>/<id>-json.log``, and rotation is Docker json-file's own: the oldest
+  ``<id>-json.log.<max-1>`` is removed, ``.N`` renamed to ``.N+1`` from the oldest down, the live
+  file renamed to ``.1`` and a new one created (no late writes: Docker rotates under its lock).
+  A restart links ``N+1.log`` to a new container id; the container before the previous one is
+  removed with its directory.
 
 All writes are plain ``open("ab")`` appends, so renames keep inodes exactly as on a node. The
 simulator never looks at the agent: whether bytes were read before a file disappeared is the
@@ -151,6 +157,7 @@ class _Pod:
     fmt: LogFormat
     directory: Path
     restarts: dict[str, int] = field(default_factory=dict)  # container -> current instance
+    linked: bool = False  # cri-dockerd: <restart>.log is a symlink into docker_root
 
 
 class KubeletSim:
@@ -163,6 +170,8 @@ class KubeletSim:
         max_files: int = 5,
         clock: Callable[[], datetime] | None = None,
         cri_max_line: int = CRI_MAX_LINE_DEFAULT,
+        docker_root: Path | None = None,
+        docker_max_files: int = 3,
     ) -> None:
         # kubelet rejects containerLogMaxFiles < 2: the live file plus the latest rotated one.
         if max_files < 2:
@@ -170,6 +179,8 @@ class KubeletSim:
         if cri_max_line < 1:
             raise ValueError("cri_max_line must be positive")
         self.log_root = Path(log_root)
+        self.docker_root = Path(docker_root) if docker_root is not None else None
+        self.docker_max_files = docker_max_files
         self.max_files = max_files
         self.cri_max_line = cri_max_line
         self._clock: Callable[[], datetime] = clock if clock is not None else SimClock()
@@ -231,19 +242,24 @@ class KubeletSim:
             elif not _UID.fullmatch(uid):
                 raise ValueError(f"invalid pod uid {uid!r}")
             directory = self.log_root / f"{namespace}_{pod}_{uid}"
-            p = _Pod(namespace, pod, uid, fmt, directory)
+            p = _Pod(namespace, pod, uid, fmt, directory,
+                     linked=fmt == "docker" and self.docker_root is not None)
             for container in containers:
                 (directory / container).mkdir(parents=True, exist_ok=False)
                 p.restarts[container] = 0
                 sid = StreamId(namespace, pod, uid, container, 0)
                 self._new_stream(sid)
-                self._log_path(p, container, 0).touch(exist_ok=False)
+                self._create_log(p, container, 0)
             self._pods[(namespace, pod)] = p
 
     def delete_pod(self, namespace: str, pod: str) -> None:
         """The pod was deleted: kubelet removes its whole log directory."""
         with self._lock:
             p = self._pod(namespace, pod)
+            if p.linked:
+                for container, n in p.restarts.items():
+                    for restart in range(n + 1):
+                        self._remove_docker_container(p, container, restart)
             shutil.rmtree(p.directory)
             del self._pods[(namespace, pod)]
 
@@ -347,6 +363,8 @@ class KubeletSim:
         with self._lock:
             p = self._pod(namespace, pod)
             sid = self._current(namespace, pod, container)
+            if p.linked:
+                return self._docker_rotate(sid, then_write)
             log = self._log_path(p, container, sid.restart)
             cdir = log.parent
             prefix = log.name + "."
@@ -391,8 +409,10 @@ class KubeletSim:
             new = old + 1
             sid = StreamId(namespace, pod, p.uid, container, new)
             self._new_stream(sid)
-            self._log_path(p, container, new).touch(exist_ok=False)
+            self._create_log(p, container, new)
             p.restarts[container] = new
+            if old >= 1 and p.linked:
+                self._remove_docker_container(p, container, old - 1)
             # Container GC removes the instance before the previous one, with its rotated logs.
             if old >= 1:
                 gone = f"{old - 1}.log"
@@ -450,6 +470,8 @@ class KubeletSim:
         with self._lock:
             cdir = self.log_root / stream.pod_dir / stream.container
             base = f"{stream.restart}.log"
+            if (cdir / base).is_symlink():
+                return self._docker_files(cdir / base)
             try:
                 names = os.listdir(cdir)
             except FileNotFoundError:
@@ -499,6 +521,60 @@ class KubeletSim:
     @staticmethod
     def _log_path(p: _Pod, container: str, restart: int) -> Path:
         return p.directory / container / f"{restart}.log"
+
+    # -- cri-dockerd --------------------------------------------------------------------------
+
+    def docker_id(self, stream: StreamId) -> str:
+        """The (deterministic) Docker container id behind a cri-dockerd stream."""
+        return hashlib.sha256(f"ek-sim-docker/{stream.key}".encode()).hexdigest()
+
+    def docker_target(self, stream: StreamId) -> Path:
+        assert self.docker_root is not None
+        cid = self.docker_id(stream)
+        return self.docker_root / cid / f"{cid}-json.log"
+
+    def _create_log(self, p: _Pod, container: str, restart: int) -> None:
+        link = self._log_path(p, container, restart)
+        if not p.linked:
+            link.touch(exist_ok=False)
+            return
+        target = self.docker_target(StreamId(p.namespace, p.name, p.uid, container, restart))
+        target.parent.mkdir(parents=True, exist_ok=False)
+        target.touch(exist_ok=False)
+        link.symlink_to(target)
+
+    def _remove_docker_container(self, p: _Pod, container: str, restart: int) -> None:
+        target = self.docker_target(StreamId(p.namespace, p.name, p.uid, container, restart))
+        shutil.rmtree(target.parent, ignore_errors=True)
+        self._log_path(p, container, restart).unlink(missing_ok=True)
+
+    def _docker_rotate(self, sid: StreamId, then_write: bytes) -> str:
+        """Docker json-file rotation (daemon/logger/loggerutils ``rotate``)."""
+        target = self.docker_target(sid)
+        keep = self.docker_max_files - 1  # rotated files kept besides the live one
+        (target.parent / f"{target.name}.{keep}").unlink(missing_ok=True)
+        for n in range(keep - 1, 0, -1):
+            src = target.parent / f"{target.name}.{n}"
+            if src.exists():
+                os.rename(src, target.parent / f"{target.name}.{n + 1}")
+        os.rename(target, target.parent / f"{target.name}.1")
+        with target.open("ab") as f:
+            f.write(then_write)
+        self._records[sid] += then_write
+        return f"{target.name}.1"
+
+    @staticmethod
+    def _docker_files(link: Path) -> list[Path]:
+        target = Path(os.path.realpath(link))
+        rotated = []
+        for path in target.parent.glob(f"{target.name}.*"):
+            suffix = path.name[len(target.name) + 1:]
+            if suffix.isdigit():
+                rotated.append((int(suffix), path))
+        files = [path for _, path in sorted(rotated, reverse=True)]
+        if target.exists():
+            files.append(target)
+        return files
 
     def _record(self, stream: StreamId) -> bytearray:
         try:
