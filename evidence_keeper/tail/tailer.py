@@ -583,7 +583,9 @@ class Tailer:
         if not endangered:
             n = min(n, room)
             if n <= 0:
+                t.held = True  # read again on every pass until the budget has room
                 return None
+        t.held = False
         try:
             data = self._read(t, s, f, n)
         except OSError as exc:
@@ -872,6 +874,8 @@ def _has_work(t: StreamTail) -> bool:
     """Work of its own, without a change event: a file to open, unread or final bytes."""
     if not t.queue:
         return False
+    if t.held:
+        return True
     head = t.queue[0]
     if head.deferred or (not head.is_open and not head.parked):
         return True
