@@ -37,10 +37,10 @@ import os
 import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, cast
 from urllib.parse import urlsplit
 
 import yaml
@@ -752,8 +752,9 @@ class Settings(BaseModel):
     )
     spool_max_bytes: Size = Field(
         default=10 * 1024**3,
-        description="Spool budget; beyond it shipped data is evicted first, then unshipped data "
-        "(recorded as loss).",
+        description="Spool budget; at it, reading pauses for bytes still in their source files, "
+        "and only endangered bytes (deleted files, ended streams) evict the largest stream's "
+        "oldest unshipped segment (recorded as loss).",
     )
     commit_interval_s: CommitDuration = Field(
         default=0.25,
@@ -943,8 +944,138 @@ class Settings(BaseModel):
     def listen_port(self) -> int:
         return _split_host_port(self.listen, allow_empty_host=True)[1]
 
+    # -- groups (see GROUPS below) ---------------------------------------------------------
+    @property
+    def identity(self) -> IdentitySettings:
+        return cast(IdentitySettings, group_of(self, "identity"))
+
+    @property
+    def watching(self) -> WatchingSettings:
+        return cast(WatchingSettings, group_of(self, "watching"))
+
+    @property
+    def spooling(self) -> SpoolSettings:
+        return cast(SpoolSettings, group_of(self, "spooling"))
+
+    @property
+    def shipping(self) -> ShippingSettings:
+        return cast(ShippingSettings, group_of(self, "shipping"))
+
+    @property
+    def probing(self) -> ProbingSettings:
+        return cast(ProbingSettings, group_of(self, "probing"))
+
+    @property
+    def serving(self) -> ServingSettings:
+        return cast(ServingSettings, group_of(self, "serving"))
+
+    @property
+    def replaying(self) -> ReplaySettings:
+        return cast(ReplaySettings, group_of(self, "replaying"))
+
 
 SETTINGS_KEYS: Final = tuple(Settings.model_fields)
+
+
+# --------------------------------------------------------------------------------------------
+# Groups (kopf's ``settings.watching`` style): the same values, organised by the part of the
+# agent that reads them. The flat keys stay the contract (YAML, ``EK_*``, one-line errors);
+# each field is documented once, on :class:`Settings`. A component is handed its group, not
+# the whole configuration. ``GROUPS`` names every key exactly once (a test checks it).
+
+
+@dataclass(frozen=True, slots=True)
+class IdentitySettings:
+    """Who this agent is: the node it serves and the cluster (the first key component)."""
+
+    node_name: str
+    cluster: str
+
+
+@dataclass(frozen=True, slots=True)
+class WatchingSettings:
+    """Input: the node's log tree, how changes are noticed, the Kubernetes watch."""
+
+    log_root: Path
+    log_symlink_roots: tuple[Path, ...]
+    kubernetes: str
+    watch_mode: str
+    discover_interval_s: float
+    tail_interval_s: float
+    rescan_interval_s: float
+    fd_reserve: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolSettings:
+    """Local durability: where the spool lives, its budget, how often it commits."""
+
+    spool_dir: Path
+    spool_max_bytes: int
+    commit_interval_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ShippingSettings:
+    """The store and the shipper: where segments go, how they are sealed and uploaded."""
+
+    store_url: str
+    s3_endpoint_url: str | None
+    sse: str | None
+    sse_kms_key_id: str | None
+    object_lock_days: int
+    compression: str
+    compression_level: int
+    flush_interval_s: float
+    segment_max_bytes: int
+    ship_concurrency: int
+    backlog_threshold_s: float
+    shutdown_timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProbingSettings:
+    """Health: the sinks probed, the debounce, how long closed gaps are kept."""
+
+    sink_probes: tuple[SinkProbe, ...]
+    probe_interval_s: float
+    probe_timeout_s: float
+    probe_failures_before_down: int
+    probe_successes_before_up: int
+    gap_retention_days: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServingSettings:
+    """The HTTP API and the agent's own log."""
+
+    listen: str
+    archive_token_file: Path | None
+    http_max_connections: int
+    http_idle_timeout_s: float
+    http_header_timeout_s: float
+    log_level: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySettings:
+    """Replay: the sinks evidence can be put back into, and which are backfilled."""
+
+    replay_targets: tuple[ReplayTarget, ...]
+    replay_on_recovery: tuple[str, ...]
+
+
+GROUPS: Final[dict[str, type[Any]]] = {
+    "identity": IdentitySettings, "watching": WatchingSettings, "spooling": SpoolSettings,
+    "shipping": ShippingSettings, "probing": ProbingSettings, "serving": ServingSettings,
+    "replaying": ReplaySettings,
+}
+
+
+def group_of(settings: Settings, name: str) -> Any:
+    """One group of ``settings`` (``name`` a key of :data:`GROUPS`)."""
+    cls = GROUPS[name]
+    return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 def _suggestion(key: str) -> str:

@@ -491,8 +491,9 @@ class Agent:
         try:
             runner, self.api_address = await serve(
                 view, host=s.listen_host, port=s.listen_port, metrics=self.metrics,
-                limits=HttpLimits(s.http_max_connections, s.http_idle_timeout_s,
-                                  s.http_header_timeout_s),
+                limits=HttpLimits(s.serving.http_max_connections,
+                                  s.serving.http_idle_timeout_s,
+                                  s.serving.http_header_timeout_s),
                 extensions=self.api_extensions)
         except OSError as exc:
             raise StartupError(f"cannot listen on {s.listen}: {exc}") from exc
