@@ -29,7 +29,8 @@ class StreamTail:
     listing: StreamListing | None = None
     gone: bool = False  # the stream's files vanished from the tree
     ended_at: int = -1  # Tailer.syncs when the API reported the container exited, else -1
-    # Held back by the spool budget: it has unread bytes whatever the change events say.
+    # Unread bytes whatever the change events say (held back by the spool budget, or rewound
+    # after a failed fsync): read on every pass until a read goes through.
     held: bool = False
 
     def to_json(self) -> dict[str, Any]:

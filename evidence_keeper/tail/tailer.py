@@ -521,6 +521,7 @@ class Tailer:
                 s = self.spool.stream(t.id)
                 if s.cursor is not t and (s.cursor is None or isinstance(s.cursor, dict)):
                     self._rewound(t)  # the spool rewound it to its checkpoint (failed fsync)
+                    more = True  # read it again at once: no change event will come for it
                     continue
                 if s.error_until > now:
                     continue
@@ -639,6 +640,7 @@ class Tailer:
                                              superseded=True)
         nt = self._attach(t.id, listing)
         nt.gone, nt.ended_at = t.gone, t.ended_at
+        nt.held = True  # re-read now: no change event will announce these bytes again
         if t.listing is not None:
             self._refresh(nt, t.listing)
         for f in t.queue:
