@@ -280,6 +280,7 @@ class Agent:
         due = [0.0]
         while not self.intake_closed.is_set():
             dirs = self._changes(self.watcher.take_tail, due)
+            self.tailer.watching = self.watcher.active
             more = await asyncio.to_thread(self.tailer.pump, dirs)
             if more:
                 continue

@@ -213,8 +213,6 @@ class LogTree:
 
     def _scan_container(self, out: Scan, base: StreamId, cpath: str, names: list[str],
                         now: float, seen_dirs: set[str]) -> None:
-        if not any(LOG_NAME.match(n) for n in names):
-            self._unlisted.add(cpath)  # no log file at all: emptied, not a restart
         key: tuple[list[str], ...] = (names,)
         for tdir in self._targets.get(cpath, ()):
             tnames = self._list(tdir, now, dir_check=False)
@@ -224,6 +222,8 @@ class LogTree:
         if cached is not None and len(cached[0]) == len(key) and all(
                 a is b for a, b in zip(cached[0], key, strict=True)):
             out.streams.update(cached[1])  # unchanged directories: same listings
+            if not cached[1]:
+                self._unlisted.add(cpath)  # no log file at all: emptied, not a restart
             return
         part = Scan()
         targets = self._group(part, base, cpath, names)
@@ -236,6 +236,8 @@ class LogTree:
                 seen_dirs.add(tdir)
         self._groups[cpath] = (key, part.streams)
         out.streams.update(part.streams)
+        if not part.streams:
+            self._unlisted.add(cpath)  # no log file at all: emptied, not a restart
 
     def relist(self, listing: StreamListing) -> StreamListing | None:
         """The stream's files as they are now (no cache): for decisions a rename could race."""

@@ -122,6 +122,7 @@ class Tailer:
         # Writes inotify reported in a directory so far (-1: not watched): the supervisor
         # hands in ChangeWatcher.write_seq.
         self.write_seq: Callable[[str], int] = lambda _dir: -1
+        self.watching = False  # inotify is active (set by the supervisor before each pass)
         self.beat = 0.0  # monotonic time of the supervisor's last heartbeat (0: none)
         self.root_gone = False  # the log root is empty as after a remount (see _root_gone)
         self._unlisted: set[str] = set()
@@ -543,6 +544,10 @@ class Tailer:
                         self._release_behind(t)
                     return False  # still closed: retry later
                 continue  # vanished and recorded as loss: go on with the next file
+            if f.fd is not None and not f.final and f.size == f.pos and (
+                    self.fs.fstat(f.fd).st_size == f.size):
+                self._at_eof(t, f, now)  # idle: the cheap path of a polling pass
+                return False
             n = self.read_into_spool(t, s, f, min(CHUNK, budget), now)
             if n is None:
                 return False
@@ -652,9 +657,12 @@ class Tailer:
             return -1
         if not f.idle_since:
             f.idle_since = now
-        seq = self.write_seq(t.dir)
-        if self.budget.pressure or (seq >= 0 and now - f.idle_since >= self.idle_close_s):
-            self.files.park(f, seq=seq)
+        if self.budget.pressure:
+            self.files.park(f, seq=self.write_seq(t.dir))
+        elif self.watching and now - f.idle_since >= self.idle_close_s:
+            seq = self.write_seq(t.dir)
+            if seq >= 0:
+                self.files.park(f, seq=seq)
         return 0
 
     def _read(self, t: StreamTail, s: SpoolStream, f: TailFile, n: int) -> bytes | None:

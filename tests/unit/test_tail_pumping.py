@@ -288,6 +288,7 @@ def test_idle_live_files_are_closed_while_watched_and_a_quiet_deletion_loses_not
     p = Pipeline(tmp_path)
     writes = Writes()
     p.tailer.write_seq = writes
+    p.tailer.watching = True
     p.tailer.idle_close_s = 0.0
     try:
         p.step(2)
@@ -315,6 +316,7 @@ def test_a_parked_file_that_grows_is_reopened_on_its_directory_change(tmp_path: 
     p = Pipeline(tmp_path)
     writes = Writes()
     p.tailer.write_seq = writes
+    p.tailer.watching = True
     p.tailer.idle_close_s = 0.0
     try:
         p.step(2)
