@@ -158,7 +158,8 @@ class Agent:
                 settings=settings,
                 control=PipelineControl(tailer=self.tailer, spool=self.spool,
                                         ledger=self.ledger, store=self.store,
-                                        cluster=settings.cluster),
+                                        cluster=settings.cluster,
+                                        rescan=self.watcher.wake_full),
                 fallback=api_fallback(self.spool), store=self.store, metrics=self.metrics,
                 status=self.status, stop=self.intake_closed, fs=self.fs)
         self.archive = ArchiveService(
@@ -262,7 +263,14 @@ class Agent:
                     self.status.tailing = True
                     self.watcher.tail_wake.set()  # newly queued files are read at once
             self._note_root(scan)
-            await self._wait_change(self.watcher.scan_wake, self.settings.discover_interval_s)
+            if self.tailer.awaits_listing():
+                # An exit the API reported is confirmed by full listings taken after it; no
+                # change event may come for it (the container wrote its last line already).
+                due[0] = 0.0
+                await self._sleep_or_close(self.settings.discover_interval_s)
+            else:
+                await self._wait_change(self.watcher.scan_wake,
+                                        self.settings.discover_interval_s)
 
     def _note_root(self, scan: Scan) -> None:
         """Log root state for /readyz and the metric. Empty while streams are tailed is a

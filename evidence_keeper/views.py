@@ -36,7 +36,8 @@ class PipelineControl:
     store (blocking: called from the watcher's worker thread)."""
 
     def __init__(self, *, tailer: Tailer, spool: Spool, ledger: Ledger, store: Store,
-                 cluster: str) -> None:
+                 cluster: str, rescan: Callable[[], None] = lambda: None) -> None:
+        self._rescan = rescan
         self._tailer = tailer
         self._spool = spool
         self._ledger = ledger
@@ -44,7 +45,10 @@ class PipelineControl:
         self._cluster = cluster
 
     def end_streams(self, streams: list[StreamId]) -> set[StreamId]:
-        return self._tailer.end_streams(streams)
+        ended = self._tailer.end_streams(streams)
+        if ended:
+            self._rescan()  # listings after the exit confirm it: take them now
+        return ended
 
     def prioritise(self, *, pods: set[str], streams: set[StreamId]) -> set[str]:
         seen: set[str] = set()

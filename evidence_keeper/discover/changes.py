@@ -224,3 +224,12 @@ class ChangeWatcher:
     def request_full(self) -> None:
         with self._lock:
             self._full_scan = self._full_tail = True
+
+    def wake_full(self) -> None:
+        """From any thread: a full scan and read pass now (e.g. the API reported exits,
+        which only listings taken after them confirm; no file event may come for them)."""
+        self.request_full()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.scan_wake.set)
+            loop.call_soon_threadsafe(self.tail_wake.set)
