@@ -867,7 +867,7 @@ class Tailer:
         """Some stream the API reported as exited waits for listings taken after the exit
         (see :meth:`end_streams`): change-driven discovery must not wait for an event."""
         syncs = self.syncs
-        return any(0 <= t.ended_at and syncs < t.ended_at + 2 for t in self.tails.values())
+        return any(t.ended_at >= 0 and syncs < t.ended_at + 2 for t in self.tails.values())
 
     def prime_priority(self, streams: Iterable[StreamId]) -> None:
         with self.spool.lock:
