@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -87,7 +88,9 @@ class FileStore:
         return iter(sorted(keys))
 
     def check(self) -> None:
-        probe = self.root / ".ek-probe"
+        # A name of this call's own: agents (and the CLI) sharing one file:// store probe it
+        # at the same time, and a shared name let one unlink the other's: a false outage.
+        probe = self.root / f".ek-probe-{os.getpid()}-{secrets.token_hex(6)}"
         try:
             self.fs.makedirs(str(self.root))
             self.fs.write_atomic(str(probe), b"ok")
