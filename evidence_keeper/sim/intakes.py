@@ -20,6 +20,7 @@ a 429 storm; ``on_request(n)`` runs when the n-th request arrives (e.g. to kill 
 
 from __future__ import annotations
 
+import abc
 import gzip
 import json
 import time
@@ -39,7 +40,7 @@ K8S_ATTRS = {"k8s.namespace.name", "k8s.pod.name", "k8s.pod.uid", "k8s.container
              "k8s.node.name"}
 
 
-class Intake:
+class Intake(abc.ABC):
     path = "/"
 
     def __init__(self, *, now: Callable[[], float] = time.time) -> None:
@@ -97,8 +98,9 @@ class Intake:
             self.accepted_requests += 1
         return resp
 
+    @abc.abstractmethod
     def handle(self, request: web.Request, raw: bytes) -> web.StreamResponse:
-        raise NotImplementedError
+        """Validate one accepted request strictly and answer it (each intake's wire format)."""
 
     def body(self, request: web.Request, raw: bytes) -> bytes | None:
         enc = request.headers.get("Content-Encoding", "")
