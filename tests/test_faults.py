@@ -375,7 +375,7 @@ async def test_spool_segment_creation_denied_is_retried(
     fs.deny_segment_opens = 2
     async with running_agent(settings, fs=fs) as agent:
         write_lines(sim, 100, "first")
-        await wait_until(lambda: fs.deny_segment_opens == 0, within=10, what="denied opens")
+        await wait_until(lambda: fs.deny_segment_opens == 0, within=30, what="denied opens")
         await stream_writes(sim, 1.0, "more")
         fs.deny_segment_opens = 1  # also when a full segment is sealed and the next opened
         await stream_writes(sim, 1.0, "again")
