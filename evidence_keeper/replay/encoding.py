@@ -186,7 +186,7 @@ class DatadogEncoder:
                 ("source", ctx.source), ("service", ctx.service), *ctx.extra_tags]
         self.tags = ",".join(f"{k}:{v}" for k, v in tags)
         self._tag_list = [f"{k}:{v}" for k, v in tags]
-        # Entries are pure ASCII (``\\uXXXX`` escapes), so a string's length is its size.
+        # Entries are pure ASCII (non-ASCII as ``\\u`` escapes), so a string's length is its size.
         enc = encode_basestring_ascii
         common = (f'"ddsource":{enc(ctx.source)},"ddtags":{enc(self.tags)},'
                   f'"hostname":{enc(ctx.node)},"service":{enc(ctx.service)}')
