@@ -22,10 +22,10 @@ which return the exit code and print one clear line on error (exit 2).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,6 +40,7 @@ from evidence_keeper.archive.ledger import (
     read_ledger,
     verify_ledger,
 )
+from evidence_keeper.commands.common import Progress
 from evidence_keeper.fleet import (
     AGENT_SELECTOR,
     Selection,
@@ -102,24 +103,21 @@ def _selection(args: argparse.Namespace, settings: Settings) -> Selection:
 
 def _survey(args: argparse.Namespace, settings: Settings, **kw: Any) -> Any:
     try:
-        return survey(kube_client(args.kubeconfig), _selection(args, settings),
-                      progress=_Progress("asked", "agents"), **kw)
+        with _progress("asked", "agents") as progress:
+            return survey(kube_client(args.kubeconfig), _selection(args, settings),
+                          progress=progress, **kw)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
 
 
-class _Progress:
-    """``<verb> N/M <unit>`` on stderr, only when the work takes longer than 2 s."""
-
-    def __init__(self, verb: str, unit: str) -> None:
-        self.verb, self.unit = verb, unit
-        self.started = self.last = time.monotonic()
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.started >= 2.0 and (now - self.last >= 5.0 or done == total):
-            self.last = now
-            print(f"{self.verb} {done}/{total} {self.unit}", file=sys.stderr, flush=True)
+@contextlib.contextmanager
+def _progress(verb: str, unit: str) -> Iterator[Callable[[int, int], None]]:
+    """The commands' shared :class:`Progress` (after 2 s, on stderr), ended on exit."""
+    p = Progress(verb, unit=unit)
+    try:
+        yield p.update
+    finally:
+        p.close()
 
 
 def _fail(exc: Exception) -> int:
@@ -234,8 +232,8 @@ def _store_gaps(args: argparse.Namespace, settings: Settings, nodes: list[str] |
     if since and until and since > until:
         raise CommandError("--since is after --until")
     store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
-    objects = read_ledger(store, settings.cluster, nodes=nodes,
-                          progress=_Progress("read", "ledger objects"))
+    with _progress("read", "ledger objects") as progress:
+        objects = read_ledger(store, settings.cluster, nodes=nodes, progress=progress)
     gaps = newest_gaps(objects, since=since, until=until, kind=args.kind)
     if args.namespace:
         gaps = [g for g in gaps if g.get("namespace") == args.namespace]
@@ -284,9 +282,10 @@ def run_verify_ledger(args: argparse.Namespace) -> int:
                                " objects are checked with the archive)")
         settings = _settings(args)
         store = open_store(settings.store_url, endpoint_url=settings.s3_endpoint_url)
-        report = verify_ledger(store, settings.cluster,
-                               nodes=[args.node] if args.node else None,
-                               progress=_Progress("verified", "ledger objects"))
+        with _progress("verified", "ledger objects") as progress:
+            report = verify_ledger(store, settings.cluster,
+                                   nodes=[args.node] if args.node else None,
+                                   progress=progress)
     except (CommandError, StoreError) as exc:
         return _fail(exc)
     if args.output == "json":
