@@ -830,16 +830,22 @@ class Spool:
         self._total = total
 
     def _eviction_victim(self) -> tuple[SpoolStream, SealedSegment] | None:
-        best: tuple[int, SpoolStream, SealedSegment] | None = None
-        for s in self.streams.values():
+        """The oldest evictable segment of the stream holding the most spool bytes.
+
+        If that stream's bytes are not captured yet (sealed in this very commit, or still in
+        its open segment, which seals within ``flush_interval_s``), nothing is evicted before
+        a later commit captures them: taking a smaller stream's captured segment instead would
+        make a quiet pod pay for a noisy pod's burst. Only a stream whose captured segments
+        are all pinned (in flight, or uncertain until the store is asked) passes its turn.
+        """
+        for s in sorted(self.streams.values(), key=SpoolStream.pending_bytes, reverse=True):
             seg = next((g for g in s.sealed if g.committed and not g.shipped
                         and not g.inflight and not g.uncertain), None)
-            if seg is None:
-                continue
-            share = s.pending_bytes()
-            if best is None or share > best[0]:
-                best = (share, s, seg)
-        return None if best is None else (best[1], best[2])
+            if seg is not None:
+                return s, seg
+            if any(not g.committed for g in s.sealed) or (s.open is not None and s.open.size):
+                return None  # its bytes become evictable at the next commit
+        return None
 
     # ------------------------------------------------------------------ helpers
     def oldest_unshipped_age(self, now: float | None = None) -> float:

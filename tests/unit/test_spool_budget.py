@@ -78,6 +78,23 @@ def test_endangered_bytes_evict_from_the_largest_share_oldest_first(tmp_path: Pa
     assert [(g.start, g.end) for g in spool.streams[A].sealed] == [(0, 8 * KiB)]
 
 
+def test_a_burst_not_yet_captured_never_evicts_a_quiet_stream(tmp_path: Path) -> None:
+    """A deleted noisy pod read past the budget between two commits: its segments are not
+    captured yet, so the commit waits for them rather than evict the quiet pod's one."""
+    losses: list[Loss] = []
+    spool = make(tmp_path, losses)
+    fill(spool, A, 2 * KiB, endangered=False)
+    spool.seal_all()
+    spool.commit()
+    assert fill(spool, B, 80 * KiB) == 80 * KiB  # endangered, all since the last commit
+    spool.commit()  # captures B's seals; nothing of B can be evicted yet
+    assert losses == []
+    spool.commit()
+    assert {loss.stream for loss in losses} == {B}
+    assert spool.total_bytes() <= 64 * KiB
+    assert [(g.start, g.end) for g in spool.streams[A].sealed] == [(0, 2 * KiB)]
+
+
 def test_uncertain_and_inflight_segments_are_never_evicted(tmp_path: Path) -> None:
     losses: list[Loss] = []
     spool = make(tmp_path, losses, max_bytes=16 * KiB)
