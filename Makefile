@@ -53,7 +53,7 @@ chart-readme: venv
 promtool:
 	(command -v promtool && command -v prometheus) >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus)
 
-# kubectl runs the kubectl-evidence plugin in tests/test_kubectl_plugin.py (Debian's package
+# kubectl runs the kubectl-evidence plugin in tests/cluster/test_kubectl_plugin.py (Debian's package
 # when none is installed).
 kubectl:
 	command -v kubectl >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends kubernetes-client)
@@ -100,7 +100,7 @@ image: venv image-tools
 
 image-test: venv image-tools
 	test -f $(IMAGE) || $(MAKE) image
-	EK_IMAGE=$(IMAGE) $(BIN)/python -m pytest tests/test_image.py -v -p no:cacheprovider
+	EK_IMAGE=$(IMAGE) $(BIN)/python -m pytest tests/operate/test_image.py -v -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

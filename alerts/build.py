@@ -10,7 +10,7 @@ it, byte for byte, everything else that ships the alerts:
   ``.Files.Get``, so Helm never parses the rules' own ``{{ $labels }}`` templates as its own.
 
 Usage: ``python alerts/build.py`` writes the files; ``python alerts/build.py --check`` exits 1 if
-any of them differs from what the source gives (tests/test_alerts.py runs the check).
+any of them differs from what the source gives (tests/health/test_alerts.py runs the check).
 
 It also checks the source's conventions before writing: each alert has a ``severity`` and a
 ``priority`` that agree (P0/P1 critical, P2 warning, P3 info), a summary, a description and a

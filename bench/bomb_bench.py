@@ -3,7 +3,7 @@
 Usage: ``python -m bench.bomb_bench``. Results on stdout (the lead copies them into
 ``docs/benchmarks.md``).
 
-Plants, in a fresh ``file://`` store, the hostile objects of ``tests/test_bombs.py`` (a 64 KiB
+Plants, in a fresh ``file://`` store, the hostile objects of ``tests/support/bombs.py`` (a 64 KiB
 zstd frame of 2 GiB of zeros, 32 gzip members of 64 MiB of zeros, a key claiming 8 GiB) as the
 middle segment of a stream and of an archive, then runs ``export``, ``search``, ``verify`` and
 ``export --archive`` as child processes and reports each one's exit code, wall time and peak
@@ -19,7 +19,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.test_bombs import ARCHIVE, BOMBS, NS, SID, plant, run_cli
+from tests.support.bombs import ARCHIVE, BOMBS, NS, SID, plant, run_cli
 
 
 def main() -> int:

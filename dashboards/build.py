@@ -10,8 +10,8 @@ The panels are declared once, below, as data (title, PromQL, unit, legend). This
   labelled ``grafana_dashboard: "1"`` for Grafana's dashboard sidecar.
 
 Usage: ``python dashboards/build.py`` writes them; ``--check`` exits 1 when one is out of date
-(tests/test_deploy.py runs the check). Every query is loaded into a real Prometheus scraping a real
-agent by tests/test_prometheus_e2e.py.
+(tests/operate/test_deploy.py runs the check). Every query is loaded into a real Prometheus
+scraping a real agent by tests/health/test_prometheus_e2e.py.
 
 Template variables: ``$datasource`` (a Prometheus data source) and ``$node`` (multi-select, from the
 ``node`` label the ServiceMonitor sets). Metrics: evidence_keeper/metrics.py, CONTRACT.md section 7.

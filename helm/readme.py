@@ -6,8 +6,8 @@ on the first non-comment line after it; following ``#`` lines continue the text.
 ``helm/evidence-keeper/README.md``; the text above the marker is written by hand.
 
 Usage: ``python helm/readme.py`` rewrites the table (``make chart-readme``); ``--check`` exits 1
-when the README is out of date (tests/test_deploy.py runs it). Keys documented nowhere are listed
-on stderr by ``--check`` too: every key users set should say what it does.
+when the README is out of date (tests/operate/test_deploy.py runs it). Keys documented nowhere are
+listed on stderr by ``--check`` too: every key users set should say what it does.
 """
 
 from __future__ import annotations

@@ -25,7 +25,13 @@ from evidence_keeper.store.codec import decompress
 from evidence_keeper.supervisor import Agent
 
 # The leaked-task check (an async autouse fixture) and pytester for the test that proves it.
-pytest_plugins = ["tests.leakcheck", "pytester"]
+pytest_plugins = [
+    "tests.leakcheck",
+    "pytester",
+    "tests.support.archive",
+    "tests.support.dns",
+    "tests.support.s3",
+]
 
 
 @pytest.fixture

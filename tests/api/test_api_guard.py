@@ -37,9 +37,7 @@ from evidence_keeper.settings import Settings
 from evidence_keeper.sim import KubeletSim
 from evidence_keeper.store import FileStore
 from tests.conftest import AgentThread, export_bytes
-from tests.test_archive import NS, TOKEN, archive_settings, raw_http, token_file
-
-__all__ = ["token_file"]  # a fixture, shared with the archive tests
+from tests.support.archive import NS, TOKEN, archive_settings, raw_http
 
 FLOOD = 1000
 

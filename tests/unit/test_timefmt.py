@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
@@ -15,9 +14,9 @@ from evidence_keeper.timefmt import (
     rfc3339,
     rfc3339_or_none,
 )
+from tests.support.paths import PACKAGE
 
 NOW = datetime(2025, 11, 10, 12, 27, 0, tzinfo=UTC)
-PACKAGE = Path(__file__).resolve().parents[1] / "evidence_keeper"
 
 
 def test_rfc3339_is_fixed_width_utc_and_sorts_in_time_order() -> None:

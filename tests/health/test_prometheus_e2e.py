@@ -22,9 +22,10 @@ import yaml
 
 from evidence_keeper.settings import Settings
 from tests.conftest import AgentThread
-from tests.test_health import SINK_HOST, FlakyDNS
+from tests.support.dns import SINK_HOST, FlakyDNS
+from tests.support.paths import REPO
 
-RULES = Path(__file__).resolve().parent.parent / "alerts" / "evidence-keeper.rules.yml"
+RULES = REPO / "alerts" / "evidence-keeper.rules.yml"
 
 
 def _free_port() -> int:
@@ -138,7 +139,7 @@ def test_dns_alert_fires_and_resolves(tmp_path: Path, make_settings: Callable[..
 # --------------------------------------------------------------------------------------------
 # The Grafana dashboard's queries, in the same real Prometheus scraping a real agent.
 
-DASHBOARD = Path(__file__).resolve().parent.parent / "dashboards" / "evidence-keeper.json"
+DASHBOARD = REPO / "dashboards" / "evidence-keeper.json"
 # Panels whose metrics every agent on main exports: they must show data at once. Panels of
 # metrics other helpers add (build info, open files, task restarts...) must only be valid PromQL.
 KEY_PANELS = {

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
+
+from tests.support.paths import REPO
 
 LEAKY = '''
 import asyncio
@@ -26,7 +27,7 @@ def test_sync_is_untouched():
 
 
 def test_a_leaking_test_fails(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = REPO
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
     pytester.makepyfile(test_leaky=LEAKY)

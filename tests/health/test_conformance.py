@@ -28,21 +28,18 @@ from evidence_keeper.settings import Settings
 from evidence_keeper.sim import KubeletSim
 from evidence_keeper.store.s3 import S3Store
 from tests.conftest import AgentThread, running_agent, wait_until
-from tests.test_archive import (
+from tests.support.archive import (
     NS,
     archive_settings,
     load,
     post_archive,
     realtime_sim,
     store_of,
-    token_file,
     wait_archive,
     write_config,
 )
-from tests.test_health import SINK_HOST, FlakyDNS, dns
-from tests.test_s3 import REGION, moto_url, s3
-
-__all__ = ["dns", "moto_url", "token_file"]  # fixtures shared with other test modules
+from tests.support.dns import SINK_HOST, FlakyDNS
+from tests.support.s3 import REGION, s3
 
 
 def test_unknown_length_loss_has_bytes_null_everywhere(

@@ -26,7 +26,7 @@ from evidence_keeper.settings import Settings
 from evidence_keeper.sim.intakes import DatadogIntake
 from evidence_keeper.sim.kubelet import KubeletSim
 from tests.conftest import running_agent, wait_until
-from tests.replay_support import as_json_text, expected_lines
+from tests.support.replay import as_json_text, expected_lines
 
 SINK_HOST = "http-intake.logs.example.test"
 API_KEY = "backfill-key-0123456789"

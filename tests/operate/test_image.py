@@ -37,9 +37,10 @@ import pytest
 
 from evidence_keeper.sim import KubeletSim
 from evidence_keeper.store import FileStore
-from tests.test_crash import assert_streams_exact, wait_all_stored
+from tests.support.exact import assert_streams_exact, wait_all_stored
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 ARCHIVE = os.environ.get("EK_IMAGE", "")
 STORAGE = ROOT / "build" / "image" / "test-storage"
 UID = 65532

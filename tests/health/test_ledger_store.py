@@ -40,9 +40,9 @@ from evidence_keeper.store import FileStore, Store, StoreError
 from evidence_keeper.store.s3 import S3Store
 from evidence_keeper.supervisor import Agent
 from tests.conftest import AgentThread, running_agent, wait_until
-from tests.test_s3 import _aws_env, moto_url, s3
+from tests.support.s3 import s3
 
-__all__ = ["_aws_env", "moto_url"]  # fixtures, shared with the S3 tests
+pytestmark = pytest.mark.usefixtures("aws_env")
 
 NOW = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
 SID = StreamId("shop", "orders-1", "uid-1", "app", 0)

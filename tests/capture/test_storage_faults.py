@@ -42,10 +42,10 @@ from tests.conftest import (
     wait_until,
 )
 from tests.netproxy import Proxy
+from tests.support.paths import REPO
 
 REGION = "us-east-1"
 NS = "shop"
-REPO = Path(__file__).resolve().parent.parent
 TOKEN = "storage-faults-token-0123456789"
 
 

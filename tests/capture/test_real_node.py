@@ -38,8 +38,7 @@ from tests.conftest import (
     wait_exported,
     wait_until,
 )
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
 
 
 def _free_port() -> int:

@@ -27,10 +27,10 @@ from evidence_keeper.store import FileStore
 from evidence_keeper.timefmt import rfc3339
 from evidence_keeper.version import BuildInfo, build_info, source_revision
 from tests.conftest import AgentThread, export_bytes
+from tests.support.paths import PACKAGE
 
 NS = "sock-shop"
 TOKEN = "ek-cli-token-0123456789abcdef"
-PACKAGE = Path(__file__).resolve().parents[1] / "evidence_keeper"
 
 
 def write_config(path: Path, settings: Settings) -> str:

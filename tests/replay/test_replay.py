@@ -2,7 +2,7 @@
 
 Every test compares the multiset of ``(stream, timestamp, message)`` the sink received with
 what the CRI / json-file records say (an independent reference parser in
-``tests/replay_support.py``): partial records joined, invalid UTF-8 kept (escaped for the
+``tests/support/replay.py``): partial records joined, invalid UTF-8 kept (escaped for the
 JSON sinks, exact for OTLP), nothing twice, nothing missing.
 """
 
@@ -37,7 +37,7 @@ from evidence_keeper.sim.intakes import DatadogIntake, LokiIntake, OtlpIntake
 from evidence_keeper.sim.kubelet import KubeletSim, SimClock
 from evidence_keeper.store import FileStore, Store
 from evidence_keeper.store.s3 import S3Store
-from tests.replay_support import (
+from tests.support.replay import (
     as_json_text,
     expected_lines,
     store_lifecycle,

@@ -13,15 +13,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
-from moto.server import ThreadedMotoServer
 
 from evidence_keeper.archive.export import export_stream, find_streams
 from evidence_keeper.model import parse_segment_key
@@ -32,30 +30,9 @@ from evidence_keeper.store.codec import decompress
 from evidence_keeper.store.s3 import S3Store
 from tests.conftest import running_agent, wait_read, wait_until
 from tests.netproxy import Proxy
+from tests.support.s3 import REGION, s3
 
-REGION = "us-east-1"
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def _aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-
-def s3(url: str) -> Any:
-    return boto3.client("s3", endpoint_url=url, region_name=REGION)
-
+pytestmark = pytest.mark.usefixtures("aws_env")
 
 @pytest.fixture
 def bucket(moto_url: str) -> str:

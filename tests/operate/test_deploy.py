@@ -6,7 +6,7 @@
 - every rendered object and every object of the kustomize base validates strictly against the
   Kubernetes OpenAPI schemas of pinned versions (``kubernetes-validate``); ServiceMonitor and
   PrometheusRule, custom resources without a schema there, are allow-listed and checked by hand
-  (and by promtool in tests/test_alerts.py);
+  (and by promtool in tests/health/test_alerts.py);
 - the invariants the operations guide promises hold in each: kubelet's log tree mounted
   read-only, non-root, no capabilities, read-only root file system, seccomp RuntimeDefault, the
   downward-API NODE_NAME, a grace period longer than the drain deadline, a ClusterRole with
@@ -46,9 +46,10 @@ from kubernetes_validate.utils import ValidationError as SchemaValidationError
 
 from evidence_keeper.settings import SETTINGS_KEYS, Settings, load_settings, parse_duration
 from tests.conftest import AgentThread
-from tests.test_alerts import _load_build
+from tests.support.alerts import load_build
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 CHART = ROOT / "helm" / "evidence-keeper"
 FULL_VALUES = CHART / "ci" / "full-values.yaml"
 KUSTOMIZE = ROOT / "deploy"
@@ -839,7 +840,7 @@ def test_dashboard_model() -> None:
 
 
 def test_alert_manifests_are_current() -> None:
-    assert _load_build().stale() == []
+    assert load_build().stale() == []
 
 
 # --------------------------------------------------------------------------------------------

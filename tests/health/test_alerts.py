@@ -15,22 +15,21 @@ are skipped locally, but fail in CI (``$CI`` set), where a skip would hide a bro
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 
 from evidence_keeper.metrics import Metrics
+from tests.support.alerts import load_build
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 SOURCE = ROOT / "alerts" / "evidence-keeper.rules.yml"
 UNIT_TESTS = sorted((ROOT / "alerts" / "tests").glob("*.yml"))
 OPERATIONS = ROOT / "docs" / "operations.md"
@@ -50,16 +49,7 @@ REQUIRED_ALERTS = {
 }
 
 
-def _load_build() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("alerts_build", ROOT / "alerts" / "build.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("alerts_build", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _load_build()
+build = load_build()
 
 
 @pytest.fixture(scope="module")
