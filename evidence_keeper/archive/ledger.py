@@ -19,22 +19,18 @@ Each node's ledger is a chain of objects ``<cluster>/_ledger/<node>/<seq:020d>.j
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import itertools
 import json
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-import zstandard
-
 from evidence_keeper.health.ledgership import LedgerKey, ledger_prefix, parse_ledger_key
 from evidence_keeper.store import ObjectMissing, Store, StoreError
+from evidence_keeper.store.codec import BodyError, decompressed_chunks
 
 HARD_CAP: Final = 64 * 1024 * 1024  # no ledger object is anywhere near this
 READ_WORKERS: Final = 16
@@ -74,22 +70,21 @@ def list_ledger(store: Store, cluster: str,
 
 
 def bounded_decompress(body: bytes, ext: str, limit: int) -> bytes:
-    """Decompress at most ``limit`` bytes; more is an error (a hostile or wrong object)."""
-    cap = min(limit, HARD_CAP) + 1
+    """Decompress at most ``limit`` bytes; more is an error (a hostile or wrong object).
+
+    The expansion itself is ``store.codec``'s bounded one; the length is checked by the
+    caller against ``ek-length`` so that a short body is reported as such, not as corrupt.
+    """
+    cap = min(limit, HARD_CAP)
+    out = bytearray()
     try:
-        if ext == "zst":
-            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)) as r:
-                data = r.read(cap)
-        elif ext == "gz":
-            with gzip.GzipFile(fileobj=io.BytesIO(body)) as g:
-                data = g.read(cap)
-        else:
-            raise ValueError(f"unknown extension {ext!r}")
-    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+        for part in decompressed_chunks(body, ext, expected=None):
+            out += part
+            if len(out) > cap:
+                raise ValueError(f"body decompresses to more than {cap} bytes (ek-length)")
+    except BodyError as exc:
         raise ValueError(f"body does not decompress ({exc})") from None
-    if len(data) >= cap:
-        raise ValueError(f"body decompresses to more than {cap - 1} bytes (ek-length)")
-    return data
+    return bytes(out)
 
 
 def read_object(store: Store, lk: LedgerKey, key: str) -> LedgerObject:

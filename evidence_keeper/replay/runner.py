@@ -26,6 +26,7 @@ from typing import Any, Final
 import aiohttp
 
 from evidence_keeper.discover.lifecycle import read_lifecycle
+from evidence_keeper.logs import get_logger
 from evidence_keeper.model import StreamId
 from evidence_keeper.replay.checkpoint import Checkpoints, ReplayCheckpoint
 from evidence_keeper.replay.delivery import (
@@ -49,6 +50,7 @@ from evidence_keeper.replay.encoding import (
 )
 from evidence_keeper.replay.parsing import Line, LineParser, to_ns
 from evidence_keeper.replay.source import (
+    Run,
     SourceError,
     StreamPlan,
     observed_ns,
@@ -59,6 +61,8 @@ from evidence_keeper.settings import ReplayTarget
 from evidence_keeper.store import Store, StoreError
 
 IN_FLIGHT_MARGIN_S: Final = 600.0  # a line this close to Datadog's 18 h limit takes the archive
+
+log = get_logger("evidence_keeper.replay")
 
 
 @dataclass
@@ -316,21 +320,45 @@ class Replayer:
         until = to_ns(req.until) if req.until is not None else None
         old_needs_archive = self.target.kind == "datadog" and not self.target.archive_url
         for run in sp.runs:
-            parser = LineParser(skip_first_line=run.lead)
+            parser = self._run_parser(run)
+            start = run.segments[0].offset
+            joined, unparsed = parser.partials_joined, parser.unparsed
             for entry in run.segments:
                 ctx.observed_ns = observed_ns(entry)
                 offset = entry.offset
                 for chunk in read_segment(self.store, entry):
                     lines = parser.feed(chunk, offset)
                     offset += len(chunk)
+                    if run.context is not None:  # a line begun in the context is not ours
+                        lines = [line for line in lines if line[0] >= start]
                     yield from self._take(lines, encoder, ckpt, res, since, until, cutoff,
                                           req.dry_run, old_needs_archive)
-            yield from self._take(parser.finish(), encoder, ckpt, res, since, until, cutoff,
+            lines = [line for line in parser.finish() if line[0] >= start]
+            yield from self._take(lines, encoder, ckpt, res, since, until, cutoff,
                                   req.dry_run, old_needs_archive)
-            res.partials_joined += parser.partials_joined
-            res.unparsed += parser.unparsed
+            res.partials_joined += parser.partials_joined - joined
+            res.unparsed += parser.unparsed - unparsed
         if not req.dry_run:
             yield from encoder.flush()
+
+    def _run_parser(self, run: Run) -> LineParser:
+        """A parser positioned at the run's start: fed the skipped segment before the run (its
+        lines are dropped), so a run starting on a line boundary keeps its first line and one
+        starting mid-line does not. If that segment cannot be read, the first line is dropped
+        as possibly partial: a line whose start cannot be read is not evidence to replay."""
+        if run.context is None:
+            return LineParser()
+        parser = LineParser()
+        offset = run.context.offset
+        try:
+            for chunk in read_segment(self.store, run.context):
+                parser.feed(chunk, offset)
+                offset += len(chunk)
+        except (SourceError, StoreError) as exc:
+            log.warning("replay: segment before a run unreadable; its first line is skipped",
+                        key=run.context.key, error=str(exc))
+            return LineParser(skip_first_line=True)
+        return parser
 
     def _take(self, lines: list[Line], encoder: Encoder, ckpt: ReplayCheckpoint,
               res: StreamResult, since: int | None, until: int | None, cutoff: int,

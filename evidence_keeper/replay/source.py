@@ -17,15 +17,11 @@ another branch; this local one should be folded into it.)
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
-
-import zstandard
+from typing import Final
 
 from evidence_keeper.archive.manifest import (
     Listing,
@@ -36,10 +32,10 @@ from evidence_keeper.archive.manifest import (
 )
 from evidence_keeper.model import StreamId, parse_segment_key
 from evidence_keeper.store import Store
+from evidence_keeper.store.codec import BodyError, decompressed_chunks
 from evidence_keeper.timefmt import parse_rfc3339
 
 CHUNK: Final = 1 << 20
-HARD_CAP: Final = 1 << 30  # no segment decompresses beyond this, whatever its key says
 
 
 class SourceError(Exception):
@@ -49,7 +45,10 @@ class SourceError(Exception):
 @dataclass
 class Run:
     segments: list[SegmentEntry]
-    lead: bool  # starts inside a line that began in a skipped segment
+    # The stored segment just before the run that the window skipped, if any: the run may
+    # start inside its last line (or inside a partial line it began). It is read only to
+    # find where the run's first line starts; none of its lines is replayed.
+    context: SegmentEntry | None = None
 
 
 @dataclass
@@ -104,7 +103,7 @@ def plan(store: Store, *, cluster: str, namespace: str | None,
 
 
 def _runs(sid: StreamId, entries: list[SegmentEntry], listing: Listing) -> StreamPlan:
-    stored_ends = {sk.end for _, sk in listing.streams.get(sid, [])}
+    stored_ends = {sk.end: (key, sk) for key, sk in listing.streams.get(sid, [])}
     sp = StreamPlan(sid, node=entries[0].node if entries else "")
     entries = sorted(entries, key=lambda e: e.offset)
     for e in entries:
@@ -112,42 +111,26 @@ def _runs(sid: StreamId, entries: list[SegmentEntry], listing: Listing) -> Strea
         if last is not None and last.end == e.offset:
             sp.runs[-1].segments.append(e)
         else:
-            # A stored segment ends where this one starts but was not chosen: mid-line start.
-            sp.runs.append(Run([e], lead=e.offset > 0 and e.offset in stored_ends))
+            # A stored segment ends where this one starts but was not chosen: read it as
+            # context, since the run may start mid-line (or may not: segments mostly end
+            # on a newline, and guessing would drop a whole line of the window).
+            before = stored_ends.get(e.offset) if e.offset > 0 else None
+            context = None if before is None else SegmentEntry.from_store(*before, {})
+            sp.runs.append(Run([e], context=context))
     return sp
 
 
 def read_segment(store: Store, entry: SegmentEntry) -> Iterator[bytes]:
-    """The raw bytes of one segment, ``CHUNK`` at a time, bounded and checked."""
-    want = entry.length
-    if want > HARD_CAP:
-        raise SourceError(f"{entry.key}: {want} bytes is beyond the {HARD_CAP} byte cap")
+    """The raw bytes of one segment, ``CHUNK`` at a time: bounded by the key's length by
+    ``store.codec`` (the one bounded decompressor) and checked against ``ek-sha256``."""
     body = store.get(entry.key)
-    reader: Any
-    if entry.ext == "zst":
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body))
-    elif entry.ext == "gz":
-        reader = gzip.GzipFile(fileobj=io.BytesIO(body))
-    else:
-        raise SourceError(f"{entry.key}: unknown compression {entry.ext!r}")
     digest = hashlib.sha256()
-    got = 0
     try:
-        with reader:
-            while True:
-                chunk = reader.read(min(CHUNK, want - got + 1))
-                if not chunk:
-                    break
-                got += len(chunk)
-                if got > want:
-                    raise SourceError(f"{entry.key}: decompresses to more than its {want}"
-                                      " bytes (ek-length): refusing it")
-                digest.update(chunk)
-                yield chunk
-    except (OSError, EOFError, zstandard.ZstdError) as exc:
-        raise SourceError(f"{entry.key}: corrupt body: {exc}") from exc
-    if got != want:
-        raise SourceError(f"{entry.key}: body has {got} bytes, its key says {want}")
+        for chunk in decompressed_chunks(body, entry.ext, expected=entry.length, chunk=CHUNK):
+            digest.update(chunk)
+            yield chunk
+    except BodyError as exc:
+        raise SourceError(f"{entry.key}: {exc}: not replayed") from exc
     if entry.sha256 and digest.hexdigest() != entry.sha256:
         raise SourceError(f"{entry.key}: sha256 does not match ek-sha256: not replayed")
 

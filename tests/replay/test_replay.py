@@ -395,6 +395,36 @@ async def test_window_filters_and_dry_run_counts(
     assert summary.bytes == dry.bytes
 
 
+async def test_a_window_starting_at_a_segment_boundary_keeps_its_first_line(
+        tmp_path: Path) -> None:
+    """Segments end on a newline (the spool's size seal does): a window that starts at a
+    segment's first line replays that line; one whose start is a partial line begun in the
+    skipped segment does not replay the line's tail as a line of its own."""
+    start = datetime(2025, 11, 10, 12, tzinfo=UTC)
+    sim = KubeletSim(tmp_path / "pods", clock=SimClock(start=start))
+    sim.add_pod(NS, "orders-1", containers=("orders",))
+    for i in range(300):
+        if i % 25 == 0:
+            sim.write(NS, "orders-1", "orders", f"half of line {i} ", partial=True)
+        sim.write(NS, "orders-1", "orders", f"Order {i:05d} status updated to PAYMENT_FAILED")
+    sid = sim.stream_of(NS, "orders-1", "orders")
+    data = sim.record(sid)
+    store = FileStore(tmp_path / "store")
+    assert store_stream(store, sid, data, segment_bytes=1200, line_aligned=True) > 5
+    starts = sorted(int(k.rsplit("/", 1)[1].split("-")[0]) for k in store.list("default/"))
+    checked = 0
+    for offset in starts[1:]:
+        (_s, first_ts, _m), *_ = expected_lines(data[offset:])
+        since = datetime.fromtimestamp(first_ts // 10**9, UTC).replace(
+            microsecond=first_ts % 10**9 // 1000)
+        want = [ts for _s, ts, _m in expected_lines(data) if ts >= first_ts]
+        got = await replayer(store, target("datadog", "http://127.0.0.1:9", tmp_path),
+                             None).run(ReplayRequest(namespace=NS, since=since, dry_run=True))
+        assert got.lines == len(want), f"window from the segment at {offset}"
+        checked += 1
+    assert checked == len(starts) - 1
+
+
 def write_config(tmp_path: Path, store: FileStore, url: str, *, extra: str = "") -> Path:
     key = tmp_path / "dd.key"
     key.write_text(API_KEY)

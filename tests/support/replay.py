@@ -27,12 +27,19 @@ CRI = re.compile(rb"^(\S+) (stdout|stderr) ([PF]) ?(.*)$", re.S)
 
 def store_stream(store: Store, sid: StreamId, data: bytes, *, cluster: str = "default",
                  node: str = "node-1", segment_bytes: int = 1500,
-                 compression: str = "zstd") -> int:
-    """Write ``data`` as the stream's segments; returns how many."""
+                 compression: str = "zstd", line_aligned: bool = False) -> int:
+    """Write ``data`` as the stream's segments; returns how many.
+
+    ``line_aligned`` ends each segment at its last newline, as the spool's size seal does;
+    otherwise segments are cut at ``segment_bytes`` wherever that falls.
+    """
     prev = ""
     n = 0
-    for start in range(0, len(data), segment_bytes):
+    start = 0
+    while start < len(data):
         body = data[start:start + segment_bytes]
+        if line_aligned and b"\n" in body[:-1]:
+            body = body[:body.rfind(b"\n") + 1]
         end = start + len(body)
         first, last = edge_timestamps(body[:65536], body[-65536:])
         sha = hashlib.sha256(body).hexdigest()
@@ -45,6 +52,7 @@ def store_stream(store: Store, sid: StreamId, data: bytes, *, cluster: str = "de
             "ek-first-ts": rfc3339(first), "ek-last-ts": rfc3339(last)})
         prev = sha
         n += 1
+        start = end
     return n
 
 
