@@ -51,14 +51,18 @@ class MonitorRig:
         self.clock.advance(self.interval_s)
 
     async def run(self, until: Callable[[], bool], *,
-                  each_tick: Callable[[], None] | None = None) -> None:
-        """The monitor's own loop on the fake clock, stopped once ``until()`` holds."""
+                  each_tick: Callable[[], None] | None = None,
+                  within_s: float = 3600.0) -> None:
+        """The monitor's own loop on the fake clock, stopped once ``until()`` holds or after
+        ``within_s`` fake seconds (a loop that never probes ends too; the test's assertions
+        then say what is missing)."""
         stop = asyncio.Event()
+        give_up = self.clock() + within_s
 
         def sleep(ev: asyncio.Event, seconds: float) -> Awaitable[bool]:
             if each_tick is not None:
                 each_tick()
-            if until():
+            if until() or self.clock() >= give_up:
                 ev.set()
             return self.clock.sleep_until(ev, seconds)
 
