@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,17 @@ A = StreamId("shop", "orders-1", "uid-a", "orders", 0)
 B = StreamId("billing", "invoice-1", "uid-b", "invoice", 0)
 
 
+Factory = Callable[..., MonitorRig]
+
+
 def iso(wall: datetime, plus_s: float = 0.0) -> str:
     """A time as the ledger stores it."""
     return rfc3339(wall + timedelta(seconds=plus_s))
 
 
 @pytest.fixture
-def rig_factory(tmp_path: Path, clock: FakeClock, dns: FlakyDNS) -> Iterator[Any]:
+def rig_factory(tmp_path: Path, clock: FakeClock,
+                dns: FlakyDNS) -> Iterator[Callable[..., MonitorRig]]:
     rigs: list[MonitorRig] = []
 
     def make(**kw: Any) -> MonitorRig:
@@ -52,8 +56,8 @@ def rig_factory(tmp_path: Path, clock: FakeClock, dns: FlakyDNS) -> Iterator[Any
 
 
 async def test_down_after_n_failures_dated_from_the_first(
-        rig_factory: Any, clock: FakeClock, dns: FlakyDNS) -> None:
-    rig: MonitorRig = rig_factory(down=3)
+        rig_factory: Factory, clock: FakeClock, dns: FlakyDNS) -> None:
+    rig = rig_factory(down=3)
     await rig.round()
     st = rig.monitor.states["datadog"]
     assert st.up is True and rig.up() == 1 and rig.outages() == []
@@ -73,8 +77,8 @@ async def test_down_after_n_failures_dated_from_the_first(
 
 
 async def test_up_after_n_successes_dated_from_the_first_of_the_streak(
-        rig_factory: Any, clock: FakeClock, dns: FlakyDNS) -> None:
-    rig: MonitorRig = rig_factory(down=1, up=2)
+        rig_factory: Factory, clock: FakeClock, dns: FlakyDNS) -> None:
+    rig = rig_factory(down=1, up=2)
     dns.broken.add(SINK_HOST)
     await rig.round()
     [gap] = rig.outages(open_=True)
@@ -94,10 +98,10 @@ async def test_up_after_n_successes_dated_from_the_first_of_the_streak(
 
 
 async def test_every_debounced_transition_opens_and_closes_exactly_one_gap(
-        rig_factory: Any, clock: FakeClock, dns: FlakyDNS) -> None:
+        rig_factory: Factory, clock: FakeClock, dns: FlakyDNS) -> None:
     """Failing twice in every three with ``down=2``: each cycle is one outage, opened at its
     first failure and closed at the success after it."""
-    rig: MonitorRig = rig_factory(down=2, up=1)
+    rig = rig_factory(down=2, up=1)
     dns.pattern[SINK_HOST] = [True, True, False]
     t0 = clock.wall()
     for _ in range(9):
@@ -113,14 +117,14 @@ async def test_every_debounced_transition_opens_and_closes_exactly_one_gap(
 
 
 async def test_gauges_name_the_failing_check_and_pass_the_ones_before(
-        rig_factory: Any) -> None:
+        rig_factory: Factory) -> None:
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()  # nothing listens: the TCP check is refused at once
     sink = SinkProbe(name="loki", kind="http", target=f"http://{SINK_HOST}:{port}/ready",
                      host=SINK_HOST, port=port)
-    rig: MonitorRig = rig_factory(probes=[sink], down=1)
+    rig = rig_factory(probes=[sink], down=1)
     await rig.round()
     assert [rig.up(c, "loki") for c in ("dns", "tcp", "http")] == [1, 0, 0]
     [gap] = rig.outages()
@@ -129,7 +133,7 @@ async def test_gauges_name_the_failing_check_and_pass_the_ones_before(
 
 
 async def test_a_store_check_that_hangs_fails_at_once_the_next_time(
-        rig_factory: Any) -> None:
+        rig_factory: Factory) -> None:
     release = threading.Event()
     calls = 0
 
@@ -138,7 +142,7 @@ async def test_a_store_check_that_hangs_fails_at_once_the_next_time(
         calls += 1
         release.wait(30)
 
-    rig: MonitorRig = rig_factory(down=2, timeout_s=0.2)
+    rig = rig_factory(probes=(), down=2, timeout_s=0.2)  # the store alone: no DNS deadline
     rig.store.check = hang  # type: ignore[method-assign]
     try:
         await rig.round()
@@ -158,8 +162,8 @@ async def test_a_store_check_that_hangs_fails_at_once_the_next_time(
 
 
 async def test_coverage_counts_from_the_first_failing_probe(
-        rig_factory: Any, dns: FlakyDNS) -> None:
-    rig: MonitorRig = rig_factory(down=2)
+        rig_factory: Factory, dns: FlakyDNS) -> None:
+    rig = rig_factory(down=2)
     await rig.round()
     rig.capture(A, 100)  # before the first failing probe: never counted
     dns.broken.add(SINK_HOST)
@@ -182,8 +186,8 @@ async def test_coverage_counts_from_the_first_failing_probe(
 
 
 async def test_a_streak_that_ends_before_down_drops_its_traffic(
-        rig_factory: Any, dns: FlakyDNS) -> None:
-    rig: MonitorRig = rig_factory(down=2)
+        rig_factory: Factory, dns: FlakyDNS) -> None:
+    rig = rig_factory(down=2)
     await rig.round()
     dns.broken.add(SINK_HOST)
     await rig.round()
@@ -200,8 +204,8 @@ async def test_a_streak_that_ends_before_down_drops_its_traffic(
 
 
 async def test_coverage_reaches_the_ledger_every_flush_period(
-        rig_factory: Any, clock: FakeClock, dns: FlakyDNS) -> None:
-    rig: MonitorRig = rig_factory(down=1)
+        rig_factory: Factory, clock: FakeClock, dns: FlakyDNS) -> None:
+    rig = rig_factory(down=1)
     rig.monitor.flush_coverage()  # the period starts now
     dns.broken.add(SINK_HOST)
     await rig.monitor.probe_round()
@@ -225,8 +229,8 @@ async def test_coverage_reaches_the_ledger_every_flush_period(
 
 
 async def test_restore_reattaches_open_outages_and_ends_removed_ones(
-        rig_factory: Any, clock: FakeClock) -> None:
-    rig: MonitorRig = rig_factory()
+        rig_factory: Factory, clock: FakeClock) -> None:
+    rig = rig_factory()
     cov = Coverage({A.key}, {"shop"}, 123, 100)
     kept = rig.ledger.open_gap("sink_outage", dedup="sink_outage:datadog", at=clock.wall(),
                                sink="datadog", check="dns", extra=cov.extra())
@@ -249,8 +253,8 @@ async def test_restore_reattaches_open_outages_and_ends_removed_ones(
 
 
 async def test_rounds_run_every_interval_and_coverage_every_second(
-        rig_factory: Any, clock: FakeClock, dns: FlakyDNS) -> None:
-    rig: MonitorRig = rig_factory(interval_s=10.0)
+        rig_factory: Factory, clock: FakeClock, dns: FlakyDNS) -> None:
+    rig = rig_factory(interval_s=10.0)
     t0 = clock()
     rounds_at: list[float] = []
 
@@ -267,19 +271,19 @@ async def test_rounds_run_every_interval_and_coverage_every_second(
 
 @pytest.mark.parametrize(("interval", "sleep"), [(0.2, 0.2), (0.01, 0.05)])
 async def test_short_intervals_sleep_until_the_next_round_never_below_the_floor(
-        rig_factory: Any, clock: FakeClock, interval: float, sleep: float) -> None:
-    rig: MonitorRig = rig_factory(interval_s=interval)
+        rig_factory: Factory, clock: FakeClock, interval: float, sleep: float) -> None:
+    rig = rig_factory(interval_s=interval)
     await rig.run(lambda: rig.monitor.rounds >= 5)
     assert clock.sleeps == pytest.approx([sleep] * 4)
 
 
 async def test_a_slow_round_does_not_push_the_schedule_back(
-        rig_factory: Any, clock: FakeClock, dns: FlakyDNS) -> None:
+        rig_factory: Factory, clock: FakeClock, dns: FlakyDNS) -> None:
     def slow(host: str, port: Any, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
         clock.advance(3.0)  # a resolver answering after three seconds
         return dns(host, port, *args, **kwargs)
 
-    rig: MonitorRig = rig_factory(interval_s=10.0, resolver=slow)
+    rig = rig_factory(interval_s=10.0, resolver=slow)
     t0 = clock()
     rounds_at: list[float] = []
 
@@ -295,8 +299,8 @@ async def test_a_slow_round_does_not_push_the_schedule_back(
 
 
 async def test_a_stop_ends_the_loop_without_another_round(
-        rig_factory: Any, clock: FakeClock) -> None:
-    rig: MonitorRig = rig_factory(interval_s=10.0)
+        rig_factory: Factory, clock: FakeClock) -> None:
+    rig = rig_factory(interval_s=10.0)
     await rig.run(lambda: True)
     assert rig.monitor.rounds == 1 and clock.sleeps == []
 
