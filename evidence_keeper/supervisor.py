@@ -364,13 +364,8 @@ class Agent:
         log.warning("agent was down", since=rfc3339(start), clean=clean)
 
     async def _sinks_loop(self) -> None:
-        next_probe = 0.0
-        while not self.intake_closed.is_set():
-            if time.monotonic() >= next_probe:
-                next_probe = time.monotonic() + self.settings.probe_interval_s
-                await self.sinks.probe_round()
-            await asyncio.to_thread(self.sinks.account)
-            await self._sleep_or_close(min(1.0, max(0.05, next_probe - time.monotonic())))
+        # The schedule lives with the monitor (health/sinks.py), where a fake clock tests it.
+        await self.sinks.run(stop=self.intake_closed)
 
     # ------------------------------------------------------------------ API views
     def readiness(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ pytest_plugins = [
     "tests.leakcheck",
     "pytester",
     "tests.support.archive",
+    "tests.support.clock",
     "tests.support.dns",
     "tests.support.s3",
 ]

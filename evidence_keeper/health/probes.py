@@ -10,7 +10,9 @@ hung" instead of queueing.
 
 The resolver goes through the pod's own configuration (``socket.getaddrinfo``), exactly the
 path the log sink's client would take. Tests and the demo inject failures by passing their
-own ``resolver`` callable.
+own ``resolver`` callable. A probe's latency is measured on the ``clock`` it is given
+(keyword-only, ``time.monotonic`` by default; tests pass a fake one); its deadline is the
+event loop's.
 """
 
 from __future__ import annotations
@@ -92,9 +94,11 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 
 class Prober:
-    def __init__(self, resolvers: ResolverPool, timeout: float) -> None:
+    def __init__(self, resolvers: ResolverPool, timeout: float, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.resolvers = resolvers
         self.timeout = timeout
+        self.clock = clock
 
     async def dns(self, host: str) -> ProbeResult:
         return await self._run(("dns",), self._dns_steps(host))
@@ -109,7 +113,7 @@ class Prober:
         return await self._run(checks, self._http_steps(url))
 
     async def _run(self, checks: tuple[str, ...], steps: Any) -> ProbeResult:
-        start = time.monotonic()
+        start = self.clock()
         current = checks[0]
         try:
             async with asyncio.timeout(self.timeout):
@@ -117,11 +121,11 @@ class Prober:
                     current = check
         except TimeoutError as exc:
             msg = str(exc) or f"{current} check timed out after {self.timeout:g}s"
-            return ProbeResult(False, checks, current, msg, time.monotonic() - start)
+            return ProbeResult(False, checks, current, msg, self.clock() - start)
         except (OSError, ssl.SSLError, ValueError) as exc:
             return ProbeResult(False, checks, current, f"{type(exc).__name__}: {exc}",
-                               time.monotonic() - start)
-        return ProbeResult(True, checks, None, None, time.monotonic() - start)
+                               self.clock() - start)
+        return ProbeResult(True, checks, None, None, self.clock() - start)
 
     async def _dns_steps(self, host: str) -> Any:
         yield "dns"

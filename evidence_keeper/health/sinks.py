@@ -18,19 +18,27 @@ traffic during a failing streak is kept aside (``SinkState.pending``) and become
 coverage when the sink is declared down, or is dropped when a success ends the streak. The
 spool's traffic is taken just before each probe round, so bytes from before the first
 failing probe never count.
+
+Time comes in as parameters (keyword-only, like the shipper's ``clock``): ``clock`` (monotonic
+seconds: probe schedule, latency, coverage flushes), ``wall_clock`` (the UTC dates of gaps) and
+:meth:`SinkMonitor.run`'s ``sleep``. Production passes nothing and gets ``time.monotonic``,
+``datetime.now(UTC)`` and :func:`~evidence_keeper.aiotasks.sleep_until`; tests pass a fake
+clock and check the schedule and the debounce to the fake second without waiting for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from evidence_keeper.aiotasks import sleep_until
 from evidence_keeper.health.ledger import Ledger
 from evidence_keeper.health.probes import Prober, ProbeResult
 from evidence_keeper.logs import get_logger
@@ -41,6 +49,17 @@ from evidence_keeper.store import Store
 
 log = get_logger("evidence_keeper.health")
 COVERAGE_FLUSH_S = 10.0
+# The probe loop wakes at least this often to add traffic to open outages (coverage), and
+# never more often than the floor, however short the probe interval.
+ACCOUNT_EVERY_S = 1.0
+TICK_FLOOR_S = 0.05
+
+# How the probe loop waits: (stop, seconds) -> True if stop was set (aiotasks.sleep_until).
+Sleeper = Callable[[asyncio.Event, float], Awaitable[bool]]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 @dataclass
@@ -112,6 +131,8 @@ class SinkMonitor:
         interval_s: float,
         failures_before_down: int,
         successes_before_up: int,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.store = store
         self.ledger = ledger
@@ -121,6 +142,8 @@ class SinkMonitor:
         self.interval_s = interval_s
         self.failures_before_down = failures_before_down
         self.successes_before_up = successes_before_up
+        self.clock = clock
+        self.wall_clock = wall_clock
         self._probes = {p.name: p for p in probes}
         self.states: dict[str, SinkState] = {}
         for p in probes:
@@ -131,7 +154,7 @@ class SinkMonitor:
         self.states["store"] = SinkState("store", store.check_name, store.describe(),
                                          (store.check_name,))
         self.rounds = 0
-        self._last_flush = time.monotonic()
+        self._last_flush = clock()
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ek-store-probe")
         self._store_check: asyncio.Future[None] | None = None
         # Called as (sink, gap_id) from a worker thread once a sink_outage is closed (backfill).
@@ -146,7 +169,7 @@ class SinkMonitor:
             st = self.states.get(str(g.fields.get("sink")))
             if st is None:
                 # The sink was removed from the configuration: its outage can no longer end.
-                self.ledger.close_gap(g.id, at=datetime.now(UTC),
+                self.ledger.close_gap(g.id, at=self.wall_clock(),
                                       detail="sink no longer probed (removed from sink_probes)")
                 continue
             st.gap_id, st.up = g.id, False
@@ -154,13 +177,13 @@ class SinkMonitor:
 
     async def probe(self, st: SinkState) -> ProbeResult:
         if st.name == "store":
-            start = time.monotonic()
+            start = self.clock()
             if self._store_check is not None and not self._store_check.done():
                 # The last check is still stuck (a hung endpoint or NFS mount): fail at once
                 # rather than pile up threads that the commit loop's fsync also needs.
                 return ProbeResult(False, st.checks, st.checks[0],
                                    "the previous store check is still hanging",
-                                   time.monotonic() - start)
+                                   self.clock() - start)
             loop = asyncio.get_running_loop()
             self._store_check = loop.run_in_executor(self._store_pool, self.store.check)
             # A check that outlives its deadline still ends; its error is read here.
@@ -170,11 +193,11 @@ class SinkMonitor:
             except TimeoutError:
                 return ProbeResult(False, st.checks, st.checks[0],
                                    f"store check timed out after {self.prober.timeout:g}s",
-                                   time.monotonic() - start)
+                                   self.clock() - start)
             except Exception as exc:  # any failure of the check is the store being down
                 return ProbeResult(False, st.checks, st.checks[0], str(exc),
-                                   time.monotonic() - start)
-            return ProbeResult(True, st.checks, None, None, time.monotonic() - start)
+                                   self.clock() - start)
+            return ProbeResult(True, st.checks, None, None, self.clock() - start)
         p = self._probes[st.name]
         if p.kind == "dns":
             return await self.prober.dns(p.host)
@@ -183,11 +206,29 @@ class SinkMonitor:
             return await self.prober.tcp(p.host, p.port)
         return await self.prober.http(p.target)
 
+    async def run(self, *, stop: asyncio.Event, sleep: Sleeper = sleep_until) -> None:
+        """Probe every sink at once, then every ``interval_s``, until ``stop`` is set.
+
+        Between rounds the loop wakes every ``ACCOUNT_EVERY_S`` (at most) to add the spool's
+        traffic to open outages, so a long probe interval never delays coverage. The next
+        round is due ``interval_s`` after the previous one *started*: a slow probe (a hung
+        resolver, up to the probe timeout) does not push the schedule back.
+        """
+        next_probe = -math.inf  # the first round at once
+        while not stop.is_set():
+            if self.clock() >= next_probe:
+                next_probe = self.clock() + self.interval_s
+                await self.probe_round()
+            await asyncio.to_thread(self.account)
+            wait = min(ACCOUNT_EVERY_S, max(TICK_FLOOR_S, next_probe - self.clock()))
+            if await sleep(stop, wait):
+                return
+
     async def probe_round(self) -> None:
         # Traffic up to now belongs to the state before this round (a streak starts at `now`).
         await asyncio.to_thread(self.account)
         states = list(self.states.values())
-        now = datetime.now(UTC)
+        now = self.wall_clock()
         results = await asyncio.gather(*(self.probe(st) for st in states))
         for st, res in zip(states, results, strict=True):
             await asyncio.to_thread(self._apply, st, res, now)
@@ -256,11 +297,11 @@ class SinkMonitor:
                 c.namespaces.add(sid.namespace)
                 c.captured += captured
                 c.shipped += shipped
-        if time.monotonic() - self._last_flush >= COVERAGE_FLUSH_S:
+        if self.clock() - self._last_flush >= COVERAGE_FLUSH_S:
             self.flush_coverage()
 
     def flush_coverage(self) -> None:
-        self._last_flush = time.monotonic()
+        self._last_flush = self.clock()
         for st in self.states.values():
             if st.gap_id is not None:
                 self.ledger.update_gap(st.gap_id, extra=st.coverage.extra())

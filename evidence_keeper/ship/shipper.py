@@ -77,6 +77,9 @@ class SpoolSegmentDamaged(Exception):
     """A sealed segment's spool file is gone or of the wrong size: its bytes are lost."""
 
 
+_MAX_DOUBLINGS = 64  # far past any cap: 0.001 s doubled 64 times is 585 million years
+
+
 class Breaker:
     """Closed while the store works; open (waiting) after a failure, for a jittered back-off."""
 
@@ -89,7 +92,11 @@ class Breaker:
 
     def failed(self, now: float) -> float:
         self.failures += 1
-        ceiling = min(self.maximum, self.initial * 2 ** (self.failures - 1))
+        # The exponent is bounded: a store down all night fails a thousand times in a row,
+        # and 2 ** 1024 does not fit a float (the error escaped the upload task and the
+        # breaker stopped opening: a request every 50 ms).
+        doublings = min(self.failures - 1, _MAX_DOUBLINGS)
+        ceiling = min(self.maximum, self.initial * 2.0 ** doublings)
         delay: float = ceiling / 2 + self._rng.uniform(0, ceiling / 2)
         self.open_until = now + delay
         return delay

@@ -1,14 +1,18 @@
-"""Sink probes, sink_outage gaps with coverage, agent_down, /gaps and the gaps/preflight CLI."""
+"""Sink probes, sink_outage gaps with coverage, agent_down, /gaps and the gaps/preflight CLI.
+
+Whole-agent tests stay where the whole agent is the point (coverage from the real pipeline, a
+restart, the HTTP API and the CLI); they wait on conditions, never on the clock. The timing of
+probes and debounce is checked on a fake clock: here (flapping) and in tests/unit/test_sinks.py.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,9 @@ from evidence_keeper.health.probes import Prober, ResolverPool
 from evidence_keeper.settings import Settings
 from evidence_keeper.sim import KubeletSim
 from tests.conftest import AgentThread, running_agent, wait_until
+from tests.support.clock import FakeClock
 from tests.support.dns import SINK_HOST, FlakyDNS
+from tests.support.sinks import MonitorRig
 
 
 @pytest.fixture
@@ -144,73 +150,102 @@ def _gauge(agent: Any, name: str, **labels: str) -> float | None:
     return value
 
 
+def _wait(cond: Callable[[], bool], *, within: float, what: str) -> None:
+    """For the tests whose agent runs in a thread: poll ``cond``, fail loudly on timeout."""
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _when(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
 async def test_dns_outage_opens_and_closes_gap_with_coverage(
     tmp_path: Path, make_settings: Callable[..., Settings], dns: FlakyDNS
 ) -> None:
+    """The whole pipeline: what the agent captures and ships during a DNS outage is the gap's
+    coverage, served by /gaps, and the gauges follow.
+
+    The debounce's timing (down after N failures, the gap dated from the first failing probe,
+    closed at the first success) is checked to the fake second in tests/unit/test_sinks.py;
+    here only the order of events is, which no machine load can break.
+    """
     sim = KubeletSim(tmp_path / "pods")
     sim.add_pod("sock-shop", "orders-1", containers=("orders",))
+    interval = timedelta(seconds=0.2)
     async with running_agent(_settings(make_settings), resolver=dns) as agent:
-        await asyncio.sleep(0.6)
-        assert _gauge(agent, "evidence_keeper_sink_up", sink="datadog", check="dns") == 1
-        broken_at = datetime.now().astimezone()
+        await wait_until(lambda: _gauge(agent, "evidence_keeper_sink_up", sink="datadog",
+                                        check="dns") == 1,
+                         within=10, what="the first successful DNS probe")
+        broken_at = datetime.now(UTC)
         dns.broken.add(SINK_HOST)
-        # Down within 3 probe intervals (+ one interval of phase); the timing is checked below.
         await wait_until(lambda: bool(agent.ledger.gaps(kind="sink_outage", open_=True)),
                          within=10, what="the sink_outage gap to open")
-        detected = (datetime.now().astimezone() - broken_at).total_seconds()
-        assert detected <= 4 * 0.2 + 0.5
+        seen_open = datetime.now(UTC)
         assert _gauge(agent, "evidence_keeper_sink_up", sink="datadog", check="dns") == 0
         for i in range(20):
             sim.write("sock-shop", "orders-1", "orders", f"Order {i} status PAYMENT_FAILED")
-        await asyncio.sleep(2.5)
+        size = len(sim.record(sim.streams()[0]))
+
+        def covered() -> bool:
+            c = agent.sinks.states["datadog"].coverage
+            return c.captured == size and c.shipped == size
+
+        await wait_until(covered, within=30, what=f"{size} bytes captured and shipped")
         rows = await agent.gap_rows(kind="sink_outage", open_=True)
         assert len(rows) == 1
         gap = rows[0]
         assert gap["sink"] == "datadog" and gap["check"] == "dns" and gap["open"]
-        assert gap["coverage"]["streams"] == 1
-        assert gap["coverage"]["namespaces"] == ["sock-shop"]
-        assert gap["coverage"]["captured_bytes"] == len(sim.record(sim.streams()[0]))
-        assert gap["coverage"]["shipped_bytes"] == gap["coverage"]["captured_bytes"]
-        fixed_at = datetime.now().astimezone()
+        assert gap["coverage"] == {"streams": 1, "namespaces": ["sock-shop"],
+                                   "captured_bytes": size, "shipped_bytes": size}
+        fixed_at = datetime.now(UTC)
         dns.broken.discard(SINK_HOST)
         await wait_until(lambda: not agent.ledger.gaps(kind="sink_outage", open_=True),
                          within=10, what="the sink_outage gap to close")
+        seen_closed = datetime.now(UTC)
         closed = await agent.gap_rows(kind="sink_outage")
         assert len(closed) == 1 and not closed[0]["open"]
-        end = datetime.fromisoformat(closed[0]["end"].replace("Z", "+00:00"))
-        start = datetime.fromisoformat(closed[0]["start"].replace("Z", "+00:00"))
-        # Dated from the first failing / first succeeding probe, not from the debounce.
-        assert 0 <= (end - fixed_at).total_seconds() <= 0.2 + 0.3
-        assert 0 <= (start - broken_at).total_seconds() <= 0.2 + 0.3
-        assert closed[0]["coverage"]["captured_bytes"] > 0
+        # A round dates its results when it starts: at most one interval before the change.
+        assert broken_at - interval <= _when(closed[0]["start"]) <= seen_open
+        assert fixed_at - interval <= _when(closed[0]["end"]) <= seen_closed
+        assert closed[0]["coverage"]["captured_bytes"] == size
         assert _gauge(agent, "evidence_keeper_sink_up", sink="datadog", check="dns") == 1
         assert _gauge(agent, "evidence_keeper_sink_up", sink="store", check="file") == 1
 
 
-async def test_flapping_is_debounced(
-    tmp_path: Path, make_settings: Callable[..., Settings], dns: FlakyDNS
-) -> None:
-    """Two failed probes in every three, never three in a row: no outage, sink stays up.
+async def test_flapping_is_debounced(tmp_path: Path, clock: FakeClock, dns: FlakyDNS) -> None:
+    """Two failed probes in every three, never three in a row: no outage, the sink stays up.
 
-    Driven by probe calls, not by the clock: the test waits until enough probes really ran
-    (it fails if they never do), so it cannot pass by probing nothing.
+    The monitor's own loop with the real prober, on a fake clock: it must have probed the
+    sink exactly 18 times, one every 0.2 fake seconds, so it cannot pass by probing nothing;
+    the gauge, read at every tick of the loop, never showed the sink down. The same flapping
+    with a debounce of two is an outage every cycle: the failures do reach the monitor.
     """
-    settings = _settings(make_settings, probe_failures_before_down=3)
     dns.pattern[SINK_HOST] = [False, True, True]
-    async with running_agent(settings, resolver=dns) as agent:
-        seen_down = False
+    rig = MonitorRig(tmp_path / "three", clock, dns, interval_s=0.2, down=3, up=1)
+    seen: list[float | None] = []
+    t0 = clock()
+    try:
+        await rig.run(lambda: rig.monitor.rounds >= 18, within_s=60,
+                      each_tick=lambda: seen.append(rig.up()))
+        assert dns.pattern_calls.get(SINK_HOST, 0) == 18 and rig.monitor.rounds == 18
+        assert clock() - t0 == pytest.approx(17 * 0.2)
+        assert seen == [1.0] * 18
+        assert rig.outages() == [] and rig.monitor.states["datadog"].up is True
+    finally:
+        rig.close()
 
-        def enough_probes() -> bool:
-            nonlocal seen_down
-            seen_down |= _gauge(agent, "evidence_keeper_sink_up", sink="datadog",
-                                check="dns") == 0
-            return dns.pattern_calls.get(SINK_HOST, 0) >= 3 * 6
-
-        await wait_until(enough_probes, within=60, what="18 DNS probes of the sink",
-                         interval=0.02)
-        assert not seen_down
-        assert agent.ledger.gaps(kind="sink_outage") == []
-        assert _gauge(agent, "evidence_keeper_sink_up", sink="datadog", check="dns") == 1
+    twice = FlakyDNS()
+    twice.pattern[SINK_HOST] = [False, True, True]
+    control = MonitorRig(tmp_path / "two", clock, twice, interval_s=0.2, down=2, up=1)
+    try:
+        await control.run(lambda: control.monitor.rounds >= 18, within_s=60)
+        assert len(control.outages()) == 6
+    finally:
+        control.close()
 
 
 def test_restart_records_agent_down_and_ledger_survives(
@@ -219,12 +254,14 @@ def test_restart_records_agent_down_and_ledger_survives(
     settings = _settings(make_settings)
     dns.broken.add(SINK_HOST)
     with AgentThread(settings, resolver=dns) as t:
-        time.sleep(1.2)
-        assert len(t.agent.ledger.gaps(kind="sink_outage", open_=True)) == 1
-    time.sleep(0.5)
+        ledger = t.agent.ledger
+        _wait(lambda: len(ledger.gaps(kind="sink_outage", open_=True)) == 1, within=20,
+              what="the sink_outage gap to open")
     dns.broken.discard(SINK_HOST)
     with AgentThread(settings, resolver=dns) as t:
-        time.sleep(1.0)
+        ledger = t.agent.ledger
+        _wait(lambda: len(ledger.gaps(kind="sink_outage", open_=False)) == 1, within=20,
+              what="the reattached outage to close")
         _, doc = call(t.url, "/gaps")
     kinds = [g["kind"] for g in doc["gaps"]]
     assert kinds.count("sink_outage") == 1 and kinds.count("agent_down") == 1
@@ -238,7 +275,9 @@ def test_gaps_api_filters_and_errors(make_settings: Callable[..., Settings],
                                      dns: FlakyDNS) -> None:
     dns.broken.add(SINK_HOST)
     with AgentThread(_settings(make_settings), resolver=dns) as t:
-        time.sleep(1.0)
+        ledger = t.agent.ledger
+        _wait(lambda: bool(ledger.gaps(kind="sink_outage", open_=True)), within=20,
+              what="the sink_outage gap to open")
         _, doc = call(t.url, "/gaps", params={"kind": "sink_outage", "open": "true",
                                               "since": "10m"})
         assert doc["node"] == "node-1" and len(doc["gaps"]) == 1
@@ -295,11 +334,13 @@ def test_gaps_query_fuzz_never_500(fuzz_agent: AgentThread, params: dict[str, st
 def test_cli_gaps_and_preflight(make_settings: Callable[..., Settings], dns: FlakyDNS,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     with AgentThread(_settings(make_settings), resolver=dns) as t:
-        time.sleep(0.8)
+        sinks = t.agent.sinks
+        _wait(sinks.all_up, within=20, what="every sink to be up")
         assert cli_main(["preflight", "--url", t.url]) == 0
         assert "preflight passed" in capsys.readouterr().out
         dns.broken.add(SINK_HOST)
-        time.sleep(1.0)
+        _wait(lambda: sinks.states["datadog"].gap_id is not None, within=20,
+              what="the datadog sink to go down (its outage recorded)")
         assert cli_main(["preflight", "--url", t.url]) == 1
         out = capsys.readouterr().out
         assert "FAIL" in out and "sink datadog" in out and "dns" in out
