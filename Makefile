@@ -63,8 +63,11 @@ kubectl:
 revision:
 	git rev-parse --short=12 HEAD > evidence_keeper/REVISION
 
+# One worker per core (pytest-xdist): most tests wait on real agents, servers and clocks, not
+# on the CPU. Each worker runs whole tests with its own fixtures (loopback ports from the OS,
+# temporary directories), so nothing is shared between them. `pytest tests/x.py` runs serially.
 test: venv promtool kubectl
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 lint: venv
 	$(BIN)/ruff check evidence_keeper tests bench alerts dashboards tools helm/readme.py image/slim.py
