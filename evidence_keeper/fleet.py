@@ -13,85 +13,28 @@ preserves its logs and no ledger anywhere records that.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
-from evidence_keeper.agents import list_agent_pods
-from evidence_keeper.api.client import ApiError, call
-from evidence_keeper.archive.cluster import AgentPod, ClusterError
+from evidence_keeper.agents import (
+    AGENT_NAMESPACE,
+    AGENT_SELECTOR,
+    fan_out,
+    list_agent_pods,
+    read_list,
+    transport,
+)
+from evidence_keeper.archive.cluster import AgentPod, AgentTransport, ClusterError
 from evidence_keeper.timefmt import rfc3339
 
-AGENT_SELECTOR: Final = "app.kubernetes.io/name=evidence-keeper"
 QUERY_WORKERS: Final = 16
+QUERY_TIMEOUT_S: Final = 15.0
 NO_AGENT: Final = "no evidence-keeper agent — logs on this node are not preserved"
 
 __all__ = ["AGENT_SELECTOR", "NO_AGENT", "ClusterError", "Fleet", "NodeRow", "Selection",
            "agent_checks", "fleet_json", "format_fleet", "survey", "table", "verdict"]
-
-
-# ------------------------------------------------------------------------------ agents
-class AgentClient(Protocol):
-    def get(self, pod: AgentPod, path: str, params: dict[str, str] | None = None,
-            ) -> tuple[int, dict[str, Any]]: ...
-
-
-class ProxyClient:
-    """GET an agent's API through ``/api/v1/namespaces/<ns>/pods/<pod>:<port>/proxy/...``."""
-
-    def __init__(self, api: Any, *, namespace: str, port: int, timeout_s: float = 15.0) -> None:
-        self.api, self.namespace, self.port, self.timeout_s = api, namespace, port, timeout_s
-
-    def get(self, pod: AgentPod, path: str, params: dict[str, str] | None = None,
-            ) -> tuple[int, dict[str, Any]]:
-        from kubernetes.client.exceptions import ApiException
-
-        resource = f"/api/v1/namespaces/{self.namespace}/pods/{pod.name}:{self.port}/proxy{path}"
-        try:
-            req = self.api.param_serialize(
-                method="GET", resource_path=resource, query_params=list((params or {}).items()),
-                header_params={"Accept": "application/json", "User-Agent": "evidence-keeper"},
-                auth_settings=["BearerToken"])
-            resp = self.api.call_api(*req, _request_timeout=self.timeout_s)
-            status, data = int(resp.status), resp.read()
-        except ApiException as exc:
-            status, data = int(exc.status or 0), (exc.body or b"")
-        except Exception as exc:
-            return 0, {"error": f"cannot reach {pod.name} through the API server: {exc}"}
-        return status, _doc(data, status)
-
-
-class PodIPClient:
-    """GET an agent's API at ``http://<pod IP>:<port>`` (from inside the cluster)."""
-
-    def __init__(self, *, port: int, timeout_s: float = 15.0) -> None:
-        self.port, self.timeout_s = port, timeout_s
-
-    def get(self, pod: AgentPod, path: str, params: dict[str, str] | None = None,
-            ) -> tuple[int, dict[str, Any]]:
-        if not pod.ip:
-            return 0, {"error": f"pod {pod.name} has no IP"}
-        try:
-            return call(f"http://{pod.ip}:{self.port}", path, params=params,
-                        timeout=self.timeout_s, accept_status=(400, 404, 500, 502, 503))
-        except ApiError as exc:
-            return 0, {"error": str(exc)}
-
-
-def _doc(data: bytes | str, status: int) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-        return {"error": text.strip()[:200] or f"empty answer (HTTP {status})"}
-    if not isinstance(doc, dict):
-        return {"error": "not a JSON object"}
-    if doc.get("kind") == "Status":  # the API server's own answer: the pod was not reached
-        return {"error": str(doc.get("message") or doc.get("reason") or "API server error")}
-    return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,21 +46,11 @@ class Node:
 
 def list_nodes(api: Any, *, selector: str | None) -> list[Node]:
     """The cluster's nodes (by label selector), read as plain JSON."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        core: Any = client.CoreV1Api(api)
-        kwargs: dict[str, Any] = {"_preload_content": False, "_request_timeout": 30}
-        if selector:
-            kwargs["label_selector"] = selector
-        doc = json.loads(core.list_node(**kwargs).read())
-    except ApiException as exc:
-        raise ClusterError(f"cannot list nodes: HTTP {exc.status} {exc.reason}") from None
-    except Exception as exc:
-        raise ClusterError(f"cannot list nodes: {exc}") from None
+    kwargs: dict[str, Any] = {"_preload_content": False, "_request_timeout": 30}
+    if selector:
+        kwargs["label_selector"] = selector
     out = []
-    for item in doc.get("items") or []:
+    for item in read_list(api, "nodes", lambda core: core.list_node(**kwargs)):
         conds = {c.get("type"): c.get("status") for c in item.get("status", {}).get(
             "conditions") or []}
         out.append(Node(name=str(item.get("metadata", {}).get("name", "")),
@@ -205,7 +138,7 @@ def _loss_summary(row: NodeRow, gaps: list[dict[str, Any]]) -> None:
     row.loss_unknown_length = sum(1 for g in losses if g.get("bytes") is None)
 
 
-def query_node(node: Node, pods: Sequence[AgentPod], client: AgentClient, *,
+def query_node(node: Node, pods: Sequence[AgentPod], client: AgentTransport, *,
                gaps_params: dict[str, str], loss_since: str, max_backlog: float) -> NodeRow:
     """Ask this node's agent for ``/readyz`` and ``/gaps`` (blocking)."""
     row = NodeRow(node=node.name, cordoned=node.cordoned, node_ready=node.ready)
@@ -218,7 +151,7 @@ def query_node(node: Node, pods: Sequence[AgentPod], client: AgentClient, *,
         return row
     pod = next((p for p in pods if p.ready), pods[0])  # a rolling update may show two
     row.agent_pod = pod.name
-    status, ready = client.get(pod, "/readyz")
+    status, ready = client.request(pod, "GET", "/readyz")
     if status not in (200, 503) or "ready" not in ready:
         row.agent = "unreachable"
         row.failures.append(f"node {node.name}: agent {pod.name} does not answer"
@@ -231,7 +164,7 @@ def query_node(node: Node, pods: Sequence[AgentPod], client: AgentClient, *,
     row.oldest_unshipped_age_s = float(ready.get("spool", {}).get("oldest_unshipped_age_s", 0))
     row.ledger_unshipped_records = (ready.get("ledger") or {}).get("unshipped_records")
     row.shipping_current = row.oldest_unshipped_age_s <= max_backlog
-    status, gaps = client.get(pod, "/gaps", gaps_params)
+    status, gaps = client.request(pod, "GET", "/gaps", params=gaps_params)
     if status != 200:
         row.failures.append(f"node {node.name}: /gaps failed ({gaps.get('error')})")
         gaps = {"gaps": []}
@@ -265,7 +198,7 @@ class Selection:
 
     node_selector: str | None = None
     exclude: frozenset[str] = frozenset()
-    agent_namespace: str = "evidence-keeper"
+    agent_namespace: str = AGENT_NAMESPACE
     agent_selector: str = AGENT_SELECTOR
     port: int = 9095
     via: str = "proxy"  # proxy | pod-ip
@@ -291,18 +224,12 @@ def survey(api: Any, selection: Selection, *, gaps_params: dict[str, str], loss_
     by_node: dict[str, list[AgentPod]] = {}
     for p in pods:
         by_node.setdefault(p.node, []).append(p)
-    client: AgentClient = (
-        ProxyClient(api, namespace=selection.agent_namespace, port=selection.port)
-        if selection.via == "proxy" else PodIPClient(port=selection.port))
-    rows: list[NodeRow] = []
-    with ThreadPoolExecutor(max_workers=QUERY_WORKERS, thread_name_prefix="ek-fleet") as pool:
-        futures = [pool.submit(query_node, n, by_node.get(n.name, []), client,
-                               gaps_params=gaps_params, loss_since=loss_since,
-                               max_backlog=max_backlog) for n in nodes]
-        for done, fut in enumerate(futures, start=1):
-            rows.append(fut.result())
-            if progress is not None:
-                progress(done, len(futures))
+    client = transport(api, namespace=selection.agent_namespace, port=selection.port,
+                       via=selection.via, timeout_s=QUERY_TIMEOUT_S)
+    rows = fan_out(lambda n: query_node(n, by_node.get(n.name, []), client,
+                                        gaps_params=gaps_params, loss_since=loss_since,
+                                        max_backlog=max_backlog),
+                   nodes, workers=QUERY_WORKERS, name="ek-fleet", progress=progress)
     names = {n.name for n in nodes}
     orphans = [p for p in pods if p.node not in names and p.node not in selection.exclude]
     return Fleet(rows, sorted(selection.exclude), orphans, rfc3339(datetime.now(UTC)))

@@ -40,9 +40,8 @@ from evidence_keeper.archive.ledger import (
     read_ledger,
     verify_ledger,
 )
-from evidence_keeper.commands.common import Progress
+from evidence_keeper.commands.common import Progress, add_agents
 from evidence_keeper.fleet import (
-    AGENT_SELECTOR,
     Selection,
     agent_checks,
     fleet_json,
@@ -65,14 +64,11 @@ def add_fleet(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("every node (--all-nodes)")
     g.add_argument("--all-nodes", action="store_true",
                    help="every node of the cluster, through the API server")
-    g.add_argument("--kubeconfig", metavar="PATH", help="default: in-cluster, else $KUBECONFIG")
+    add_agents(g, kubeconfig_help="default: in-cluster, else $KUBECONFIG")
     g.add_argument("--node-selector", metavar="SELECTOR",
                    help="only nodes with these labels (e.g. node-role.kubernetes.io/worker=)")
     g.add_argument("--exclude-node", action="append", default=[], metavar="NODE",
                    help="leave this node out (repeatable, or a comma list)")
-    g.add_argument("--agent-namespace", default="evidence-keeper")
-    g.add_argument("--agent-selector", default=AGENT_SELECTOR)
-    g.add_argument("--agent-port", type=int, help="default: the port of the listen setting")
     g.add_argument("--via", choices=["proxy", "pod-ip"], default="proxy",
                    help="reach agents through the API server's pod proxy or at their pod IPs")
 
@@ -162,7 +158,8 @@ def format_gaps(doc: dict[str, Any], *, with_node: bool = False) -> str:
 
 
 # ------------------------------------------------------------------------------ gaps
-def _gaps_params(args: argparse.Namespace) -> dict[str, str]:
+def gaps_params(args: argparse.Namespace) -> dict[str, str]:
+    """The ``/gaps`` query of the filter flags (``gaps.add_filters``)."""
     params = {k: getattr(args, k) for k in ("since", "until", "kind", "namespace")
               if getattr(args, k)}
     if args.open:
@@ -180,7 +177,7 @@ def run_gaps(args: argparse.Namespace) -> int:
             return _gaps_from_store(args)
         if args.all_nodes:
             return _gaps_all_nodes(args)
-        _, doc = call(_url(args), "/gaps", params=_gaps_params(args))
+        _, doc = call(_url(args), "/gaps", params=gaps_params(args))
     except (CommandError, ApiError, ClusterError, StoreError) as exc:
         return _fail(exc)
     print(json.dumps(doc, indent=2) if args.output == "json" else format_gaps(doc))
@@ -196,7 +193,7 @@ def _gaps_all_nodes(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     parse_when(args.since, "--since", now)  # a bad value is one line here, not N agent errors
     parse_when(args.until, "--until", now)
-    fleet = _survey(args, settings, gaps_params=_gaps_params(args),
+    fleet = _survey(args, settings, gaps_params=gaps_params(args),
                     loss_since=args.since or "the start of the ledger",
                     max_backlog=settings.backlog_threshold_s)
     silent = [r.node for r in fleet.rows if r.agent not in ("ready", "not-ready")]
@@ -357,5 +354,5 @@ def _preflight_all_nodes(args: argparse.Namespace) -> int:
     return 0 if fleet.ok else 1
 
 
-__all__ = ["add_fleet", "add_verify_ledger_arguments", "format_gaps", "run_gaps",
+__all__ = ["add_fleet", "add_verify_ledger_arguments", "format_gaps", "gaps_params", "run_gaps",
            "run_preflight", "run_verify_ledger"]
