@@ -18,7 +18,7 @@ from evidence_keeper.archive.cluster import (
     NodeArchive,
     cluster_archive,
 )
-from evidence_keeper.archive.manifest import Scope, ScopeError, check_glob, check_namespace
+from evidence_keeper.archive.manifest import Scope
 from evidence_keeper.commands.base import (
     EXIT_NEGATIVE,
     EXIT_OK,
@@ -32,11 +32,11 @@ from evidence_keeper.commands.common import (
     add_output,
     agent_url,
     find_agents,
+    flag_scope,
     kube_api,
     read_store,
     settings,
     token,
-    when,
 )
 from evidence_keeper.commands.render import json_doc
 from evidence_keeper.settings import Settings
@@ -93,23 +93,12 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-def scope_of(args: argparse.Namespace) -> Scope:
-    try:
-        return Scope(namespace=check_namespace(args.namespace),
-                     pod=args.pod and check_glob(args.pod, "--pod", subdomain=True),
-                     container=args.container and check_glob(args.container, "--container",
-                                                             subdomain=False),
-                     since=when(args.since, "--since"), until=when(args.until, "--until"))
-    except ScopeError as exc:
-        raise CliError(str(exc)) from exc
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = settings(args)
     secret = token(args, cfg)
     body = request_body(args)
     if args.all_nodes:
-        scope = scope_of(args)
+        scope = flag_scope(args)
         return all_nodes(args, cfg, body, secret, scope, api=kube_api(args.kubeconfig),
                          via=args.via)
     return one_agent(args, body, secret)

@@ -21,6 +21,7 @@ from evidence_keeper.agents import (
 )
 from evidence_keeper.api.client import default_url
 from evidence_keeper.archive.cluster import AgentPod, ClusterError
+from evidence_keeper.archive.manifest import Scope, ScopeError, check_glob, check_namespace
 from evidence_keeper.commands.base import CliError, NoEvidence
 from evidence_keeper.settings import Settings, load_settings
 from evidence_keeper.store import FileStore, Store, StoreError, open_store
@@ -57,6 +58,23 @@ def when(value: str | None, name: str, *, now: datetime | None = None) -> dateti
     try:
         return parse_time(value, name, now or datetime.now(UTC))
     except TimeError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def flag_scope(args: argparse.Namespace, *, what: str = "namespace",
+               all_namespaces: bool = False) -> Scope:
+    """The scope of the ``-n``, ``--pod``, ``--container``, ``--since`` and ``--until`` flags,
+    checked (``what`` names the namespace in its error; with ``all_namespaces`` no ``-n`` is
+    every namespace, ``""``); a bad flag is a one-line :class:`CliError`."""
+    try:
+        return Scope(
+            namespace=("" if all_namespaces and not args.namespace
+                       else check_namespace(args.namespace, what)),
+            pod=args.pod and check_glob(args.pod, "--pod", subdomain=True),
+            container=args.container and check_glob(args.container, "--container",
+                                                    subdomain=False),
+            since=when(args.since, "--since"), until=when(args.until, "--until"))
+    except ScopeError as exc:
         raise CliError(str(exc)) from exc
 
 

@@ -49,6 +49,7 @@ from tests.fakekube import FakeKube
 from tests.support.archive import (
     NS,
     TOKEN,
+    archive_orders,
     archive_settings,
     load,
     manifest_stream_bytes,
@@ -59,7 +60,7 @@ from tests.support.archive import (
     wait_archive,
     write_config,
 )
-from tests.support.s3 import REGION, s3
+from tests.support.s3 import s3
 
 
 # -------------------------------------------------------------------------------- the archive
@@ -251,26 +252,16 @@ def test_verify_names_tampered_objects(tmp_path: Path,
     assert cli_main(["verify", "--config", config, "../../etc/passwd"]) == 2
 
 
+@pytest.mark.usefixtures("aws_env")
 def test_archive_on_s3_is_locked_and_verifiable(
         tmp_path: Path, make_settings: Callable[..., Settings], token_file: Path,
-        moto_url: str, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                       ("AWS_DEFAULT_REGION", REGION), ("AWS_EC2_METADATA_DISABLED", "true")):
-        monkeypatch.setenv(key, value)
+        moto_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     client = s3(moto_url)
     bucket = f"ek-archive-{random.randrange(1 << 32):08x}"
     client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
     settings = archive_settings(make_settings, token_file, store_url=f"s3://{bucket}/evidence",
                                 s3_endpoint_url=moto_url, object_lock_days=3)
-    sim = realtime_sim(tmp_path / "pods")
-    sim.add_pod(NS, "orders-1", containers=("orders",))
-    with AgentThread(settings) as t:
-        for i in range(100):
-            sim.write(NS, "orders-1", "orders", f"Order {i} status updated to PAYMENT_FAILED")
-        doc = post_archive(t.url, {"namespace": NS, "reason": "s3", "since": "5m"})
-        done = wait_archive(t.url, doc["id"])
-    assert done["status"] == "complete", done
+    doc, done = archive_orders(settings, tmp_path / "pods", lines=100, reason="s3")
     # v2: manifest_key and segment keys are full object keys (the store prefix included).
     assert done["manifest_key"] == f"evidence/default/_archives/{doc['id']}/manifest.json"
     head = client.head_object(Bucket=bucket, Key=done["manifest_key"])

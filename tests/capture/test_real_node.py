@@ -29,7 +29,6 @@ from evidence_keeper.settings import Settings
 from evidence_keeper.sim import KubeletSim
 from evidence_keeper.store import FileStore
 from tests.conftest import (
-    assert_bytes_equal,
     check_segments,
     export_bytes,
     loss_gaps,
@@ -39,6 +38,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.support.paths import REPO
+from tests.support.stream import assert_stored
 
 
 def _free_port() -> int:
@@ -210,9 +210,7 @@ def test_3000_files_under_1024_descriptors(tmp_path: Path,
     assert "Too many open files" not in agent.log.read_text(errors="replace")
     store = FileStore(tmp_path / "store")
     for sid in sim.streams()[::7]:
-        data, holes = export_bytes(store, sid)
-        assert holes == []
-        assert_bytes_equal(data, sim.record(sid), sid.key)
+        assert_stored(store, sid, sim.record(sid))
     assert _ledger_losses(tmp_path) == []
 
 
@@ -252,9 +250,7 @@ def test_paused_agent_records_the_rotations_it_could_not_see(
     agent.wait(lambda: _shipped(agent) >= len(expected), within=60, what="the rest shipped")
     agent.stop()
     store = FileStore(tmp_path / "store")
-    data, holes = export_bytes(store, sid)
-    assert holes == []
-    assert_bytes_equal(data, expected, sid.key)
+    assert_stored(store, sid, expected)
     check_segments(stored_segments(store, sid))
     losses = _ledger_losses(tmp_path, sid)
     assert [(g["offset"], g["bytes"], g["reason"]) for g in losses] == [
@@ -430,7 +426,5 @@ def test_rotation_every_100ms_for_15s_has_no_gap(
     agent.stop()
     assert _ledger_losses(tmp_path) == []
     store = FileStore(tmp_path / "store")
-    data, holes = export_bytes(store, sid)
-    assert holes == []
-    assert_bytes_equal(data, sim.record(sid), sid.key)
+    assert_stored(store, sid, sim.record(sid))
     check_segments(stored_segments(store, sid))
