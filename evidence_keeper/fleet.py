@@ -8,7 +8,8 @@ authenticates the caller and does not pass its credentials on) or at its pod IP,
 Each node becomes one :class:`NodeRow`: agent ready, sinks up per check (the debounced view of
 ``sink_up{sink,check}``), shipping current, loss in the window, and the named failures. A node
 with no agent pod is a failure of its own, unless it is cordoned (not schedulable): nobody
-preserves its logs and no ledger anywhere records that.
+preserves its logs and no ledger anywhere records that. The table, the verdict and the JSON
+report are rendered with the other commands' output (:mod:`evidence_keeper.commands.render`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ QUERY_TIMEOUT_S: Final = 15.0
 NO_AGENT: Final = "no evidence-keeper agent — logs on this node are not preserved"
 
 __all__ = ["AGENT_SELECTOR", "NO_AGENT", "ClusterError", "Fleet", "NodeRow", "Selection",
-           "agent_checks", "fleet_json", "format_fleet", "survey", "table", "verdict"]
+           "agent_checks", "survey"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,91 +234,3 @@ def survey(api: Any, selection: Selection, *, gaps_params: dict[str, str], loss_
     names = {n.name for n in nodes}
     orphans = [p for p in pods if p.node not in names and p.node not in selection.exclude]
     return Fleet(rows, sorted(selection.exclude), orphans, rfc3339(datetime.now(UTC)))
-
-
-# ------------------------------------------------------------------------------ rendering
-def _sinks_text(row: NodeRow) -> str:
-    if row.agent in ("none", "unreachable"):
-        return "-"
-    parts = []
-    for s in row.sinks:
-        checks: dict[str, bool | None] = s["checks"]
-        if all(v is True for v in checks.values()):
-            parts.append(f"{s['sink']} up")
-        elif all(v is None for v in checks.values()):
-            parts.append(f"{s['sink']} unprobed")
-        else:
-            parts.append(f"{s['sink']} DOWN(" + ",".join(
-                f"{c}:{'ok' if v else 'FAIL' if v is False else '?'}"
-                for c, v in checks.items()) + ")")
-    return " ".join(parts) or "-"
-
-
-def _shipping_text(row: NodeRow) -> str:
-    if row.shipping_current is None:
-        return "-"
-    age = f"{row.oldest_unshipped_age_s or 0:.1f}s"
-    text = f"current ({age})" if row.shipping_current else f"BEHIND ({age})"
-    if row.ledger_unshipped_records:
-        text += f" ledger+{row.ledger_unshipped_records}"
-    return text
-
-
-def _loss_text(row: NodeRow) -> str:
-    if row.loss_gaps is None:
-        return "-"
-    if row.loss_gaps == 0:
-        return "none"
-    unknown = f" +{row.loss_unknown_length} unknown" if row.loss_unknown_length else ""
-    return f"{row.loss_gaps} gaps, {row.lost_bytes} B{unknown}"
-
-
-def _agent_text(row: NodeRow) -> str:
-    text = {"none": "NONE", "not-ready": "NOT READY", "unreachable": "UNREACHABLE"}.get(
-        row.agent, row.agent)
-    if row.cordoned:
-        text += " (cordoned)"
-    if not row.node_ready:
-        text += " (node NotReady)"
-    return text
-
-
-def table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
-
-
-def format_fleet(fleet: Fleet, *, window: str) -> str:
-    rows: list[Sequence[str]] = [("NODE", "AGENT", "SINKS", "SHIPPING", f"LOSS ({window})",
-                                  "VERDICT")]
-    for r in fleet.rows:
-        rows.append((r.node, _agent_text(r), _sinks_text(r), _shipping_text(r), _loss_text(r),
-                     "ok" if r.ok else "FAIL"))
-    lines = [table(rows)]
-    for r in fleet.rows:
-        lines += [f"  FAIL  {f}" for f in r.failures]
-        lines += [f"  note  {n}" for n in r.notes]
-    if fleet.excluded:
-        lines.append(f"  excluded: {', '.join(fleet.excluded)}")
-    for p in fleet.orphans:
-        lines.append(f"  note  agent pod {p.name} runs on node {p.node or '?'}, which is not"
-                     " selected")
-    return "\n".join(lines)
-
-
-def verdict(fleet: Fleet) -> str:
-    failed = [r for r in fleet.rows if not r.ok]
-    if not failed:
-        return (f"cluster preflight passed: {len(fleet.rows)} nodes, every agent ready, sinks"
-                " up, shipping current, no loss")
-    return (f"cluster preflight FAILED: {len(failed)} of {len(fleet.rows)} nodes"
-            f" ({', '.join(r.node for r in failed)}); evidence would be at risk")
-
-
-def fleet_json(fleet: Fleet, *, window_since: str | None) -> dict[str, Any]:
-    return {"generated_at": fleet.generated_at, "ok": fleet.ok, "verdict": verdict(fleet),
-            "window_since": window_since, "excluded": fleet.excluded,
-            "nodes": [r.to_json() for r in fleet.rows],
-            "failures": [f for r in fleet.rows for f in r.failures],
-            "orphan_agents": [{"pod": p.name, "node": p.node} for p in fleet.orphans]}

@@ -436,10 +436,7 @@ class FakeKube:
         def mutate(pod: Pod) -> None:
             for cs in pod["status"]["containerStatuses"]:
                 if cs["name"] == container:
-                    started = (cs["state"].get("running") or {}).get("startedAt", k8s_time())
-                    cs["lastState"] = {"terminated": {
-                        "exitCode": exit_code, "reason": reason, "startedAt": started,
-                        "finishedAt": k8s_time(), "containerID": cs["containerID"]}}
+                    cs["lastState"] = {"terminated": _exit(cs, reason, exit_code)}
                     cs["state"] = {"waiting": {"reason": "CrashLoopBackOff"}}
                     cs["ready"] = cs["started"] = False
         self.update(namespace, name, mutate)
@@ -450,10 +447,7 @@ class FakeKube:
         def mutate(pod: Pod) -> None:
             for cs in pod["status"]["containerStatuses"]:
                 if cs["name"] == container:
-                    started = (cs["state"].get("running") or {}).get("startedAt", k8s_time())
-                    cs["state"] = {"terminated": {
-                        "exitCode": exit_code, "reason": reason, "startedAt": started,
-                        "finishedAt": k8s_time(), "containerID": cs["containerID"]}}
+                    cs["state"] = {"terminated": _exit(cs, reason, exit_code)}
                     cs["ready"] = cs["started"] = False
         self.update(namespace, name, mutate)
 
@@ -695,6 +689,13 @@ class FakeKube:
                 self.front.targets.pop((namespace, name), None)
             else:
                 self.front.targets[(namespace, name)] = url.rstrip("/")
+
+
+def _exit(cs: dict[str, Any], reason: str, exit_code: int) -> dict[str, Any]:
+    """``terminated`` of the running instance of container status ``cs``, ending now."""
+    started = (cs["state"].get("running") or {}).get("startedAt", k8s_time())
+    return {"exitCode": exit_code, "reason": reason, "startedAt": started,
+            "finishedAt": k8s_time(), "containerID": cs["containerID"]}
 
 
 def _event(etype: str, pod: Pod) -> bytes:

@@ -25,7 +25,7 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,14 +41,11 @@ from evidence_keeper.archive.ledger import (
     verify_ledger,
 )
 from evidence_keeper.commands.common import Progress, add_agents
+from evidence_keeper.commands.render import fleet_json, format_fleet, format_gaps, verdict
 from evidence_keeper.fleet import (
     Selection,
     agent_checks,
-    fleet_json,
-    format_fleet,
     survey,
-    table,
-    verdict,
 )
 from evidence_keeper.settings import Settings, load_settings
 from evidence_keeper.store import Store, StoreError, open_store
@@ -130,33 +127,6 @@ def _modes(args: argparse.Namespace, *, store: bool) -> None:
         raise CommandError("--exclude-node and --node-selector need --all-nodes")
 
 
-def format_gaps(doc: dict[str, Any], *, with_node: bool = False) -> str:
-    """The gaps table (``doc`` as ``/gaps`` returns it); ``with_node`` adds a NODE column."""
-    head = ("NODE",) if with_node else ()
-    rows: list[Sequence[str]] = [(*head, "ID", "KIND", "START", "END", "WHAT", "DETAIL")]
-    for g in doc["gaps"]:
-        if g["kind"] == "loss":
-            what = (f"{g.get('namespace')}/{g.get('pod')}/{g.get('container')}#{g.get('restart')}"
-                    f" @{g.get('offset')} +{g.get('bytes') if g.get('bytes') is not None else '?'}"
-                    f" {g.get('reason', '')}")
-        else:
-            what = " ".join(str(x) for x in (g.get("sink"), g.get("check"), g.get("reason"))
-                            if x)
-        detail = g.get("detail") or ""
-        cov = g.get("coverage")
-        if cov:
-            detail = (f"coverage: {cov['streams']} streams, {cov['captured_bytes']} B captured,"
-                      f" {cov['shipped_bytes']} B shipped; {detail}")
-        node = (str(g.get("node")),) if with_node else ()
-        rows.append((*node, str(g["id"]), g["kind"], g["start"][:19], (g["end"] or "open")[:19],
-                     what, detail[:90]))
-    lines = [table(rows)]
-    n = len(doc.get("nodes") or [])
-    where = f"{n} node{'' if n == 1 else 's'}" if with_node else f"node {doc['node']}"
-    lines.append(f"{len(doc['gaps'])} gaps on {where} (generated {doc['generated_at']})")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------ gaps
 def gaps_params(args: argparse.Namespace) -> dict[str, str]:
     """The ``/gaps`` query of the filter flags (``gaps.add_filters``)."""
@@ -213,7 +183,7 @@ def _gaps_all_nodes(args: argparse.Namespace) -> int:
         print(format_fleet(fleet, window=args.since or "all"))
         print()
         print(format_gaps({"gaps": gaps, "nodes": fleet.rows,
-                           "generated_at": fleet.generated_at}, with_node=True))
+                           "generated_at": fleet.generated_at}, node_column=True))
         if not complete:
             print(f"no live answer from {', '.join(silent)}: their gaps above are what their"
                   " agents shipped to the store's ledger before", file=sys.stderr)
@@ -253,7 +223,7 @@ def _gaps_from_store(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(doc, indent=2))
     else:
-        print(format_gaps(doc, with_node=True))
+        print(format_gaps(doc, node_column=True))
         print(f"read {len(objects)} ledger objects of {len(nodes)}"
               f" node{'' if len(nodes) == 1 else 's'} from {store.describe()}", file=sys.stderr)
     if not objects:
@@ -354,5 +324,5 @@ def _preflight_all_nodes(args: argparse.Namespace) -> int:
     return 0 if fleet.ok else 1
 
 
-__all__ = ["add_fleet", "add_verify_ledger_arguments", "format_gaps", "gaps_params", "run_gaps",
+__all__ = ["add_fleet", "add_verify_ledger_arguments", "gaps_params", "run_gaps",
            "run_preflight", "run_verify_ledger"]

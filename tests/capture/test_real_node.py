@@ -37,6 +37,7 @@ from tests.conftest import (
     wait_exported,
     wait_until,
 )
+from tests.support.node import node_settings, terminate
 from tests.support.paths import REPO
 from tests.support.stream import assert_stored
 
@@ -59,14 +60,8 @@ class ChildAgent:
     def __init__(self, tmp: Path, *, preexec: Callable[[], None] | None = None,
                  **overrides: object) -> None:
         self.port = _free_port()
-        cfg: dict[str, object] = {
-            "node_name": "node-1", "log_root": str(tmp / "pods"),
-            "spool_dir": str(tmp / "spool"), "store_url": f"file://{tmp / 'store'}",
-            "kubernetes": "off", "listen": f"127.0.0.1:{self.port}",
-            "flush_interval_s": 1, "discover_interval_s": 0.2, "tail_interval_s": 0.05,
-            "commit_interval_s": 0.1, "shutdown_timeout_s": 30, "log_level": "info",
-        }
-        cfg.update(overrides)
+        cfg = node_settings(tmp, **{"listen": f"127.0.0.1:{self.port}",
+                                    "shutdown_timeout_s": 30, "log_level": "info", **overrides})
         self.config = tmp / "agent.json"
         self.config.write_text(json.dumps(cfg))
         self.log = tmp / "agent.log"
@@ -123,14 +118,8 @@ class ChildAgent:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code, self.proc = self.proc.returncode, None
+            self.proc.send_signal(signal.SIGCONT)  # a stopped agent cannot handle SIGTERM
+        code, self.proc = terminate(self.proc, timeout=90), None
         assert code == 0, f"agent exited with {code}: {self.tail()}"
 
     def tail(self, n: int = 6) -> str:
