@@ -12,8 +12,9 @@ Three ways to ask "what was lost, and is every log path working?":
 * the store (``gaps --from-store``): the ledger objects every agent shipped, read with no
   agent running, newest state per gap (``archive/ledger.py``).
 
-The fleet itself (nodes, agents, rows, verdict) is :mod:`evidence_keeper.fleet`; the store's
-ledger is :mod:`evidence_keeper.archive.ledger`. The ``gaps``, ``preflight`` and ``verify`` command
+The fleet itself (nodes, agents, rows) is :mod:`evidence_keeper.fleet`, its table, verdict and
+JSON report :mod:`evidence_keeper.commands.render`; the store's ledger is
+:mod:`evidence_keeper.archive.ledger`. The ``gaps``, ``preflight`` and ``verify`` command
 modules add :func:`add_fleet` (and :func:`add_verify_ledger_arguments`) to their parsers and
 hand these modes to :func:`run_gaps`, :func:`run_preflight` and :func:`run_verify_ledger`,
 which return the exit code and print one clear line on error (exit 2).
