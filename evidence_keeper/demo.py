@@ -51,7 +51,7 @@ from evidence_keeper.logs import configure_logging
 from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings, load_settings
 from evidence_keeper.sim import KubeletSim, nov10_incident, play
-from evidence_keeper.sim.apiserver import SimAgent, SimApiServer
+from evidence_keeper.sim.apiserver import SimAgent, SimApiServer, SimCluster
 from evidence_keeper.sim.intakes import DatadogIntake
 from evidence_keeper.sim.scenario import NAMESPACE, PAYMENT_FAILED_MARKER, ScenarioStep
 from evidence_keeper.store import FileStore, Store
@@ -251,7 +251,8 @@ def _cluster_preflight(agent: Agent, url: str) -> None:
        " lacked)")
     node = agent.settings.node_name
     nodes = sorted([node, UNCOVERED_NODE])
-    with SimApiServer(nodes=nodes, agents=[SimAgent("evidence-keeper-x7k2p", node, url)]) as api:
+    cluster = SimCluster(nodes=nodes, agents=[SimAgent("evidence-keeper-x7k2p", node, url)])
+    with SimApiServer(cluster, targets=cluster.targets) as api:
         kubeconfig = api.write_kubeconfig(Path(agent.settings.spool_dir).parent / "kubeconfig")
         print(f"  {DIM}(the API server knows {len(nodes)} nodes; the DaemonSet has a pod on one:"
               f" {UNCOVERED_NODE} has a taint it does not tolerate){RESET}", flush=True)

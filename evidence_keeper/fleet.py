@@ -8,90 +8,34 @@ authenticates the caller and does not pass its credentials on) or at its pod IP,
 Each node becomes one :class:`NodeRow`: agent ready, sinks up per check (the debounced view of
 ``sink_up{sink,check}``), shipping current, loss in the window, and the named failures. A node
 with no agent pod is a failure of its own, unless it is cordoned (not schedulable): nobody
-preserves its logs and no ledger anywhere records that.
+preserves its logs and no ledger anywhere records that. The table, the verdict and the JSON
+report are rendered with the other commands' output (:mod:`evidence_keeper.commands.render`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
-from evidence_keeper.agents import list_agent_pods
-from evidence_keeper.api.client import ApiError, call
-from evidence_keeper.archive.cluster import AgentPod, ClusterError
+from evidence_keeper.agents import (
+    AGENT_NAMESPACE,
+    AGENT_SELECTOR,
+    fan_out,
+    list_agent_pods,
+    read_list,
+    transport,
+)
+from evidence_keeper.archive.cluster import AgentPod, AgentTransport, ClusterError
 from evidence_keeper.timefmt import rfc3339
 
-AGENT_SELECTOR: Final = "app.kubernetes.io/name=evidence-keeper"
 QUERY_WORKERS: Final = 16
+QUERY_TIMEOUT_S: Final = 15.0
 NO_AGENT: Final = "no evidence-keeper agent — logs on this node are not preserved"
 
 __all__ = ["AGENT_SELECTOR", "NO_AGENT", "ClusterError", "Fleet", "NodeRow", "Selection",
-           "agent_checks", "fleet_json", "format_fleet", "survey", "table", "verdict"]
-
-
-# ------------------------------------------------------------------------------ agents
-class AgentClient(Protocol):
-    def get(self, pod: AgentPod, path: str, params: dict[str, str] | None = None,
-            ) -> tuple[int, dict[str, Any]]: ...
-
-
-class ProxyClient:
-    """GET an agent's API through ``/api/v1/namespaces/<ns>/pods/<pod>:<port>/proxy/...``."""
-
-    def __init__(self, api: Any, *, namespace: str, port: int, timeout_s: float = 15.0) -> None:
-        self.api, self.namespace, self.port, self.timeout_s = api, namespace, port, timeout_s
-
-    def get(self, pod: AgentPod, path: str, params: dict[str, str] | None = None,
-            ) -> tuple[int, dict[str, Any]]:
-        from kubernetes.client.exceptions import ApiException
-
-        resource = f"/api/v1/namespaces/{self.namespace}/pods/{pod.name}:{self.port}/proxy{path}"
-        try:
-            req = self.api.param_serialize(
-                method="GET", resource_path=resource, query_params=list((params or {}).items()),
-                header_params={"Accept": "application/json", "User-Agent": "evidence-keeper"},
-                auth_settings=["BearerToken"])
-            resp = self.api.call_api(*req, _request_timeout=self.timeout_s)
-            status, data = int(resp.status), resp.read()
-        except ApiException as exc:
-            status, data = int(exc.status or 0), (exc.body or b"")
-        except Exception as exc:
-            return 0, {"error": f"cannot reach {pod.name} through the API server: {exc}"}
-        return status, _doc(data, status)
-
-
-class PodIPClient:
-    """GET an agent's API at ``http://<pod IP>:<port>`` (from inside the cluster)."""
-
-    def __init__(self, *, port: int, timeout_s: float = 15.0) -> None:
-        self.port, self.timeout_s = port, timeout_s
-
-    def get(self, pod: AgentPod, path: str, params: dict[str, str] | None = None,
-            ) -> tuple[int, dict[str, Any]]:
-        if not pod.ip:
-            return 0, {"error": f"pod {pod.name} has no IP"}
-        try:
-            return call(f"http://{pod.ip}:{self.port}", path, params=params,
-                        timeout=self.timeout_s, accept_status=(400, 404, 500, 502, 503))
-        except ApiError as exc:
-            return 0, {"error": str(exc)}
-
-
-def _doc(data: bytes | str, status: int) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-        return {"error": text.strip()[:200] or f"empty answer (HTTP {status})"}
-    if not isinstance(doc, dict):
-        return {"error": "not a JSON object"}
-    if doc.get("kind") == "Status":  # the API server's own answer: the pod was not reached
-        return {"error": str(doc.get("message") or doc.get("reason") or "API server error")}
-    return doc
+           "agent_checks", "survey"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,21 +47,11 @@ class Node:
 
 def list_nodes(api: Any, *, selector: str | None) -> list[Node]:
     """The cluster's nodes (by label selector), read as plain JSON."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        core: Any = client.CoreV1Api(api)
-        kwargs: dict[str, Any] = {"_preload_content": False, "_request_timeout": 30}
-        if selector:
-            kwargs["label_selector"] = selector
-        doc = json.loads(core.list_node(**kwargs).read())
-    except ApiException as exc:
-        raise ClusterError(f"cannot list nodes: HTTP {exc.status} {exc.reason}") from None
-    except Exception as exc:
-        raise ClusterError(f"cannot list nodes: {exc}") from None
+    kwargs: dict[str, Any] = {"_preload_content": False, "_request_timeout": 30}
+    if selector:
+        kwargs["label_selector"] = selector
     out = []
-    for item in doc.get("items") or []:
+    for item in read_list(api, "nodes", lambda core: core.list_node(**kwargs)):
         conds = {c.get("type"): c.get("status") for c in item.get("status", {}).get(
             "conditions") or []}
         out.append(Node(name=str(item.get("metadata", {}).get("name", "")),
@@ -205,7 +139,7 @@ def _loss_summary(row: NodeRow, gaps: list[dict[str, Any]]) -> None:
     row.loss_unknown_length = sum(1 for g in losses if g.get("bytes") is None)
 
 
-def query_node(node: Node, pods: Sequence[AgentPod], client: AgentClient, *,
+def query_node(node: Node, pods: Sequence[AgentPod], client: AgentTransport, *,
                gaps_params: dict[str, str], loss_since: str, max_backlog: float) -> NodeRow:
     """Ask this node's agent for ``/readyz`` and ``/gaps`` (blocking)."""
     row = NodeRow(node=node.name, cordoned=node.cordoned, node_ready=node.ready)
@@ -218,7 +152,7 @@ def query_node(node: Node, pods: Sequence[AgentPod], client: AgentClient, *,
         return row
     pod = next((p for p in pods if p.ready), pods[0])  # a rolling update may show two
     row.agent_pod = pod.name
-    status, ready = client.get(pod, "/readyz")
+    status, ready = client.request(pod, "GET", "/readyz")
     if status not in (200, 503) or "ready" not in ready:
         row.agent = "unreachable"
         row.failures.append(f"node {node.name}: agent {pod.name} does not answer"
@@ -231,7 +165,7 @@ def query_node(node: Node, pods: Sequence[AgentPod], client: AgentClient, *,
     row.oldest_unshipped_age_s = float(ready.get("spool", {}).get("oldest_unshipped_age_s", 0))
     row.ledger_unshipped_records = (ready.get("ledger") or {}).get("unshipped_records")
     row.shipping_current = row.oldest_unshipped_age_s <= max_backlog
-    status, gaps = client.get(pod, "/gaps", gaps_params)
+    status, gaps = client.request(pod, "GET", "/gaps", params=gaps_params)
     if status != 200:
         row.failures.append(f"node {node.name}: /gaps failed ({gaps.get('error')})")
         gaps = {"gaps": []}
@@ -265,7 +199,7 @@ class Selection:
 
     node_selector: str | None = None
     exclude: frozenset[str] = frozenset()
-    agent_namespace: str = "evidence-keeper"
+    agent_namespace: str = AGENT_NAMESPACE
     agent_selector: str = AGENT_SELECTOR
     port: int = 9095
     via: str = "proxy"  # proxy | pod-ip
@@ -291,106 +225,12 @@ def survey(api: Any, selection: Selection, *, gaps_params: dict[str, str], loss_
     by_node: dict[str, list[AgentPod]] = {}
     for p in pods:
         by_node.setdefault(p.node, []).append(p)
-    client: AgentClient = (
-        ProxyClient(api, namespace=selection.agent_namespace, port=selection.port)
-        if selection.via == "proxy" else PodIPClient(port=selection.port))
-    rows: list[NodeRow] = []
-    with ThreadPoolExecutor(max_workers=QUERY_WORKERS, thread_name_prefix="ek-fleet") as pool:
-        futures = [pool.submit(query_node, n, by_node.get(n.name, []), client,
-                               gaps_params=gaps_params, loss_since=loss_since,
-                               max_backlog=max_backlog) for n in nodes]
-        for done, fut in enumerate(futures, start=1):
-            rows.append(fut.result())
-            if progress is not None:
-                progress(done, len(futures))
+    client = transport(api, namespace=selection.agent_namespace, port=selection.port,
+                       via=selection.via, timeout_s=QUERY_TIMEOUT_S)
+    rows = fan_out(lambda n: query_node(n, by_node.get(n.name, []), client,
+                                        gaps_params=gaps_params, loss_since=loss_since,
+                                        max_backlog=max_backlog),
+                   nodes, workers=QUERY_WORKERS, name="ek-fleet", progress=progress)
     names = {n.name for n in nodes}
     orphans = [p for p in pods if p.node not in names and p.node not in selection.exclude]
     return Fleet(rows, sorted(selection.exclude), orphans, rfc3339(datetime.now(UTC)))
-
-
-# ------------------------------------------------------------------------------ rendering
-def _sinks_text(row: NodeRow) -> str:
-    if row.agent in ("none", "unreachable"):
-        return "-"
-    parts = []
-    for s in row.sinks:
-        checks: dict[str, bool | None] = s["checks"]
-        if all(v is True for v in checks.values()):
-            parts.append(f"{s['sink']} up")
-        elif all(v is None for v in checks.values()):
-            parts.append(f"{s['sink']} unprobed")
-        else:
-            parts.append(f"{s['sink']} DOWN(" + ",".join(
-                f"{c}:{'ok' if v else 'FAIL' if v is False else '?'}"
-                for c, v in checks.items()) + ")")
-    return " ".join(parts) or "-"
-
-
-def _shipping_text(row: NodeRow) -> str:
-    if row.shipping_current is None:
-        return "-"
-    age = f"{row.oldest_unshipped_age_s or 0:.1f}s"
-    text = f"current ({age})" if row.shipping_current else f"BEHIND ({age})"
-    if row.ledger_unshipped_records:
-        text += f" ledger+{row.ledger_unshipped_records}"
-    return text
-
-
-def _loss_text(row: NodeRow) -> str:
-    if row.loss_gaps is None:
-        return "-"
-    if row.loss_gaps == 0:
-        return "none"
-    unknown = f" +{row.loss_unknown_length} unknown" if row.loss_unknown_length else ""
-    return f"{row.loss_gaps} gaps, {row.lost_bytes} B{unknown}"
-
-
-def _agent_text(row: NodeRow) -> str:
-    text = {"none": "NONE", "not-ready": "NOT READY", "unreachable": "UNREACHABLE"}.get(
-        row.agent, row.agent)
-    if row.cordoned:
-        text += " (cordoned)"
-    if not row.node_ready:
-        text += " (node NotReady)"
-    return text
-
-
-def table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
-
-
-def format_fleet(fleet: Fleet, *, window: str) -> str:
-    rows: list[Sequence[str]] = [("NODE", "AGENT", "SINKS", "SHIPPING", f"LOSS ({window})",
-                                  "VERDICT")]
-    for r in fleet.rows:
-        rows.append((r.node, _agent_text(r), _sinks_text(r), _shipping_text(r), _loss_text(r),
-                     "ok" if r.ok else "FAIL"))
-    lines = [table(rows)]
-    for r in fleet.rows:
-        lines += [f"  FAIL  {f}" for f in r.failures]
-        lines += [f"  note  {n}" for n in r.notes]
-    if fleet.excluded:
-        lines.append(f"  excluded: {', '.join(fleet.excluded)}")
-    for p in fleet.orphans:
-        lines.append(f"  note  agent pod {p.name} runs on node {p.node or '?'}, which is not"
-                     " selected")
-    return "\n".join(lines)
-
-
-def verdict(fleet: Fleet) -> str:
-    failed = [r for r in fleet.rows if not r.ok]
-    if not failed:
-        return (f"cluster preflight passed: {len(fleet.rows)} nodes, every agent ready, sinks"
-                " up, shipping current, no loss")
-    return (f"cluster preflight FAILED: {len(failed)} of {len(fleet.rows)} nodes"
-            f" ({', '.join(r.node for r in failed)}); evidence would be at risk")
-
-
-def fleet_json(fleet: Fleet, *, window_since: str | None) -> dict[str, Any]:
-    return {"generated_at": fleet.generated_at, "ok": fleet.ok, "verdict": verdict(fleet),
-            "window_since": window_since, "excluded": fleet.excluded,
-            "nodes": [r.to_json() for r in fleet.rows],
-            "failures": [f for r in fleet.rows for f in r.failures],
-            "orphan_agents": [{"pod": p.name, "node": p.node} for p in fleet.orphans]}

@@ -23,6 +23,7 @@ from evidence_keeper.settings import Settings, load_settings
 from evidence_keeper.store import Store
 from evidence_keeper.store.codec import decompress
 from evidence_keeper.supervisor import Agent
+from tests.support.node import node_settings
 
 # The leaked-task check (an async autouse fixture) and pytester for the test that proves it.
 pytest_plugins = [
@@ -38,23 +39,8 @@ pytest_plugins = [
 @pytest.fixture
 def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
-        base: dict[str, Any] = {
-            "node_name": "node-1",
-            "log_root": str(tmp_path / "pods"),
-            "spool_dir": str(tmp_path / "spool"),
-            "store_url": f"file://{tmp_path / 'store'}",
-            "kubernetes": "off",
-            "flush_interval_s": 1.0,
-            "discover_interval_s": 0.2,
-            "tail_interval_s": 0.05,
-            "commit_interval_s": 0.1,
-            "shutdown_timeout_s": 20,
-            "log_level": "warning",
-            "listen": "127.0.0.1:0",
-        }
-        base.update(overrides)
         (tmp_path / "pods").mkdir(exist_ok=True)
-        return load_settings(None, environ={}, overrides=base)
+        return load_settings(None, environ={}, overrides=node_settings(tmp_path, **overrides))
 
     return make
 

@@ -17,10 +17,14 @@ It serves just what evidence-keeper uses, the way the API server and kubelet do:
   (tests pass the :class:`~evidence_keeper.sim.KubeletSim` record). ``follow`` streams new records
   until the container instance has terminated, like kubelet.
 * Nodes and the pod proxy (a fleet of agents, see the section "nodes and the pod proxy"):
-  ``GET /api/v1/nodes`` (``labelSelector``) and ``/api/v1/nodes/{name}``; ``labelSelector`` on
-  pod lists; and ``/api/v1/namespaces/{ns}/pods/{name}[:port]/proxy/{path}``, which forwards
-  to the agent registered for that pod on loopback the way kube-apiserver does: without the
-  caller's ``Authorization``, with a 503 ``Status`` when the pod cannot be reached.
+  ``labelSelector`` on pod lists, and the routes of the simulated API server's front
+  (:class:`evidence_keeper.sim.apiserver.ApiFront`) over this server's nodes and pods:
+  ``GET /api/v1/nodes`` (``labelSelector``) and ``/api/v1/nodes/{name}``, and
+  ``/api/v1/namespaces/{ns}/pods/{name}[:port]/proxy/{path}``, which forwards to the agent
+  registered for that pod (:meth:`FakeKube.add_agent`) on loopback the way kube-apiserver
+  does: without the caller's ``Authorization``, with a 503 ``Status`` when the pod cannot be
+  reached. An authenticated front with secrets is that front served on its own
+  (:class:`~evidence_keeper.sim.apiserver.SimApiServer` over a FakeKube, with a token).
 * Faults: :meth:`inject` makes the next requests of a kind fail with a 503 ``Status``, hang, drop
   the connection (mid-stream for watches and logs), or answer 410; :meth:`down` / :meth:`up` take
   the whole server off the network (the listener closes, live connections are cut).
@@ -43,7 +47,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from aiohttp import web
+
+from evidence_keeper.sim.apiserver import ApiFront, labels_match, status_doc, write_kubeconfig
 
 LogSource = Callable[[str, str, str, str, int], bytes | None]
 """``(namespace, pod, pod_uid, container, restart) -> raw log file bytes`` (None: unknown)."""
@@ -116,11 +122,6 @@ class Stats:
     watch_rvs: list[str] = field(default_factory=list)
     requests: dict[str, int] = field(default_factory=dict)  # by kind, faults included
     log_requests: list[dict[str, str]] = field(default_factory=list)
-
-
-def _status(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}
 
 
 def _parse_selector(raw: str | None) -> dict[str, str]:
@@ -275,14 +276,7 @@ class FakeKube:
         return n
 
     def write_kubeconfig(self, path: Path, *, token: str = "fake-token") -> Path:
-        path.write_text(
-            "apiVersion: v1\nkind: Config\n"
-            f"clusters:\n- name: fake\n  cluster:\n    server: {self.url}\n"
-            f"users:\n- name: fake\n  user:\n    token: {token}\n"
-            "contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n"
-            "current-context: fake\n"
-        )
-        return path
+        return write_kubeconfig(path, server=self.url, token=token, name="fake")
 
     # ------------------------------------------------------------------ faults
     def inject(self, kind: str, *, on: str = "any", times: int | None = 1) -> None:
@@ -324,10 +318,10 @@ class FakeKube:
                 return web.Response(status=503)
             fault = self._take_fault(kind)
             if fault == "503":
-                return web.json_response(_status(503, "ServiceUnavailable", "injected fault"),
+                return web.json_response(status_doc(503, "ServiceUnavailable", "injected fault"),
                                          status=503)
             if fault == "410":
-                return web.json_response(_status(410, "Expired", "injected: too old"),
+                return web.json_response(status_doc(410, "Expired", "injected: too old"),
                                          status=410)
             if fault == "hang":
                 await asyncio.sleep(3600)
@@ -366,7 +360,7 @@ class FakeKube:
             },
             "status": {
                 "phase": "Running", "startTime": now,
-                "containerStatuses": [self._running_status(c, image, 0) for c in containers],
+                "containerStatuses": [self._runningstatus_doc(c, image, 0) for c in containers],
             },
         }
         with self._lock:
@@ -375,7 +369,7 @@ class FakeKube:
         return copy.deepcopy(pod)
 
     @staticmethod
-    def _running_status(container: str, image: str, restart: int) -> dict[str, Any]:
+    def _runningstatus_doc(container: str, image: str, restart: int) -> dict[str, Any]:
         digest = secrets.token_hex(32)
         return {
             "name": container, "image": image,
@@ -428,7 +422,7 @@ class FakeKube:
                     "finishedAt": k8s_time(finished), "containerID": cs["containerID"],
                 }
                 new = cs["restartCount"] + 1
-                fresh = self._running_status(container, cs["image"], new)
+                fresh = self._runningstatus_doc(container, cs["image"], new)
                 fresh["imageID"] = cs["imageID"]
                 fresh["lastState"] = {"terminated": term}
                 cs.clear()
@@ -442,10 +436,7 @@ class FakeKube:
         def mutate(pod: Pod) -> None:
             for cs in pod["status"]["containerStatuses"]:
                 if cs["name"] == container:
-                    started = (cs["state"].get("running") or {}).get("startedAt", k8s_time())
-                    cs["lastState"] = {"terminated": {
-                        "exitCode": exit_code, "reason": reason, "startedAt": started,
-                        "finishedAt": k8s_time(), "containerID": cs["containerID"]}}
+                    cs["lastState"] = {"terminated": _exit(cs, reason, exit_code)}
                     cs["state"] = {"waiting": {"reason": "CrashLoopBackOff"}}
                     cs["ready"] = cs["started"] = False
         self.update(namespace, name, mutate)
@@ -456,10 +447,7 @@ class FakeKube:
         def mutate(pod: Pod) -> None:
             for cs in pod["status"]["containerStatuses"]:
                 if cs["name"] == container:
-                    started = (cs["state"].get("running") or {}).get("startedAt", k8s_time())
-                    cs["state"] = {"terminated": {
-                        "exitCode": exit_code, "reason": reason, "startedAt": started,
-                        "finishedAt": k8s_time(), "containerID": cs["containerID"]}}
+                    cs["state"] = {"terminated": _exit(cs, reason, exit_code)}
                     cs["ready"] = cs["started"] = False
         self.update(namespace, name, mutate)
 
@@ -505,7 +493,8 @@ class FakeKube:
         with self._lock:
             self.stats.lists += 1
             items = [copy.deepcopy(p) for p in self._pods.values() if _matches(p, ns, selector)
-                     and _labels_match(p, request.query.get("labelSelector"))]
+                     and labels_match(p["metadata"].get("labels") or {},
+                                    request.query.get("labelSelector"))]
             rv = self._rv
         return web.json_response({"kind": "PodList", "apiVersion": "v1",
                                   "metadata": {"resourceVersion": str(rv)}, "items": items})
@@ -532,14 +521,14 @@ class FakeKube:
             if not expired:
                 self._watchers.append(watcher)
         if expired and self.expired_as_http:
-            return web.json_response(_status(
+            return web.json_response(status_doc(
                 410, "Expired", f"too old resource version: {rv_param} ({self._compacted})"),
                 status=410)
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         if expired:
-            await resp.write(json.dumps({"type": "ERROR", "object": _status(
+            await resp.write(json.dumps({"type": "ERROR", "object": status_doc(
                 410, "Expired",
                 f"too old resource version: {rv_param} ({self._compacted})")}).encode() + b"\n")
             return resp
@@ -569,19 +558,19 @@ class FakeKube:
         with self._lock:
             pod = self._pods.get((ns, name))
             if pod is None:
-                return web.json_response(_status(404, "NotFound", f'pods "{name}" not found'),
+                return web.json_response(status_doc(404, "NotFound", f'pods "{name}" not found'),
                                          status=404)
             try:
                 cs = self._status_of(pod, container)
             except KeyError:
-                return web.json_response(_status(
+                return web.json_response(status_doc(
                     400, "BadRequest", f"container {container} is not valid for pod {name}"),
                     status=400)
             uid = pod["metadata"]["uid"]
             restart = int(cs["restartCount"])
         if previous:
             if restart == 0:
-                return web.json_response(_status(
+                return web.json_response(status_doc(
                     400, "BadRequest",
                     f'previous terminated container "{container}" in pod "{name}" not found'),
                     status=400)
@@ -628,21 +617,30 @@ class FakeKube:
             await asyncio.sleep(self.log_poll_s)
         return resp
 
-
     # ------------------------------------------------------------------ nodes and the pod proxy
     # Kept apart from the pod machinery above: the fleet commands (gaps/preflight --all-nodes,
-    # archive --all-nodes, a kubectl plugin) need nodes, label selectors and the proxy only.
+    # archive --all-nodes, a kubectl plugin) need nodes, label selectors and the proxy only,
+    # served by the simulated API server's front (evidence_keeper.sim.apiserver) over this
+    # server's nodes and pods.
     def _init_fleet(self) -> None:
         self._nodes: dict[str, dict[str, Any]] = {}
-        self._agents: dict[tuple[str, str], str] = {}  # (namespace, pod) -> http://host:port
-        self.proxied: list[tuple[str, str, str, dict[str, str]]] = []  # method, pod, path, hdrs
+        self.front = ApiFront(self)  # targets: (namespace, pod) -> http://host:port
 
     def _add_fleet_routes(self, app: web.Application) -> None:
-        app.router.add_get("/api/v1/nodes", self._nodes_handler)
-        app.router.add_get("/api/v1/nodes/{name}", self._node_handler)
-        app.router.add_route("*", "/api/v1/namespaces/{ns}/pods/{name}/proxy", self._proxy)
-        app.router.add_route("*", "/api/v1/namespaces/{ns}/pods/{name}/proxy/{path:.*}",
-                             self._proxy)
+        self.front.add_routes(app, pods=False)  # pod lists and watches are served above
+
+    @property
+    def proxied(self) -> list[tuple[str, str, str, dict[str, str]]]:
+        """``(method, pod, path?query, headers)`` of every request the pod proxy forwarded."""
+        return self.front.proxied
+
+    def node_list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [copy.deepcopy(n) for n in self._nodes.values()]
+
+    def pod_list(self, namespace: str) -> list[Pod]:
+        with self._lock:
+            return [copy.deepcopy(p) for (ns, _name), p in self._pods.items() if ns == namespace]
 
     def add_node(self, name: str, *, labels: dict[str, str] | None = None,
                  unschedulable: bool = False, ready: bool = True) -> dict[str, Any]:
@@ -688,83 +686,16 @@ class FakeKube:
         """Where the pod proxy sends requests for pod ``name`` (None: unreachable)."""
         with self._lock:
             if url is None:
-                self._agents.pop((namespace, name), None)
+                self.front.targets.pop((namespace, name), None)
             else:
-                self._agents[(namespace, name)] = url.rstrip("/")
-
-    async def _nodes_handler(self, request: web.Request) -> web.Response:
-        selector = request.query.get("labelSelector")
-        with self._lock:
-            items = [copy.deepcopy(n) for n in self._nodes.values()
-                     if _labels_match(n, selector)]
-            rv = self._rv
-        items.sort(key=lambda n: n["metadata"]["name"])
-        return web.json_response({"kind": "NodeList", "apiVersion": "v1",
-                                  "metadata": {"resourceVersion": str(rv)}, "items": items})
-
-    async def _node_handler(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        with self._lock:
-            node = copy.deepcopy(self._nodes.get(name))
-        if node is None:
-            return web.json_response(_status(404, "NotFound", f'nodes "{name}" not found'),
-                                     status=404)
-        return web.json_response(node)
-
-    async def _proxy(self, request: web.Request) -> web.StreamResponse:
-        ns = request.match_info["ns"]
-        name, _, _port = request.match_info["name"].partition(":")
-        path = "/" + request.match_info.get("path", "")
-        with self._lock:
-            pod = self._pods.get((ns, name))
-            target = self._agents.get((ns, name))
-        if pod is None:
-            return web.json_response(_status(404, "NotFound", f'pods "{name}" not found'),
-                                     status=404)
-        # kube-apiserver authenticates the caller and does not pass its credentials on.
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in ("authorization", "host", "content-length")}
-        with self._lock:
-            self.proxied.append((request.method, name, path, headers))
-        unreachable = _status(503, "ServiceUnavailable",
-                              f"error trying to reach service: dial tcp {name}: connect:"
-                              " connection refused")
-        if target is None:
-            return web.json_response(unreachable, status=503)
-        query = ("?" + request.query_string) if request.query_string else ""
-        try:
-            async with ClientSession() as http_, http_.request(
-                    request.method, f"{target}{path}{query}", data=await request.read(),
-                    headers=headers, timeout=ClientTimeout(total=30)) as resp:
-                body = await resp.read()
-                return web.Response(status=resp.status, body=body,
-                                    headers={"Content-Type": resp.headers.get(
-                                        "Content-Type", "application/octet-stream")})
-        except (ClientError, OSError, TimeoutError):
-            return web.json_response(unreachable, status=503)
+                self.front.targets[(namespace, name)] = url.rstrip("/")
 
 
-def _labels_match(obj: dict[str, Any], raw: str | None) -> bool:
-    """Equality-based label selectors (``a=b,c!=d``, ``key``, ``!key``), as the API applies."""
-    labels = obj["metadata"].get("labels") or {}
-    for part in (raw or "").split(","):
-        term = part.strip()
-        if not term:
-            continue
-        if "!=" in term:
-            key, _, value = term.partition("!=")
-            if labels.get(key.strip()) == value.strip():
-                return False
-        elif "=" in term:
-            key, _, value = term.replace("==", "=").partition("=")
-            if labels.get(key.strip()) != value.strip():
-                return False
-        elif term.startswith("!"):
-            if term[1:] in labels:
-                return False
-        elif term not in labels:
-            return False
-    return True
+def _exit(cs: dict[str, Any], reason: str, exit_code: int) -> dict[str, Any]:
+    """``terminated`` of the running instance of container status ``cs``, ending now."""
+    started = (cs["state"].get("running") or {}).get("startedAt", k8s_time())
+    return {"exitCode": exit_code, "reason": reason, "startedAt": started,
+            "finishedAt": k8s_time(), "containerID": cs["containerID"]}
 
 
 def _event(etype: str, pod: Pod) -> bytes:
@@ -775,128 +706,3 @@ def _abort(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
-
-
-# ------------------------------------------------------------------ pod proxy (kubectl plugin)
-class PodProxyFront:
-    """The API server's authenticated front for the kubectl plugin's tests, before a FakeKube.
-
-    Serves ``GET /api/v1/namespaces/{ns}/pods`` (the FakeKube list, with ``labelSelector``
-    honoured) and the pod proxy subresource ``/api/v1/namespaces/{ns}/pods/{name}[:port]/
-    proxy/{path}`` the way kube-apiserver does: the caller must present the front's bearer
-    token; ``Authorization`` is removed and the request (method, query, body, other headers)
-    goes to the URL registered for that pod name in ``targets``; an unknown pod is a 503
-    ``Status``. Every proxied request is recorded in :attr:`proxied` as ``(method, pod,
-    path_qs, headers)``. ``GET /api/v1/namespaces/{ns}/secrets/{name}`` serves
-    :attr:`secrets` (``{(ns, name): {key: text}}``, base64 on the wire; 404 ``Status`` when
-    absent). Separate from :class:`FakeKube` so that it adds routes nowhere else.
-    """
-
-    def __init__(self, kube: FakeKube, targets: dict[str, str], *, token: str) -> None:
-        self.kube, self.targets, self.token = kube, targets, token
-        self.proxied: list[tuple[str, str, str, dict[str, str]]] = []
-        self.secrets: dict[tuple[str, str], dict[str, str]] = {}
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="pod-proxy")
-        self._runner: web.AppRunner | None = None
-
-    def __enter__(self) -> PodProxyFront:
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("pod proxy front did not start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def write_kubeconfig(self, path: Path, *, token: str | None = None) -> Path:
-        path.write_text(
-            "apiVersion: v1\nkind: Config\n"
-            f"clusters:\n- name: front\n  cluster:\n    server: http://127.0.0.1:{self.port}\n"
-            f"users:\n- name: front\n  user:\n    token: {token or self.token}\n"
-            "contexts:\n- name: front\n  context:\n    cluster: front\n    user: front\n"
-            "current-context: front\n")
-        return path
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._start())
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/api/v1/namespaces/{ns}/pods", self._list)
-        app.router.add_route("*", "/api/v1/namespaces/{ns}/pods/{name}/proxy/{path:.*}",
-                             self._proxy)
-        app.router.add_get("/api/v1/namespaces/{ns}/secrets/{name}", self._secret)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    def _denied(self, request: web.Request) -> web.Response | None:
-        if request.headers.get("Authorization") == f"Bearer {self.token}":
-            return None
-        return web.json_response(_status(401, "Unauthorized", "Unauthorized"), status=401)
-
-    async def _list(self, request: web.Request) -> web.Response:
-        denied = self._denied(request)
-        if denied is not None:
-            return denied
-        wanted = _parse_selector(request.query.get("labelSelector"))
-        with self.kube._lock:
-            items = [copy.deepcopy(p) for p in self.kube._pods.values()
-                     if p["metadata"]["namespace"] == request.match_info["ns"]
-                     and all(p["metadata"].get("labels", {}).get(k) == v
-                             for k, v in wanted.items())]
-        return web.json_response({"kind": "PodList", "apiVersion": "v1",
-                                  "metadata": {"resourceVersion": "1"}, "items": items})
-
-    async def _secret(self, request: web.Request) -> web.Response:
-        import base64
-
-        denied = self._denied(request)
-        if denied is not None:
-            return denied
-        ns, name = request.match_info["ns"], request.match_info["name"]
-        data = self.secrets.get((ns, name))
-        if data is None:
-            return web.json_response(_status(404, "NotFound",
-                                             f'secrets "{name}" not found'), status=404)
-        return web.json_response({
-            "kind": "Secret", "apiVersion": "v1", "type": "Opaque",
-            "metadata": {"name": name, "namespace": ns},
-            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}})
-
-    async def _proxy(self, request: web.Request) -> web.Response:
-        from aiohttp import ClientError, ClientSession
-
-        denied = self._denied(request)
-        if denied is not None:
-            return denied
-        name = request.match_info["name"].partition(":")[0]
-        target = self.targets.get(name)
-        if target is None:
-            return web.json_response(_status(503, "ServiceUnavailable",
-                                             f"no endpoints for pod {name}"), status=503)
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in ("authorization", "host", "content-length")}
-        path_qs = "/" + request.match_info["path"] + (
-            f"?{request.query_string}" if request.query_string else "")
-        self.proxied.append((request.method, name, path_qs, headers))
-        try:
-            async with ClientSession() as http_, http_.request(
-                    request.method, target.rstrip("/") + path_qs, data=await request.read(),
-                    headers=headers) as resp:
-                return web.Response(status=resp.status, body=await resp.read(),
-                                    content_type=resp.content_type)
-        except ClientError as exc:
-            return web.json_response(_status(503, "ServiceUnavailable", str(exc)), status=503)

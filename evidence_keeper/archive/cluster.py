@@ -47,8 +47,10 @@ class AgentPod:
 
 
 class AgentTransport(Protocol):
+    """One request to one agent: ``(status, JSON object)``, status 0 when nothing answered."""
+
     def request(self, pod: AgentPod, method: str, path: str, *,
-                body: dict[str, Any] | None = None,
+                params: Mapping[str, str] | None = None, body: dict[str, Any] | None = None,
                 token: str | None = None) -> tuple[int, dict[str, Any]]: ...
 
 

@@ -63,6 +63,17 @@ def find_streams(
     return sorted(found.values(), key=lambda ss: ss.stream)
 
 
+def store_namespaces(store: Store, cluster: str) -> list[str]:
+    """Namespaces with segments of ``cluster`` in the store (``-A``), from the key layout
+    alone."""
+    found: set[str] = set()
+    for key in store.list(f"{cluster}/"):
+        sk = parse_segment_key(key)
+        if sk is not None and sk.prefix == "" and sk.cluster == cluster:
+            found.add(sk.stream.namespace)
+    return sorted(found)
+
+
 def iter_segments(store: Store, ss: StreamSegments) -> Iterator[tuple[SegmentKey, bytes]]:
     """Decompressed, verified segment bodies of one stream, in offset order."""
     expect = 0

@@ -11,17 +11,14 @@ import sys
 import time
 from typing import Any, Final
 
-from evidence_keeper.agents import PodIP, PodProxy, kube_client, list_agent_pods
+from evidence_keeper.agents import transport
 from evidence_keeper.api.client import call
 from evidence_keeper.archive.cluster import (
-    AgentPod,
-    AgentTransport,
-    ClusterError,
     ClusterResult,
     NodeArchive,
     cluster_archive,
 )
-from evidence_keeper.archive.manifest import Scope, ScopeError, check_glob, check_namespace
+from evidence_keeper.archive.manifest import Scope
 from evidence_keeper.commands.base import (
     EXIT_NEGATIVE,
     EXIT_OK,
@@ -29,14 +26,17 @@ from evidence_keeper.commands.base import (
     subcommand,
 )
 from evidence_keeper.commands.common import (
+    add_agents,
     add_config,
     add_namespace,
     add_output,
     agent_url,
+    find_agents,
+    flag_scope,
+    kube_api,
     read_store,
     settings,
     token,
-    when,
 )
 from evidence_keeper.commands.render import json_doc
 from evidence_keeper.settings import Settings
@@ -65,14 +65,6 @@ def add_scope(p: argparse.ArgumentParser, *,
     add_output(p, json_help="the final archive document")
 
 
-def add_kube(p: argparse.ArgumentParser) -> None:
-    """How to find the agents through the API server (shared with ``kubectl evidence``)."""
-    p.add_argument("--kubeconfig", metavar="PATH", help="default: in-cluster, else $KUBECONFIG")
-    p.add_argument("--agent-namespace", default="evidence-keeper")
-    p.add_argument("--agent-selector", default="app.kubernetes.io/name=evidence-keeper")
-    p.add_argument("--agent-port", type=int, help="default: the port of the listen setting")
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subcommand(subparsers, NAME, help="seal and archive the evidence of a scope"
                                            " (POST /archive)", exit_codes=EXIT_CODES)
@@ -82,7 +74,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--url", help="agent API (default: from the configured listen address)")
     p.add_argument("--all-nodes", action="store_true",
                    help="every agent of the DaemonSet, then a cluster manifest (implies --wait)")
-    add_kube(p)
+    add_agents(p, kubeconfig_help="default: in-cluster, else $KUBECONFIG")
     p.add_argument("--via", choices=["proxy", "pod-ip"], default="proxy",
                    help="reach agents through the API server's pod proxy or at their pod IPs")
     return p
@@ -101,24 +93,13 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-def scope_of(args: argparse.Namespace) -> Scope:
-    try:
-        return Scope(namespace=check_namespace(args.namespace),
-                     pod=args.pod and check_glob(args.pod, "--pod", subdomain=True),
-                     container=args.container and check_glob(args.container, "--container",
-                                                             subdomain=False),
-                     since=when(args.since, "--since"), until=when(args.until, "--until"))
-    except ScopeError as exc:
-        raise CliError(str(exc)) from exc
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = settings(args)
     secret = token(args, cfg)
     body = request_body(args)
     if args.all_nodes:
-        scope = scope_of(args)
-        return all_nodes(args, cfg, body, secret, scope, api=connect(args.kubeconfig),
+        scope = flag_scope(args)
+        return all_nodes(args, cfg, body, secret, scope, api=kube_api(args.kubeconfig),
                          via=args.via)
     return one_agent(args, body, secret)
 
@@ -156,24 +137,6 @@ def _wait(url: str, doc: dict[str, Any], secret: str, timeout: float) -> dict[st
     return doc
 
 
-def connect(kubeconfig: str | None) -> Any:
-    try:
-        return kube_client(kubeconfig)
-    except ClusterError as exc:
-        raise CliError(str(exc)) from exc
-
-
-def find_agents(api: Any, args: argparse.Namespace) -> list[AgentPod]:
-    try:
-        pods = list_agent_pods(api, namespace=args.agent_namespace, selector=args.agent_selector)
-    except ClusterError as exc:
-        raise CliError(str(exc)) from exc
-    if not pods:
-        raise CliError(f"no agent pods {args.agent_selector!r} in namespace"
-                       f" {args.agent_namespace}")
-    return pods
-
-
 def all_nodes(args: argparse.Namespace, cfg: Settings, body: dict[str, Any], secret: str,
               scope: Scope, *, api: Any, via: str) -> int:
     """Archive on every agent, then write the cluster manifest (the caller's store access)."""
@@ -182,8 +145,7 @@ def all_nodes(args: argparse.Namespace, cfg: Settings, body: dict[str, Any], sec
     pods = find_agents(api, args)
     print(f"triggering {len(pods)} agents: {', '.join(p.node or p.name for p in pods)}",
           file=sys.stderr)
-    transport: AgentTransport = (PodProxy(api, namespace=args.agent_namespace, port=port)
-                                 if via == "proxy" else PodIP(port=port))
+    agents = transport(api, namespace=args.agent_namespace, port=port, via=via)
     started = time.monotonic()
     shown: dict[str, str] = {}
 
@@ -197,7 +159,7 @@ def all_nodes(args: argparse.Namespace, cfg: Settings, body: dict[str, Any], sec
 
     try:
         result = cluster_archive(store, cluster=cfg.cluster, pods=pods,
-                                 transport=transport, body=body, token=secret, scope=scope,
+                                 transport=agents, body=body, token=secret, scope=scope,
                                  timeout_s=args.timeout, progress=progress,
                                  object_lock_days=cfg.object_lock_days)
     except StoreError as exc:

@@ -12,8 +12,9 @@ Three ways to ask "what was lost, and is every log path working?":
 * the store (``gaps --from-store``): the ledger objects every agent shipped, read with no
   agent running, newest state per gap (``archive/ledger.py``).
 
-The fleet itself (nodes, agents, rows, verdict) is :mod:`evidence_keeper.fleet`; the store's
-ledger is :mod:`evidence_keeper.archive.ledger`. The ``gaps``, ``preflight`` and ``verify`` command
+The fleet itself (nodes, agents, rows) is :mod:`evidence_keeper.fleet`, its table, verdict and
+JSON report :mod:`evidence_keeper.commands.render`; the store's ledger is
+:mod:`evidence_keeper.archive.ledger`. The ``gaps``, ``preflight`` and ``verify`` command
 modules add :func:`add_fleet` (and :func:`add_verify_ledger_arguments`) to their parsers and
 hand these modes to :func:`run_gaps`, :func:`run_preflight` and :func:`run_verify_ledger`,
 which return the exit code and print one clear line on error (exit 2).
@@ -25,7 +26,7 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,16 +41,12 @@ from evidence_keeper.archive.ledger import (
     read_ledger,
     verify_ledger,
 )
-from evidence_keeper.commands.common import Progress
+from evidence_keeper.commands.common import Progress, add_agents
+from evidence_keeper.commands.render import fleet_json, format_fleet, format_gaps, verdict
 from evidence_keeper.fleet import (
-    AGENT_SELECTOR,
     Selection,
     agent_checks,
-    fleet_json,
-    format_fleet,
     survey,
-    table,
-    verdict,
 )
 from evidence_keeper.settings import Settings, load_settings
 from evidence_keeper.store import Store, StoreError, open_store
@@ -65,14 +62,11 @@ def add_fleet(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("every node (--all-nodes)")
     g.add_argument("--all-nodes", action="store_true",
                    help="every node of the cluster, through the API server")
-    g.add_argument("--kubeconfig", metavar="PATH", help="default: in-cluster, else $KUBECONFIG")
+    add_agents(g, kubeconfig_help="default: in-cluster, else $KUBECONFIG")
     g.add_argument("--node-selector", metavar="SELECTOR",
                    help="only nodes with these labels (e.g. node-role.kubernetes.io/worker=)")
     g.add_argument("--exclude-node", action="append", default=[], metavar="NODE",
                    help="leave this node out (repeatable, or a comma list)")
-    g.add_argument("--agent-namespace", default="evidence-keeper")
-    g.add_argument("--agent-selector", default=AGENT_SELECTOR)
-    g.add_argument("--agent-port", type=int, help="default: the port of the listen setting")
     g.add_argument("--via", choices=["proxy", "pod-ip"], default="proxy",
                    help="reach agents through the API server's pod proxy or at their pod IPs")
 
@@ -134,35 +128,9 @@ def _modes(args: argparse.Namespace, *, store: bool) -> None:
         raise CommandError("--exclude-node and --node-selector need --all-nodes")
 
 
-def format_gaps(doc: dict[str, Any], *, with_node: bool = False) -> str:
-    """The gaps table (``doc`` as ``/gaps`` returns it); ``with_node`` adds a NODE column."""
-    head = ("NODE",) if with_node else ()
-    rows: list[Sequence[str]] = [(*head, "ID", "KIND", "START", "END", "WHAT", "DETAIL")]
-    for g in doc["gaps"]:
-        if g["kind"] == "loss":
-            what = (f"{g.get('namespace')}/{g.get('pod')}/{g.get('container')}#{g.get('restart')}"
-                    f" @{g.get('offset')} +{g.get('bytes') if g.get('bytes') is not None else '?'}"
-                    f" {g.get('reason', '')}")
-        else:
-            what = " ".join(str(x) for x in (g.get("sink"), g.get("check"), g.get("reason"))
-                            if x)
-        detail = g.get("detail") or ""
-        cov = g.get("coverage")
-        if cov:
-            detail = (f"coverage: {cov['streams']} streams, {cov['captured_bytes']} B captured,"
-                      f" {cov['shipped_bytes']} B shipped; {detail}")
-        node = (str(g.get("node")),) if with_node else ()
-        rows.append((*node, str(g["id"]), g["kind"], g["start"][:19], (g["end"] or "open")[:19],
-                     what, detail[:90]))
-    lines = [table(rows)]
-    n = len(doc.get("nodes") or [])
-    where = f"{n} node{'' if n == 1 else 's'}" if with_node else f"node {doc['node']}"
-    lines.append(f"{len(doc['gaps'])} gaps on {where} (generated {doc['generated_at']})")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------ gaps
-def _gaps_params(args: argparse.Namespace) -> dict[str, str]:
+def gaps_params(args: argparse.Namespace) -> dict[str, str]:
+    """The ``/gaps`` query of the filter flags (``gaps.add_filters``)."""
     params = {k: getattr(args, k) for k in ("since", "until", "kind", "namespace")
               if getattr(args, k)}
     if args.open:
@@ -180,7 +148,7 @@ def run_gaps(args: argparse.Namespace) -> int:
             return _gaps_from_store(args)
         if args.all_nodes:
             return _gaps_all_nodes(args)
-        _, doc = call(_url(args), "/gaps", params=_gaps_params(args))
+        _, doc = call(_url(args), "/gaps", params=gaps_params(args))
     except (CommandError, ApiError, ClusterError, StoreError) as exc:
         return _fail(exc)
     print(json.dumps(doc, indent=2) if args.output == "json" else format_gaps(doc))
@@ -196,7 +164,7 @@ def _gaps_all_nodes(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     parse_when(args.since, "--since", now)  # a bad value is one line here, not N agent errors
     parse_when(args.until, "--until", now)
-    fleet = _survey(args, settings, gaps_params=_gaps_params(args),
+    fleet = _survey(args, settings, gaps_params=gaps_params(args),
                     loss_since=args.since or "the start of the ledger",
                     max_backlog=settings.backlog_threshold_s)
     silent = [r.node for r in fleet.rows if r.agent not in ("ready", "not-ready")]
@@ -216,7 +184,7 @@ def _gaps_all_nodes(args: argparse.Namespace) -> int:
         print(format_fleet(fleet, window=args.since or "all"))
         print()
         print(format_gaps({"gaps": gaps, "nodes": fleet.rows,
-                           "generated_at": fleet.generated_at}, with_node=True))
+                           "generated_at": fleet.generated_at}, node_column=True))
         if not complete:
             print(f"no live answer from {', '.join(silent)}: their gaps above are what their"
                   " agents shipped to the store's ledger before", file=sys.stderr)
@@ -256,7 +224,7 @@ def _gaps_from_store(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(doc, indent=2))
     else:
-        print(format_gaps(doc, with_node=True))
+        print(format_gaps(doc, node_column=True))
         print(f"read {len(objects)} ledger objects of {len(nodes)}"
               f" node{'' if len(nodes) == 1 else 's'} from {store.describe()}", file=sys.stderr)
     if not objects:
@@ -357,5 +325,5 @@ def _preflight_all_nodes(args: argparse.Namespace) -> int:
     return 0 if fleet.ok else 1
 
 
-__all__ = ["add_fleet", "add_verify_ledger_arguments", "format_gaps", "run_gaps",
+__all__ = ["add_fleet", "add_verify_ledger_arguments", "gaps_params", "run_gaps",
            "run_preflight", "run_verify_ledger"]

@@ -10,9 +10,18 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+from evidence_keeper.agents import (
+    AGENT_NAMESPACE,
+    AGENT_SELECTOR,
+    agent_pod_docs,
+    agent_pods,
+    kube_client,
+)
 from evidence_keeper.api.client import default_url
+from evidence_keeper.archive.cluster import AgentPod, ClusterError
+from evidence_keeper.archive.manifest import Scope, ScopeError, check_glob, check_namespace
 from evidence_keeper.commands.base import CliError, NoEvidence
 from evidence_keeper.settings import Settings, load_settings
 from evidence_keeper.store import FileStore, Store, StoreError, open_store
@@ -49,6 +58,23 @@ def when(value: str | None, name: str, *, now: datetime | None = None) -> dateti
     try:
         return parse_time(value, name, now or datetime.now(UTC))
     except TimeError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def flag_scope(args: argparse.Namespace, *, what: str = "namespace",
+               all_namespaces: bool = False) -> Scope:
+    """The scope of the ``-n``, ``--pod``, ``--container``, ``--since`` and ``--until`` flags,
+    checked (``what`` names the namespace in its error; with ``all_namespaces`` no ``-n`` is
+    every namespace, ``""``); a bad flag is a one-line :class:`CliError`."""
+    try:
+        return Scope(
+            namespace=("" if all_namespaces and not args.namespace
+                       else check_namespace(args.namespace, what)),
+            pod=args.pod and check_glob(args.pod, "--pod", subdomain=True),
+            container=args.container and check_glob(args.container, "--container",
+                                                    subdomain=False),
+            since=when(args.since, "--since"), until=when(args.until, "--until"))
+    except ScopeError as exc:
         raise CliError(str(exc)) from exc
 
 
@@ -91,6 +117,46 @@ def agent_url(args: argparse.Namespace) -> str:
     if args.url:
         return str(args.url)
     return default_url(settings(args).listen)
+
+
+# ------------------------------------------------------------------ agents, through the API
+def add_agents(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, kubeconfig_help: str,
+               port_help: str = "default: the port of the listen setting") -> None:
+    """How to find the agents through the API server (``archive``/``gaps``/``preflight
+    --all-nodes`` and every ``kubectl evidence`` command)."""
+    p.add_argument("--kubeconfig", metavar="PATH", help=kubeconfig_help)
+    p.add_argument("--agent-namespace", default=AGENT_NAMESPACE,
+                   help=f"namespace of the agents' DaemonSet (default {AGENT_NAMESPACE})")
+    p.add_argument("--agent-selector", default=AGENT_SELECTOR,
+                   help="label selector of the agent pods")
+    p.add_argument("--agent-port", type=int, help=port_help)
+
+
+def kube_api(kubeconfig: str | None, *, context: str | None = None,
+             in_cluster: bool = True) -> Any:
+    """:func:`~evidence_keeper.agents.kube_client`, failing as a one-line :class:`CliError`."""
+    try:
+        return kube_client(kubeconfig, context=context, in_cluster=in_cluster)
+    except ClusterError as exc:
+        raise CliError(str(exc)) from None
+
+
+def agent_docs(api: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The agent pods of ``--agent-namespace``/``--agent-selector`` as the API server's JSON;
+    at least one."""
+    try:
+        docs = agent_pod_docs(api, namespace=args.agent_namespace, selector=args.agent_selector)
+    except ClusterError as exc:
+        raise CliError(str(exc)) from None
+    if not docs:
+        raise CliError(f"no agent pods {args.agent_selector!r} in namespace"
+                       f" {args.agent_namespace} (see --agent-namespace, --agent-selector)")
+    return docs
+
+
+def find_agents(api: Any, args: argparse.Namespace) -> list[AgentPod]:
+    """The agent pods (at least one), by node."""
+    return agent_pods(agent_docs(api, args))
 
 
 class Progress:

@@ -26,14 +26,6 @@ def add_filters(p: argparse.ArgumentParser) -> None:
     add_output(p, json_help="the API's JSON document")
 
 
-def params(args: argparse.Namespace) -> dict[str, str]:
-    out = {k: getattr(args, k) for k in ("since", "until", "kind", "namespace")
-           if getattr(args, k)}
-    if args.open:
-        out["open"] = "true"
-    return out
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subcommand(subparsers, NAME,
                    help="list gaps: one agent's ledger, every node's, or the store's")
@@ -51,6 +43,6 @@ def run(args: argparse.Namespace) -> int:
     if args.from_store or args.all_nodes or args.node or args.exclude_node or (
             args.node_selector):
         return cluster.run_gaps(args)
-    _, doc = call(agent_url(args), "/gaps", params=params(args))
+    _, doc = call(agent_url(args), "/gaps", params=cluster.gaps_params(args))
     print(json_doc(doc) if args.output == "json" else format_gaps(doc))
     return 0

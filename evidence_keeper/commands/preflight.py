@@ -12,6 +12,7 @@ from evidence_keeper.commands import cluster
 from evidence_keeper.commands.base import EXIT_NEGATIVE, EXIT_OK, subcommand
 from evidence_keeper.commands.common import add_config, add_output, agent_url, settings
 from evidence_keeper.commands.render import Check, format_checks, json_doc
+from evidence_keeper.fleet import agent_checks
 
 NAME: Final = "preflight"
 DEFAULT_MAX_BACKLOG_S: Final = 60.0  # with --url and no config: the default backlog threshold
@@ -45,18 +46,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def checks(ready: dict[str, Any], loss: dict[str, Any], *, since: str, max_backlog: float,
            node: str | None = None) -> list[Check]:
     """The gate's checks from one agent's ``/readyz`` and ``/gaps?kind=loss`` documents."""
-    out = [Check(bool(ready.get("ready")), "agent ready (spool recovered, log root tailed)",
-                 node)]
-    for s in ready.get("sinks", []):
-        ok = s.get("up") is True
-        why = "" if ok else f": {s.get('failed_check') or 'not probed yet'} {s.get('error') or ''}"
-        out.append(Check(ok, f"sink {s['sink']} ({s['target']}) up{why}".rstrip(), node))
-    age = float(ready.get("spool", {}).get("oldest_unshipped_age_s", 0))
-    out.append(Check(age <= max_backlog,
-                     f"shipping current (oldest unshipped {age:.1f}s <= {max_backlog:g}s)", node))
-    n_loss = len(loss.get("gaps", []))
-    out.append(Check(n_loss == 0, f"no loss gaps since {since} ({n_loss} found)", node))
-    return out
+    return [Check(ok, text, node)
+            for ok, text in agent_checks(ready, loss, since=since, max_backlog=max_backlog)]
 
 
 def report(results: list[Check], *, output: str, where: dict[str, Any]) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evidence_keeper.archive.search import Hit, format_json
+from evidence_keeper.fleet import Fleet, NodeRow
 from evidence_keeper.timefmt import rfc3339
 
 
@@ -38,13 +39,14 @@ def _gap_detail(g: dict[str, Any]) -> str:
 
 
 def table(rows: Sequence[Sequence[str]]) -> list[str]:
-    """Left-aligned columns; the last column is not padded (it may be long)."""
+    """Left-aligned columns; the last column is not padded (it may be long), no line ends in
+    spaces."""
     if not rows:
         return []
     n = len(rows[0])
     widths = [max(len(r[i]) for r in rows) for i in range(n - 1)]
-    return ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
-            for r in rows]
+    return [("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  "
+             + r[-1]).rstrip() for r in rows]
 
 
 def format_gaps(doc: dict[str, Any], *, node_column: bool = False) -> str:
@@ -56,7 +58,9 @@ def format_gaps(doc: dict[str, Any], *, node_column: bool = False) -> str:
                _gap_what(g), _gap_detail(g))
         rows.append(((str(g.get("node", "")),) if node_column else ()) + row)
     lines = table(rows)
-    where = f"node {doc['node']}" if "node" in doc else f"{doc.get('nodes', '?')} nodes"
+    nodes = doc.get("nodes", "?")
+    n = len(nodes) if isinstance(nodes, list) else nodes  # the nodes, or how many
+    where = f"node {doc['node']}" if "node" in doc else f"{n} node{'' if n == 1 else 's'}"
     lines.append(f"{len(doc['gaps'])} gaps on {where} (generated {doc['generated_at']})")
     return "\n".join(lines)
 
@@ -91,3 +95,85 @@ def format_hit(hit: Hit, *, output: str, timestamps: bool = False,
         ts = hit.ts
         head = (rfc3339(ts) if ts is not None else "-") + " " + head
     return f"{head}{s.pod} {s.container} │ ".encode() + hit.message + b"\n"
+
+
+# ------------------------------------------------------------------------------ the fleet
+def _sinks_text(row: NodeRow) -> str:
+    if row.agent in ("none", "unreachable"):
+        return "-"
+    parts = []
+    for s in row.sinks:
+        checks: dict[str, bool | None] = s["checks"]
+        if all(v is True for v in checks.values()):
+            parts.append(f"{s['sink']} up")
+        elif all(v is None for v in checks.values()):
+            parts.append(f"{s['sink']} unprobed")
+        else:
+            parts.append(f"{s['sink']} DOWN(" + ",".join(
+                f"{c}:{'ok' if v else 'FAIL' if v is False else '?'}"
+                for c, v in checks.items()) + ")")
+    return " ".join(parts) or "-"
+
+
+def _shipping_text(row: NodeRow) -> str:
+    if row.shipping_current is None:
+        return "-"
+    age = f"{row.oldest_unshipped_age_s or 0:.1f}s"
+    text = f"current ({age})" if row.shipping_current else f"BEHIND ({age})"
+    if row.ledger_unshipped_records:
+        text += f" ledger+{row.ledger_unshipped_records}"
+    return text
+
+
+def _loss_text(row: NodeRow) -> str:
+    if row.loss_gaps is None:
+        return "-"
+    if row.loss_gaps == 0:
+        return "none"
+    unknown = f" +{row.loss_unknown_length} unknown" if row.loss_unknown_length else ""
+    return f"{row.loss_gaps} gaps, {row.lost_bytes} B{unknown}"
+
+
+def _agent_text(row: NodeRow) -> str:
+    text = {"none": "NONE", "not-ready": "NOT READY", "unreachable": "UNREACHABLE"}.get(
+        row.agent, row.agent)
+    if row.cordoned:
+        text += " (cordoned)"
+    if not row.node_ready:
+        text += " (node NotReady)"
+    return text
+
+
+def format_fleet(fleet: Fleet, *, window: str) -> str:
+    rows: list[Sequence[str]] = [("NODE", "AGENT", "SINKS", "SHIPPING", f"LOSS ({window})",
+                                  "VERDICT")]
+    for r in fleet.rows:
+        rows.append((r.node, _agent_text(r), _sinks_text(r), _shipping_text(r), _loss_text(r),
+                     "ok" if r.ok else "FAIL"))
+    lines = table(rows)
+    for r in fleet.rows:
+        lines += [f"  FAIL  {f}" for f in r.failures]
+        lines += [f"  note  {n}" for n in r.notes]
+    if fleet.excluded:
+        lines.append(f"  excluded: {', '.join(fleet.excluded)}")
+    for p in fleet.orphans:
+        lines.append(f"  note  agent pod {p.name} runs on node {p.node or '?'}, which is not"
+                     " selected")
+    return "\n".join(lines)
+
+
+def verdict(fleet: Fleet) -> str:
+    failed = [r for r in fleet.rows if not r.ok]
+    if not failed:
+        return (f"cluster preflight passed: {len(fleet.rows)} nodes, every agent ready, sinks"
+                " up, shipping current, no loss")
+    return (f"cluster preflight FAILED: {len(failed)} of {len(fleet.rows)} nodes"
+            f" ({', '.join(r.node for r in failed)}); evidence would be at risk")
+
+
+def fleet_json(fleet: Fleet, *, window_since: str | None) -> dict[str, Any]:
+    return {"generated_at": fleet.generated_at, "ok": fleet.ok, "verdict": verdict(fleet),
+            "window_since": window_since, "excluded": fleet.excluded,
+            "nodes": [r.to_json() for r in fleet.rows],
+            "failures": [f for r in fleet.rows for f in r.failures],
+            "orphan_agents": [{"pod": p.name, "node": p.node} for p in fleet.orphans]}

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from evidence_keeper.archive.manifest import Scope, ScopeError, check_glob, check_namespace
+from evidence_keeper.archive.export import store_namespaces
+from evidence_keeper.archive.manifest import Scope
 from evidence_keeper.archive.search import (
     Hit,
     Matcher,
@@ -36,13 +37,12 @@ from evidence_keeper.commands.common import (
     add_config,
     add_namespace,
     add_output,
+    flag_scope,
     read_store,
     settings,
     store_failure,
-    when,
 )
 from evidence_keeper.commands.render import format_hit
-from evidence_keeper.model import parse_segment_key
 from evidence_keeper.settings import Settings
 from evidence_keeper.store import Store, StoreError
 
@@ -108,29 +108,11 @@ class Totals:
         self.elapsed += st.elapsed
 
 
-def store_namespaces(store: Store, cluster: str) -> list[str]:
-    """Namespaces with segments in the store (``-A``), from the key layout alone."""
-    found: set[str] = set()
-    for key in store.list(f"{cluster}/"):
-        sk = parse_segment_key(key)
-        if sk is not None and sk.prefix == "" and sk.cluster == cluster:
-            found.add(sk.stream.namespace)
-    return sorted(found)
-
-
 def scope_template(args: argparse.Namespace) -> Scope:
     """The scope from the flags (namespace empty with ``-A``), checked before any I/O."""
     if args.all_namespaces == (args.namespace is not None):
         raise CliError("search needs exactly one of -n NAMESPACE and -A (all namespaces)")
-    try:
-        return Scope(
-            namespace=check_namespace(args.namespace, "--namespace") if args.namespace else "",
-            pod=args.pod and check_glob(args.pod, "--pod", subdomain=True),
-            container=args.container and check_glob(args.container, "--container",
-                                                    subdomain=False),
-            since=when(args.since, "--since"), until=when(args.until, "--until"))
-    except ScopeError as exc:
-        raise CliError(str(exc)) from exc
+    return flag_scope(args, what="--namespace", all_namespaces=True)
 
 
 def scopes(template: Scope, store: Store, cfg: Settings) -> list[Scope]:

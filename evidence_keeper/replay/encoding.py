@@ -28,6 +28,7 @@ byte becomes the four characters ``\\xNN``), the entry is flagged (Datadog attri
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import zlib
@@ -128,6 +129,19 @@ class Encoder(Protocol):
     def flush(self) -> list[Batch]:
         """The batches still open."""
         ...
+
+
+class _LineByLine(abc.ABC):
+    """:meth:`add_lines` as :meth:`add` for each line (an encoder with no faster path)."""
+
+    @abc.abstractmethod
+    def add(self, line: Line) -> list[Batch]: ...
+
+    def add_lines(self, lines: list[Line]) -> list[Batch]:
+        out: list[Batch] = []
+        for line in lines:
+            out += self.add(line)
+        return out
 
 
 def gzip_bytes(data: bytes, level: int = 1) -> bytes:
@@ -342,7 +356,7 @@ def _split_text(text: str, limit: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ Loki
-class LokiEncoder:
+class LokiEncoder(_LineByLine):
     def __init__(self, ctx: StreamContext, *, max_request: int = LOKI_MAX_REQUEST,
                  max_lines: int = LOKI_MAX_LINES) -> None:
         self.ctx = ctx
@@ -358,12 +372,6 @@ class LokiEncoder:
         self._prev = [0, 0]
         self._size = 0
         self._batch = Batch("intake")
-
-    def add_lines(self, lines: list[Line]) -> list[Batch]:
-        out: list[Batch] = []
-        for line in lines:
-            out += self.add(line)
-        return out
 
     def add(self, line: Line) -> list[Batch]:
         start, end, ts, st, msg = line
@@ -401,7 +409,7 @@ def _kv(key: str, value: str | int) -> KeyValue:
     return KeyValue(key=key, value=AnyValue(string_value=value))
 
 
-class OtlpEncoder:
+class OtlpEncoder(_LineByLine):
     def __init__(self, ctx: StreamContext, *, version: str = "",
                  max_request: int = OTLP_MAX_REQUEST, max_lines: int = OTLP_MAX_LINES) -> None:
         self.ctx = ctx
@@ -422,12 +430,6 @@ class OtlpEncoder:
         self._batch = Batch("intake", content_type="application/x-protobuf")
         self._records: list[LogRecord] = []
         self._size = 0
-
-    def add_lines(self, lines: list[Line]) -> list[Batch]:
-        out: list[Batch] = []
-        for line in lines:
-            out += self.add(line)
-        return out
 
     def add(self, line: Line) -> list[Batch]:
         start, end, ts, st, msg = line

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
 
+from evidence_keeper.archive.export import store_namespaces
 from evidence_keeper.archive.manifest import (
     Listing,
     Scope,
@@ -30,7 +31,7 @@ from evidence_keeper.archive.manifest import (
     list_scope,
     select_segments,
 )
-from evidence_keeper.model import StreamId, parse_segment_key
+from evidence_keeper.model import StreamId
 from evidence_keeper.store import Store
 from evidence_keeper.store.codec import BodyError, decompressed_chunks
 from evidence_keeper.timefmt import parse_rfc3339
@@ -62,15 +63,6 @@ class StreamPlan:
         return sum(e.length for r in self.runs for e in r.segments)
 
 
-def _namespaces(store: Store, cluster: str) -> list[str]:
-    found: set[str] = set()
-    for key in store.list(f"{cluster}/"):
-        sk = parse_segment_key(key)
-        if sk is not None and sk.prefix == "" and sk.cluster == cluster:
-            found.add(sk.stream.namespace)
-    return sorted(found)
-
-
 def plan(store: Store, *, cluster: str, namespace: str | None,
          namespaces: tuple[str, ...] | None = None, pod: str | None = None,
          container: str | None = None, since: datetime | None = None,
@@ -83,7 +75,7 @@ def plan(store: Store, *, cluster: str, namespace: str | None,
     """
     out: list[StreamPlan] = []
     listed = ([namespace] if namespace else list(namespaces) if namespaces
-              else _namespaces(store, cluster))
+              else store_namespaces(store, cluster))
     for ns in listed:
         scope = Scope(namespace=ns, pod=pod, container=container, since=since, until=until)
         listing = list_scope(store, cluster=cluster, scope=scope)

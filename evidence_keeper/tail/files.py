@@ -177,27 +177,27 @@ class FileReader:
                     error=str(exc), **stream_fields(sid))
 
     # ------------------------------------------------------------------ heads
-    def gz_head(self, f: TailFile) -> bytes | None:
+    @staticmethod
+    def _gz_read_head(f: TailFile, n: int) -> bytes | None:
+        """The first ``n`` decompressed bytes (the reader left at the start), None if broken."""
         assert f.gzf is not None
         try:
             f.gzf.seek(0)
-            head = f.gzf.read(FP_MAX)
+            head = f.gzf.read(n)
             f.gzf.seek(0)
         except (OSError, EOFError, zlib.error):
             return None
-        if not f.fp_len:
+        return head
+
+    def gz_head(self, f: TailFile) -> bytes | None:
+        head = self._gz_read_head(f, FP_MAX)
+        if head is not None and not f.fp_len:
             f.fp_len, f.fp = len(head), fingerprint(head)
         return head
 
     def gz_head_is(self, f: TailFile, want_len: int, want: str) -> bool:
-        assert f.gzf is not None
-        try:
-            f.gzf.seek(0)
-            head = f.gzf.read(want_len)
-            f.gzf.seek(0)
-        except (OSError, EOFError, zlib.error):
-            return False
-        return len(head) == want_len and fingerprint(head) == want
+        head = self._gz_read_head(f, want_len)
+        return head is not None and len(head) == want_len and fingerprint(head) == want
 
     def skip_gz(self, f: TailFile, n: int) -> bool:
         """Position a .gz reader at uncompressed offset ``n``; False if the file is damaged."""

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from evidence_keeper.sim import KubeletSim
 from evidence_keeper.store import FileStore
 from tests.conftest import AgentThread, export_bytes
 from tests.support.archive import NS, TOKEN, archive_settings, raw_http
+from tests.support.node import terminate
 
 FLOOD = 1000
 
@@ -122,13 +122,7 @@ class ChildAgent:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc)
         self._reader.join(10)
         assert self.proc.stderr is not None
         self.proc.stderr.close()

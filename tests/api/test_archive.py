@@ -13,7 +13,6 @@ import json
 import random
 import shutil
 import tarfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession, web
 
 from evidence_keeper.api.archiving import ArchiveJob
 from evidence_keeper.api.client import call
@@ -43,6 +41,7 @@ from evidence_keeper.formats import line_message, line_ts
 from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings
 from evidence_keeper.sim import KubeletSim, churn
+from evidence_keeper.sim.apiserver import SimApiServer
 from evidence_keeper.store import FileStore
 from evidence_keeper.store.codec import compress, decompress
 from tests.conftest import AgentThread, export_bytes, wait_exported
@@ -50,6 +49,7 @@ from tests.fakekube import FakeKube
 from tests.support.archive import (
     NS,
     TOKEN,
+    archive_orders,
     archive_settings,
     load,
     manifest_stream_bytes,
@@ -60,7 +60,7 @@ from tests.support.archive import (
     wait_archive,
     write_config,
 )
-from tests.support.s3 import REGION, s3
+from tests.support.s3 import s3
 
 
 # -------------------------------------------------------------------------------- the archive
@@ -252,26 +252,16 @@ def test_verify_names_tampered_objects(tmp_path: Path,
     assert cli_main(["verify", "--config", config, "../../etc/passwd"]) == 2
 
 
+@pytest.mark.usefixtures("aws_env")
 def test_archive_on_s3_is_locked_and_verifiable(
         tmp_path: Path, make_settings: Callable[..., Settings], token_file: Path,
-        moto_url: str, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                       ("AWS_DEFAULT_REGION", REGION), ("AWS_EC2_METADATA_DISABLED", "true")):
-        monkeypatch.setenv(key, value)
+        moto_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     client = s3(moto_url)
     bucket = f"ek-archive-{random.randrange(1 << 32):08x}"
     client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
     settings = archive_settings(make_settings, token_file, store_url=f"s3://{bucket}/evidence",
                                 s3_endpoint_url=moto_url, object_lock_days=3)
-    sim = realtime_sim(tmp_path / "pods")
-    sim.add_pod(NS, "orders-1", containers=("orders",))
-    with AgentThread(settings) as t:
-        for i in range(100):
-            sim.write(NS, "orders-1", "orders", f"Order {i} status updated to PAYMENT_FAILED")
-        doc = post_archive(t.url, {"namespace": NS, "reason": "s3", "since": "5m"})
-        done = wait_archive(t.url, doc["id"])
-    assert done["status"] == "complete", done
+    doc, done = archive_orders(settings, tmp_path / "pods", lines=100, reason="s3")
     # v2: manifest_key and segment keys are full object keys (the store prefix included).
     assert done["manifest_key"] == f"evidence/default/_archives/{doc['id']}/manifest.json"
     head = client.head_object(Bucket=bucket, Key=done["manifest_key"])
@@ -621,92 +611,6 @@ def test_globs_are_bounded() -> None:
 
 
 # -------------------------------------------------------------------------------- all nodes
-class ApiServerFront:
-    """The API server's pod list (label selectors) and pod proxy, in front of FakeKube.
-
-    The proxy behaves like kube-apiserver: it authenticates the caller with its own bearer
-    token, removes ``Authorization`` and forwards the request to the pod (here: the agent
-    thread registered for that pod name).
-    """
-
-    def __init__(self, kube: FakeKube, agents: dict[str, str], token: str) -> None:
-        self.kube, self.agents, self.token = kube, agents, token
-        self.proxied: list[tuple[str, str, dict[str, str]]] = []
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="api-front")
-
-    def __enter__(self) -> ApiServerFront:
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def kubeconfig(self, path: Path) -> Path:
-        path.write_text(
-            "apiVersion: v1\nkind: Config\n"
-            f"clusters:\n- name: front\n  cluster:\n    server: http://127.0.0.1:{self.port}\n"
-            f"users:\n- name: front\n  user:\n    token: {self.token}\n"
-            "contexts:\n- name: front\n  context:\n    cluster: front\n    user: front\n"
-            "current-context: front\n")
-        return path
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._start())
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/api/v1/namespaces/{ns}/pods", self._list)
-        app.router.add_route("*", "/api/v1/namespaces/{ns}/pods/{name}/proxy/{path:.*}",
-                             self._proxy)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    def _authorized(self, request: web.Request) -> bool:
-        return request.headers.get("Authorization") == f"Bearer {self.token}"
-
-    async def _list(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return web.json_response({"kind": "Status", "code": 401}, status=401)
-        selector = dict(p.split("=", 1) for p in request.query.get("labelSelector", "").split(",")
-                        if "=" in p)
-        async with ClientSession() as http_, http_.get(
-                f"{self.kube.url}/api/v1/namespaces/{request.match_info['ns']}/pods") as resp:
-            doc = await resp.json()
-        doc["items"] = [p for p in doc["items"] if all(
-            p["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())]
-        return web.json_response(doc)
-
-    async def _proxy(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return web.json_response({"kind": "Status", "code": 401}, status=401)
-        name, _, _port = request.match_info["name"].partition(":")
-        target = self.agents.get(name)
-        if target is None:
-            return web.json_response({"kind": "Status", "code": 503}, status=503)
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in ("authorization", "host", "content-length")}
-        self.proxied.append((request.method, name, headers))
-        async with ClientSession() as http_, http_.request(
-                request.method, f"{target}/{request.match_info['path']}",
-                data=await request.read(), headers=headers) as resp:
-            body = await resp.read()
-            return web.Response(status=resp.status, body=body,
-                                content_type=resp.content_type)
-
-
 def test_all_nodes_archive_with_two_agents(tmp_path: Path,
                                            make_settings: Callable[..., Settings],
                                            token_file: Path,
@@ -747,9 +651,11 @@ def test_all_nodes_archive_with_two_agents(tmp_path: Path,
         kube.add_pod("evidence-keeper", "evidence-keeper-bbbbb", uid="uid-b", labels=labels,
                      node="node-b")
         kube.add_pod("evidence-keeper", "unrelated-helper", uid="uid-c", node="node-a")
-        agents = {"evidence-keeper-aaaaa": ta.url, "evidence-keeper-bbbbb": tb.url}
-        with ApiServerFront(kube, agents, token="kube-admin-token") as front:
-            kubeconfig = front.kubeconfig(tmp_path / "kubeconfig")
+        agents = {("evidence-keeper", "evidence-keeper-aaaaa"): ta.url,
+                  ("evidence-keeper", "evidence-keeper-bbbbb"): tb.url}
+        # The API server's authenticated front (pod list, pod proxy) before the FakeKube.
+        with SimApiServer(kube, targets=agents, token="kube-admin-token") as front:
+            kubeconfig = front.write_kubeconfig(tmp_path / "kubeconfig")
             config = write_config(tmp_path, a)
             argv = ["archive", "--config", config, "--all-nodes", "--kubeconfig",
                     str(kubeconfig), "--token-file", str(token_file), "--namespace", NS,
@@ -761,9 +667,10 @@ def test_all_nodes_archive_with_two_agents(tmp_path: Path,
             assert "2/2 nodes complete" in captured.err
             assert "node-a: complete" in captured.err and "node-b: complete" in captured.err
             # Through the proxy only the agent token header reached the agents.
-            assert {name for _m, name, _h in front.proxied} == set(agents)
+            assert {("evidence-keeper", name) for _m, name, _p, _h in front.proxied} == set(
+                agents)
             assert all("Authorization" not in h and h.get("X-Evidence-Keeper-Token") == TOKEN
-                       for _m, _n, h in front.proxied)
+                       for _m, _n, _p, h in front.proxied)
             # Idempotent: the same label gives the same archives.
             assert cli_main(argv) == 0
             assert capsys.readouterr().out.strip() == cluster_id

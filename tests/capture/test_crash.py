@@ -27,6 +27,7 @@ from evidence_keeper.sim import KubeletSim, churn
 from evidence_keeper.store import FileStore
 from tests.conftest import stored_segments
 from tests.support.exact import assert_streams_exact, spool_segment_files, wait_all_stored
+from tests.support.node import node_settings
 from tests.support.paths import REPO
 
 SEED = int(os.environ.get("CRASH_TEST_SEED", "20251110"))  # vary to explore
@@ -34,22 +35,7 @@ NS = "crash"
 
 
 def write_config(tmp_path: Path, name: str = "agent.yaml", **overrides: object) -> Path:
-    cfg: dict[str, object] = {
-        "node_name": "node-1",
-        "log_root": str(tmp_path / "pods"),
-        "spool_dir": str(tmp_path / "spool"),
-        "store_url": f"file://{tmp_path / 'store'}",
-        "kubernetes": "off",
-        "listen": "127.0.0.1:0",
-        "flush_interval_s": 1,
-        "discover_interval_s": 0.2,
-        "tail_interval_s": 0.05,
-        "commit_interval_s": 0.1,
-        "segment_max_bytes": "64KiB",
-        "shutdown_timeout_s": 20,
-        "log_level": "info",
-    }
-    cfg.update(overrides)
+    cfg = node_settings(tmp_path, segment_max_bytes="64KiB", log_level="info", **overrides)
     path = tmp_path / name
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return path

@@ -30,6 +30,7 @@ from tests.conftest import (
     wait_exported,
     wait_until,
 )
+from tests.support.stream import assert_stored, one_stream
 
 NS, POD, APP = "shop", "payment-1", "app"
 
@@ -152,10 +153,7 @@ async def test_new_log_file_after_rotation_unreadable_at_first_is_captured_once_
 ) -> None:
     """Seed 001: the new log file of the day was created with the wrong permissions."""
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods")
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD)
     fs = FaultyFS()
     async with running_agent(settings, fs=fs) as agent:
         write_lines(sim, 50, "day-1")
@@ -225,10 +223,7 @@ async def test_rotated_file_unreadable_at_first_is_captured_once_readable(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods", max_files=5)
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD, max_files=5)
     fs = FaultyFS()
     rotated, _ = unreadable_rotated_file(sim, fs, gz_readable=False)
     fs.deny_reads[str(rotated)] = 3
@@ -245,10 +240,7 @@ async def test_rotated_file_unreadable_until_kubelet_removes_it_is_an_exact_loss
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods", max_files=3)
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD, max_files=3)
     fs = FaultyFS()
     rotated, hole = unreadable_rotated_file(sim, fs, gz_readable=False)
     # Keep the inode alive after kubelet deletes the file, so the file system cannot hand its
@@ -268,9 +260,7 @@ async def test_rotated_file_unreadable_until_kubelet_removes_it_is_an_exact_loss
                     for g in loss_gaps(agent.ledger, sid)]
             assert metric(agent, "evidence_keeper_read_errors_total", errno="EACCES") >= 2
     assert gaps == [(0, hole, "unreadable")]
-    data, holes = export_bytes(store, sid)
-    assert holes == [(0, hole)]
-    assert_bytes_equal(data, record[hole:])
+    assert_stored(store, sid, record[hole:], holes=[(0, hole)])
     check_segments(stored_segments(store, sid))
 
 
@@ -278,10 +268,7 @@ async def test_unreadable_file_compressed_into_a_readable_gz_is_read_from_the_gz
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods", max_files=5)
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD, max_files=5)
     fs = FaultyFS()
     rotated, _ = unreadable_rotated_file(sim, fs, gz_readable=True)
     with rotated.open("rb"):
@@ -295,19 +282,14 @@ async def test_unreadable_file_compressed_into_a_readable_gz_is_read_from_the_gz
             await asyncio.sleep(0.5)
             gaps = loss_gaps(agent.ledger)
     assert gaps == []
-    data, holes = export_bytes(store, sid)
-    assert holes == []
-    assert_bytes_equal(data, sim.record(sid))
+    assert_stored(store, sid, sim.record(sid))
 
 
 async def test_unreadable_file_whose_inode_number_is_reused_by_the_next_log_file(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods", max_files=3)
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD, max_files=3)
     fs = FaultyFS()
     rotated, hole = unreadable_rotated_file(sim, fs, gz_readable=False)
     with rotated.open("rb") as held:
@@ -341,10 +323,7 @@ async def test_disk_full_under_the_spool_loses_nothing(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings(segment_max_bytes="64KiB")
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods")
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD)
     fs = FaultyFS()
     async with running_agent(settings, fs=fs) as agent:
         await stream_writes(sim, 0.5, "before")
@@ -367,10 +346,7 @@ async def test_spool_segment_creation_denied_is_retried(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings(segment_max_bytes="32KiB")
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods")
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD)
     fs = FaultyFS()
     fs.deny_segment_opens = 2
     async with running_agent(settings, fs=fs) as agent:
@@ -391,10 +367,7 @@ async def test_fsync_failing_once_in_commit_is_retried(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods")
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD)
     fs = FaultyFS()
     async with running_agent(settings, fs=fs) as agent:
         write_lines(sim, 50, "first")

@@ -29,7 +29,6 @@ from evidence_keeper.settings import Settings
 from evidence_keeper.sim import KubeletSim
 from evidence_keeper.store import FileStore
 from tests.conftest import (
-    assert_bytes_equal,
     check_segments,
     export_bytes,
     loss_gaps,
@@ -38,7 +37,9 @@ from tests.conftest import (
     wait_exported,
     wait_until,
 )
+from tests.support.node import node_settings, terminate
 from tests.support.paths import REPO
+from tests.support.stream import assert_stored
 
 
 def _free_port() -> int:
@@ -59,14 +60,8 @@ class ChildAgent:
     def __init__(self, tmp: Path, *, preexec: Callable[[], None] | None = None,
                  **overrides: object) -> None:
         self.port = _free_port()
-        cfg: dict[str, object] = {
-            "node_name": "node-1", "log_root": str(tmp / "pods"),
-            "spool_dir": str(tmp / "spool"), "store_url": f"file://{tmp / 'store'}",
-            "kubernetes": "off", "listen": f"127.0.0.1:{self.port}",
-            "flush_interval_s": 1, "discover_interval_s": 0.2, "tail_interval_s": 0.05,
-            "commit_interval_s": 0.1, "shutdown_timeout_s": 30, "log_level": "info",
-        }
-        cfg.update(overrides)
+        cfg = node_settings(tmp, **{"listen": f"127.0.0.1:{self.port}",
+                                    "shutdown_timeout_s": 30, "log_level": "info", **overrides})
         self.config = tmp / "agent.json"
         self.config.write_text(json.dumps(cfg))
         self.log = tmp / "agent.log"
@@ -123,14 +118,8 @@ class ChildAgent:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code, self.proc = self.proc.returncode, None
+            self.proc.send_signal(signal.SIGCONT)  # a stopped agent cannot handle SIGTERM
+        code, self.proc = terminate(self.proc, timeout=90), None
         assert code == 0, f"agent exited with {code}: {self.tail()}"
 
     def tail(self, n: int = 6) -> str:
@@ -210,9 +199,7 @@ def test_3000_files_under_1024_descriptors(tmp_path: Path,
     assert "Too many open files" not in agent.log.read_text(errors="replace")
     store = FileStore(tmp_path / "store")
     for sid in sim.streams()[::7]:
-        data, holes = export_bytes(store, sid)
-        assert holes == []
-        assert_bytes_equal(data, sim.record(sid), sid.key)
+        assert_stored(store, sid, sim.record(sid))
     assert _ledger_losses(tmp_path) == []
 
 
@@ -252,9 +239,7 @@ def test_paused_agent_records_the_rotations_it_could_not_see(
     agent.wait(lambda: _shipped(agent) >= len(expected), within=60, what="the rest shipped")
     agent.stop()
     store = FileStore(tmp_path / "store")
-    data, holes = export_bytes(store, sid)
-    assert holes == []
-    assert_bytes_equal(data, expected, sid.key)
+    assert_stored(store, sid, expected)
     check_segments(stored_segments(store, sid))
     losses = _ledger_losses(tmp_path, sid)
     assert [(g["offset"], g["bytes"], g["reason"]) for g in losses] == [
@@ -430,7 +415,5 @@ def test_rotation_every_100ms_for_15s_has_no_gap(
     agent.stop()
     assert _ledger_losses(tmp_path) == []
     store = FileStore(tmp_path / "store")
-    data, holes = export_bytes(store, sid)
-    assert holes == []
-    assert_bytes_equal(data, sim.record(sid), sid.key)
+    assert_stored(store, sid, sim.record(sid))
     check_segments(stored_segments(store, sid))

@@ -20,7 +20,6 @@ from typing import Any
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from evidence_keeper.api.client import call
 from evidence_keeper.archive.verify import format_report, verify_archive
@@ -43,27 +42,11 @@ from tests.conftest import (
 )
 from tests.netproxy import Proxy
 from tests.support.paths import REPO
+from tests.support.s3 import REGION
+from tests.support.stream import assert_stored
 
-REGION = "us-east-1"
 NS = "shop"
 TOKEN = "storage-faults-token-0123456789"
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
 def direct(url: str) -> Any:
@@ -364,9 +347,7 @@ async def test_budget_back_pressure_keeps_bytes_in_their_source(
         assert loss_gaps(agent.ledger) == []
         assert metric(agent, "evidence_keeper_lost_bytes_total", reason="evicted") == 0
     for sid in (quiet, noisy):
-        data, holes = export_bytes(store, sid)
-        assert holes == []
-        assert_bytes_equal(data, sim.record(sid), sid.key)
+        assert_stored(store, sid, sim.record(sid))
 
 
 async def test_endangered_bytes_evict_the_largest_share_never_a_quiet_pod(

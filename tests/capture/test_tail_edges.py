@@ -37,6 +37,7 @@ from tests.conftest import (
     wait_exported,
     wait_until,
 )
+from tests.support.stream import assert_stored, one_stream
 
 NS, POD, APP = "shop", "orders-1", "app"
 
@@ -215,10 +216,7 @@ async def test_rotation_overrun_while_stopped_is_one_unknown_hole_at_the_stop_of
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods", max_files=3)
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD, max_files=3)
     async with running_agent(settings):
         lines(sim, 40, "before")
         await wait_exported(store, sid, sim.record(sid))
@@ -256,10 +254,7 @@ async def test_rotation_overrun_after_reads_fell_behind_gives_a_hole_of_known_le
     """The agent knew the file's size (S) but had read only N bytes: [N, S) is a hole of
     exactly S - N bytes, and what was written after S is a hole of unknown length."""
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods", max_files=3)
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD, max_files=3)
     lines(sim, 300, "seen")  # present before the agent starts: it sees the size at open
     seen_size = sim.record_len(sid)
     read_limit = 8192
@@ -286,9 +281,7 @@ async def test_rotation_overrun_after_reads_fell_behind_gives_a_hole_of_known_le
         (read_limit, seen_size - read_limit, "rotated_away"),
         (seen_size, None, "rotated_away"),
     ]
-    data, holes = export_bytes(store, sid)
-    assert holes == [(read_limit, seen_size)]
-    assert_bytes_equal(data, record[:read_limit] + disk)
+    assert_stored(store, sid, record[:read_limit] + disk, holes=[(read_limit, seen_size)])
     segments = stored_segments(store, sid)
     assert segments[-1].sk.end == seen_size + len(disk)
     check_segments(segments)
@@ -304,10 +297,7 @@ async def test_held_back_rotated_file_and_empty_live_file_both_gzipped_while_sto
     live file queued; both are rotated and compressed while it is down. Nothing was deleted, so
     the export must equal the record with no loss."""
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods", max_files=10)
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD, max_files=10)
     lines(sim, 300, "first")
     read_limit = 8192
     slow = HeldBackReads(limit=read_limit, match=f"/{APP}/0.log")
@@ -332,19 +322,14 @@ async def test_held_back_rotated_file_and_empty_live_file_both_gzipped_while_sto
     # Nothing was deleted. The agent cannot tell that the empty live file it had queued was
     # compressed rather than deleted, so a hole of unknown length (no offsets) is tolerated.
     assert set(gaps) <= {(read_limit, None, "rotated_away")}
-    data, holes = export_bytes(store, sid)
-    assert holes == []
-    assert_bytes_equal(data, sim.record(sid))
+    assert_stored(store, sid, sim.record(sid))
 
 
 async def test_rotation_between_the_recovery_listing_and_the_reopen(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods")
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD)
     async with running_agent(settings):
         lines(sim, 40, "before")
         await wait_exported(store, sid, sim.record(sid))
@@ -362,19 +347,14 @@ async def test_rotation_between_the_recovery_listing_and_the_reopen(
         await asyncio.sleep(0.5)
         gaps = gap_tuples(agent, sid)
     assert gaps == []
-    data, holes = export_bytes(store, sid)
-    assert holes == []
-    assert_bytes_equal(data, sim.record(sid))
+    assert_stored(store, sid, sim.record(sid))
 
 
 async def test_rotation_between_a_listing_and_the_refresh_keeps_stream_order(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods")
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD)
     hooked = HookOnStat(sim.path_of(NS, POD, APP))
 
     def second_rotation() -> None:
@@ -394,9 +374,7 @@ async def test_rotation_between_a_listing_and_the_refresh_keeps_stream_order(
         await wait_until(lambda: len(export_bytes(store, sid)[0]) >= sim.record_len(sid),
                          within=10, what="the whole stream to be stored")
         gaps = gap_tuples(agent, sid)
-    data, holes = export_bytes(store, sid)
-    assert holes == []
-    assert_bytes_equal(data, sim.record(sid))
+    assert_stored(store, sid, sim.record(sid))
     assert gaps == []
 
 
@@ -404,10 +382,7 @@ async def test_checkpointed_file_with_a_short_head_is_not_mistaken_for_another(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods", max_files=3)
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD, max_files=3)
     async with running_agent(settings) as agent:
         lines(sim, 10, "first")
         sim.rotate(NS, POD, APP)  # a new, empty live file
@@ -432,19 +407,14 @@ async def test_checkpointed_file_with_a_short_head_is_not_mistaken_for_another(
                          within=10, what="the last bytes on disk to be stored")
         gaps = gap_tuples(agent, sid)
     assert gaps == [(stopped_at, None, "rotated_away")]
-    data, holes = export_bytes(store, sid)
-    assert holes == []
-    assert_bytes_equal(data, sim.record(sid)[:stopped_at] + disk)
+    assert_stored(store, sid, sim.record(sid)[:stopped_at] + disk)
 
 
 async def test_checkpointed_empty_file_whose_inode_number_was_reused(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods", max_files=10)
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD, max_files=10)
     async with running_agent(settings):
         lines(sim, 10, "first")
         sim.rotate(NS, POD, APP)  # a new, empty live file
@@ -466,9 +436,7 @@ async def test_checkpointed_empty_file_whose_inode_number_was_reused(
                              within=10, what="the whole stream to be stored")
             gaps = gap_tuples(agent, sid)
     assert {b for _, b, _ in gaps} <= {None}  # nothing was deleted
-    data, holes = export_bytes(store, sid)
-    assert holes == []
-    assert_bytes_equal(data, sim.record(sid))
+    assert_stored(store, sid, sim.record(sid))
 
 
 # ----------------------------------------------------------------------------- (c) truncation
@@ -478,10 +446,7 @@ async def test_copytruncate_records_a_truncated_gap_and_keeps_the_new_bytes(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods")
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD)
     async with running_agent(settings) as agent:
         lines(sim, 40, "before")
         await wait_until(lambda: spool_offset(agent, sid) == sim.record_len(sid), within=10,
@@ -504,10 +469,7 @@ async def test_copytruncate_followed_by_a_burst_larger_than_one_read(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods")
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD)
     gated = GatedReads(tmp_path / "pods")
     async with running_agent(settings, fs=gated) as agent:
         lines(sim, 40, "before")
@@ -534,10 +496,7 @@ async def test_line_split_across_rotation_stays_intact(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings()
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods", max_files=5)
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD, max_files=5)
     split_records = []
     async with running_agent(settings) as agent:
         lines(sim, 20, "one")
@@ -596,10 +555,7 @@ async def test_huge_line_invalid_utf8_and_nul_bytes_are_byte_exact(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings(segment_max_bytes="1MiB")
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods")
-    sim.add_pod(NS, POD)
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD)
     payload = bytes(range(256)).replace(b"\n", b"") * 12500  # NUL and invalid UTF-8 inside
     huge = b"2025-11-10T12:27:00.5Z stdout F " + payload[: 3 << 20] + b"\n"
     async with running_agent(settings):
@@ -639,9 +595,7 @@ async def test_lines_without_final_newline(
         await wait_exported(store, sid1, sim.record(sid1), within=5)
     assert not sim.record(sid0).endswith(b"\n")
     for sid in (sid0, sid1):
-        data, holes = export_bytes(store, sid)
-        assert holes == []
-        assert_bytes_equal(data, sim.record(sid), sid.key)
+        assert_stored(store, sid, sim.record(sid))
 
 
 # ----------------------------------------------------------------------------- (h) docker
@@ -651,10 +605,7 @@ async def test_docker_json_file_format(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
     settings = make_settings(compression="gzip")
-    store = FileStore(tmp_path / "store")
-    sim = KubeletSim(tmp_path / "pods", max_files=5)
-    sim.add_pod(NS, POD, fmt="docker")
-    sid = sim.stream_of(NS, POD, APP)
+    store, sim, sid = one_stream(tmp_path, NS, POD, max_files=5, fmt="docker")
     async with running_agent(settings):
         sim.write(NS, POD, APP, 'plain <html> & "quotes" \u2028 sep')
         sim.write(NS, POD, APP, b"invalid \xff\xfe utf-8 and \x00 nul", stream="stderr")

@@ -31,6 +31,7 @@ from evidence_keeper.cli import main as cli_main
 from evidence_keeper.sim import KubeletSim
 from tests.fakekube import FakeKube
 from tests.netproxy import Proxy
+from tests.support.node import node_settings, terminate
 
 NS = "sock-shop"
 AGENT_NS = "evidence-keeper"
@@ -70,15 +71,11 @@ class AgentProcess:
         self.spool = self.root / "spool"
         self.log_root.mkdir(parents=True, exist_ok=True)
         self.config = self.root / "agent.yaml"
-        conf: dict[str, Any] = {
-            "node_name": node, "log_root": str(self.log_root), "spool_dir": str(self.spool),
-            "store_url": store_url, "kubernetes": "off", "flush_interval_s": 1,
-            "discover_interval_s": 0.2, "tail_interval_s": 0.05, "commit_interval_s": 0.1,
-            "listen": "127.0.0.1:0", "log_level": "info", "shutdown_timeout_s": 10,
-            "sink_probes": f"loki=127.0.0.1:{sink_port}", "probe_interval_s": 0.3,
-            "probe_timeout_s": 3, "backlog_threshold_s": 30,
-        }
-        conf.update(settings)
+        conf = node_settings(self.root, **{
+            "node_name": node, "store_url": store_url, "log_level": "info",
+            "shutdown_timeout_s": 10, "sink_probes": f"loki=127.0.0.1:{sink_port}",
+            "probe_interval_s": 0.3, "probe_timeout_s": 3, "backlog_threshold_s": 30,
+            **settings})
         self.config.write_text(yaml.safe_dump(conf))
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -119,13 +116,8 @@ class AgentProcess:
         return bool(self.ready().get("ledger", {}).get("unshipped_records") == 0)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            terminate(self.proc)
         self.url = ""
 
     def kill(self) -> None:

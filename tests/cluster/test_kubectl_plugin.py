@@ -3,8 +3,9 @@ and runs it against a fake API server whose pod proxy reaches two real agents.
 
 Real parts: /usr/bin/kubectl (plugin discovery and exec), the installed ``kubectl-evidence``
 script, the official Kubernetes client inside it, two agents in threads shipping to one
-``file://`` store, and the API server's pod list and pod proxy (tests/fakekube.py
-:class:`PodProxyFront` in front of :class:`FakeKube`).
+``file://`` store, and the API server's pod list, pod proxy and secrets (the simulated API
+server, :class:`evidence_keeper.sim.apiserver.SimApiServer`, with a bearer token, in front of
+tests/fakekube.py's :class:`FakeKube`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import pytest
 from evidence_keeper.commands.kubectl.cluster import container_env, token_secret
 from evidence_keeper.settings import Settings
 from evidence_keeper.sim import KubeletSim
+from evidence_keeper.sim.apiserver import SimApiServer
 from evidence_keeper.store import FileStore
 from evidence_keeper.version import build_info
 from tests.conftest import AgentThread, export_bytes
-from tests.fakekube import FakeKube, Pod, PodProxyFront
+from tests.fakekube import FakeKube, Pod
 
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 PLUGIN = Path(sys.executable).parent / "kubectl-evidence"
@@ -45,7 +47,7 @@ pytestmark = pytest.mark.skipif(not Path(KUBECTL).exists(),
 class Cluster:
     tmp: Path
     env: dict[str, str]
-    front: PodProxyFront
+    front: SimApiServer
     store: FileStore
     sims: dict[str, KubeletSim]
     token_file: Path
@@ -107,15 +109,15 @@ def cluster(tmp_path: Path, plugin_bin: Path,
 
     with AgentThread(settings["node-a"]) as a, AgentThread(settings["node-b"]) as b, \
             FakeKube() as kube:
-        targets = {}
+        targets: dict[tuple[str, str], str] = {}
         for node, agent in (("node-a", a), ("node-b", b)):
             name = f"evidence-keeper-{node[-1] * 5}"
             kube.add_pod("evidence-keeper", name, uid=f"uid-{node}", labels=LABELS, node=node,
                          containers=("agent",))
             kube.update("evidence-keeper", name, with_env)
-            targets[name] = agent.url
+            targets[("evidence-keeper", name)] = agent.url
         kube.add_pod("evidence-keeper", "unrelated", uid="uid-x", node="node-a")
-        with PodProxyFront(kube, targets, token=KUBE_TOKEN) as front:
+        with SimApiServer(kube, targets=targets, token=KUBE_TOKEN) as front:
             front.secrets[("evidence-keeper", "evidence-keeper-archive-token")] = {
                 "token": TOKEN}
             kubeconfig = front.write_kubeconfig(tmp_path / "kubeconfig")
@@ -190,7 +192,7 @@ def test_gaps_and_preflight_of_every_agent_through_the_pod_proxy(cluster: Cluste
     assert report["ok"] is True
     assert {c["node"] for c in report["checks"]} == {"node-a", "node-b"}
     # An agent that does not answer fails the gate (exit 1), named in its check.
-    del cluster.front.targets["evidence-keeper-bbbbb"]
+    del cluster.front.targets[("evidence-keeper", "evidence-keeper-bbbbb")]
     gate = cluster.kubectl("evidence", "preflight")
     assert gate.returncode == 1
     assert "FAIL  node-b: agent evidence-keeper-bbbbb answers: HTTP 503" in gate.stdout

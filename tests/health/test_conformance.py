@@ -30,6 +30,7 @@ from evidence_keeper.store.s3 import S3Store
 from tests.conftest import AgentThread, running_agent, wait_until
 from tests.support.archive import (
     NS,
+    archive_orders,
     archive_settings,
     load,
     post_archive,
@@ -39,7 +40,7 @@ from tests.support.archive import (
     write_config,
 )
 from tests.support.dns import SINK_HOST, FlakyDNS
-from tests.support.s3 import REGION, s3
+from tests.support.s3 import s3
 
 
 def test_unknown_length_loss_has_bytes_null_everywhere(
@@ -83,26 +84,16 @@ def _legacy_copy(store: Any, doc: dict[str, Any], *, prefix: str, legacy_id: str
     store.put(manifest_key("default", legacy_id, legacy=True), encode(old), {})
 
 
+@pytest.mark.usefixtures("aws_env")
 def test_full_keys_and_archives_place_on_s3_with_a_prefix(
         tmp_path: Path, make_settings: Callable[..., Settings], token_file: Path,
-        moto_url: str, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                       ("AWS_DEFAULT_REGION", REGION), ("AWS_EC2_METADATA_DISABLED", "true")):
-        monkeypatch.setenv(key, value)
+        moto_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     client = s3(moto_url)
     bucket = f"ek-conf-{random.randrange(1 << 32):08x}"
     client.create_bucket(Bucket=bucket)
     settings = archive_settings(make_settings, token_file, store_url=f"s3://{bucket}/ev/idence",
                                 s3_endpoint_url=moto_url)
-    sim = realtime_sim(tmp_path / "pods")
-    sim.add_pod(NS, "orders-1", containers=("orders",))
-    with AgentThread(settings) as t:
-        for i in range(60):
-            sim.write(NS, "orders-1", "orders", f"Order {i} status updated to PAYMENT_FAILED")
-        doc = post_archive(t.url, {"namespace": NS, "reason": "prefix", "since": "5m"})
-        done = wait_archive(t.url, doc["id"])
-    assert done["status"] == "complete", done
+    doc, done = archive_orders(settings, tmp_path / "pods", lines=60, reason="prefix")
     # GET /archives/<id>: the full key, under _archives/.
     assert done["manifest_key"] == f"ev/idence/default/_archives/{doc['id']}/manifest.json"
     manifest = json.loads(client.get_object(Bucket=bucket, Key=done["manifest_key"])[

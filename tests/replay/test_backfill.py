@@ -48,19 +48,26 @@ def _ns(ts: str) -> int:
     return int(dt.timestamp()) * 10**9 + dt.microsecond * 1000
 
 
+def _backfill_settings(make_settings: Callable[..., Settings], tmp_path: Path, url: str, *,
+                       on_recovery: str | list[str]) -> Settings:
+    """An agent probing the Datadog sink's DNS quickly, backfilling into the intake at ``url``
+    when it recovers (``replay_on_recovery`` in either form the settings take)."""
+    key = tmp_path / "dd-api-key"
+    key.write_text(API_KEY)
+    return make_settings(
+        sink_probes=f"datadog=dns:{SINK_HOST}", probe_interval_s=0.2, probe_timeout_s=1.0,
+        probe_failures_before_down=2, probe_successes_before_up=1,
+        replay_targets={"datadog": {"kind": "datadog", "url": url,
+                                    "credentials_file": str(key)}},
+        replay_on_recovery=on_recovery)
+
+
 async def test_backfill_after_a_dns_outage_closes(
         tmp_path: Path, make_settings: Callable[..., Settings],
         capsys: pytest.CaptureFixture[str]) -> None:
     intake = DatadogIntake(api_key=API_KEY)
     url = await intake.start()
-    key = tmp_path / "dd-api-key"
-    key.write_text(API_KEY)
-    settings = make_settings(
-        sink_probes=f"datadog=dns:{SINK_HOST}", probe_interval_s=0.2, probe_timeout_s=1.0,
-        probe_failures_before_down=2, probe_successes_before_up=1,
-        replay_targets={"datadog": {"kind": "datadog", "url": url,
-                                    "credentials_file": str(key)}},
-        replay_on_recovery=["datadog"])
+    settings = _backfill_settings(make_settings, tmp_path, url, on_recovery=["datadog"])
     sim = KubeletSim(tmp_path / "pods", clock=lambda: datetime.now(UTC))
     sim.add_pod("sock-shop", "orders-1", containers=("orders",))
     sim.add_pod("sock-shop", "payment-1", containers=("payment",), fmt="docker")
@@ -102,7 +109,7 @@ async def test_backfill_after_a_dns_outage_closes(
             cfg.write_text(
                 f"spool_dir: {settings.spool_dir}\nstore_url: {settings.store_url}\n"
                 f"node_name: node-1\nreplay_targets:\n  datadog:\n    kind: datadog\n"
-                f"    url: {url}\n    credentials_file: {key}\n")
+                f"    url: {url}\n    credentials_file: {tmp_path / 'dd-api-key'}\n")
             gap_id = str(doc["gaps"][-1]["id"])
             before = len(intake.entries)
             rc = await asyncio.to_thread(cli_main, [
@@ -137,14 +144,7 @@ async def test_backfill_interrupted_by_a_restart_resumes_once(
         tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
     intake = DatadogIntake(api_key=API_KEY)
     url = await intake.start()
-    key = tmp_path / "dd-api-key"
-    key.write_text(API_KEY)
-    settings = make_settings(
-        sink_probes=f"datadog=dns:{SINK_HOST}", probe_interval_s=0.2, probe_timeout_s=1.0,
-        probe_failures_before_down=2, probe_successes_before_up=1,
-        replay_targets={"datadog": {"kind": "datadog", "url": url,
-                                    "credentials_file": str(key)}},
-        replay_on_recovery="datadog")
+    settings = _backfill_settings(make_settings, tmp_path, url, on_recovery="datadog")
     sim = KubeletSim(tmp_path / "pods", clock=lambda: datetime.now(UTC))
     sim.add_pod("sock-shop", "orders-1", containers=("orders",))
     dns = BrokenDNS()

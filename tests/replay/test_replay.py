@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ from typing import Any
 import aiohttp
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from evidence_keeper.cli import main as cli_main
 from evidence_keeper.model import StreamId
@@ -610,18 +609,7 @@ async def test_the_datadog_intake_itself_is_strict() -> None:
 
 
 # ------------------------------------------------------------------------------ S3 (moto)
-@pytest.fixture
-def moto_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                 ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
-        monkeypatch.setenv(k, v)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
+@pytest.mark.usefixtures("aws_env")
 async def test_replay_from_s3_with_the_archive_in_a_bucket(tmp_path: Path,
                                                            moto_url: str) -> None:
     client = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1")

@@ -19,6 +19,7 @@ from evidence_keeper.model import StreamId
 from evidence_keeper.settings import Settings
 from evidence_keeper.sim import KubeletSim
 from evidence_keeper.store import FileStore, Store
+from tests.conftest import AgentThread
 
 TOKEN = "ek-archive-token-0123456789abcdef"
 NS = "sock-shop"
@@ -69,6 +70,21 @@ def wait_archive(url: str, archive_id: str, *, within: float = 30.0) -> dict[str
         if doc["status"] in ("complete", "failed") or time.monotonic() > deadline:
             return dict(doc)
         time.sleep(0.1)
+
+
+def archive_orders(settings: Settings, sim_root: Path, *, lines: int, reason: str,
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An agent archives ``NS`` (the last 5 minutes) after its pod ``orders-1`` wrote
+    ``lines`` PAYMENT_FAILED lines: the accepted archive document and the complete one."""
+    sim = realtime_sim(sim_root)
+    sim.add_pod(NS, "orders-1", containers=("orders",))
+    with AgentThread(settings) as t:
+        for i in range(lines):
+            sim.write(NS, "orders-1", "orders", f"Order {i} status updated to PAYMENT_FAILED")
+        doc = post_archive(t.url, {"namespace": NS, "reason": reason, "since": "5m"})
+        done = wait_archive(t.url, doc["id"])
+    assert done["status"] == "complete", done
+    return doc, done
 
 
 def load(store: Store, key: str) -> dict[str, Any]:

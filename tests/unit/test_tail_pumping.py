@@ -229,6 +229,20 @@ def test_restart_with_more_checkpointed_files_than_descriptors(tmp_path: Path) -
         q.close()
 
 
+class UnlistableDir(FileSystem):
+    """Listing ``path`` fails with EIO while ``broken`` (a sick disk under one directory)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.broken = False
+
+    def listdir(self, path: str) -> list[str]:
+        if self.broken and path == self.path:
+            raise OSError(errno.EIO, "Input/output error")
+        return super().listdir(path)
+
+
 def test_an_unlistable_directory_does_not_keep_deleted_pods_alive(tmp_path: Path) -> None:
     sim = KubeletSim(tmp_path / "pods")
     sim.add_pod("ns", "sick")
@@ -236,15 +250,7 @@ def test_an_unlistable_directory_does_not_keep_deleted_pods_alive(tmp_path: Path
     sim.write("ns", "deleted", "app", "last words")
     sick_dir = str(sim.path_of("ns", "sick", "app").parent)
 
-    class Eio(FileSystem):
-        broken = False
-
-        def listdir(self, path: str) -> list[str]:
-            if self.broken and path == sick_dir:
-                raise OSError(errno.EIO, "Input/output error")
-            return super().listdir(path)
-
-    fs = Eio()
+    fs = UnlistableDir(sick_dir)
     p = Pipeline(tmp_path, fs=fs)
     try:
         p.step()
@@ -269,15 +275,7 @@ def test_a_failed_listing_is_named_as_the_window(tmp_path: Path) -> None:
     sid = sim.stream_of("ns", "p", "app")
     cdir = str(sim.path_of("ns", "p", "app").parent)
 
-    class Eio(FileSystem):
-        broken = False
-
-        def listdir(self, path: str) -> list[str]:
-            if self.broken and path == cdir:
-                raise OSError(errno.EIO, "Input/output error")
-            return super().listdir(path)
-
-    fs = Eio()
+    fs = UnlistableDir(cdir)
     p = Pipeline(tmp_path, fs=fs)
     try:
         sim.write("ns", "p", "app", "seen " * 20)

@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from evidence_keeper.commands import archive as local
 from evidence_keeper.commands.base import subcommand
-from evidence_keeper.commands.common import token
+from evidence_keeper.commands.common import flag_scope, token
 from evidence_keeper.commands.kubectl.cluster import (
     add_kube,
     archive_token,
@@ -37,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
     # --token-file or $EK_ARCHIVE_TOKEN_FILE first; else the Secret the agents mount.
     secret = (token(args, cfg) if args.token_file or cfg.archive_token_file
               else archive_token(api, args))
-    return local.all_nodes(args, cfg, local.request_body(args), secret, local.scope_of(args),
+    return local.all_nodes(args, cfg, local.request_body(args), secret, flag_scope(args),
                            api=api, via="proxy")

@@ -15,23 +15,18 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import urlencode
 
 from kubernetes import client
-from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
 
-from evidence_keeper.agents import PodProxy, list_agent_pods
+from evidence_keeper.agents import PodProxy, fan_out
 from evidence_keeper.archive.cluster import AgentPod
 from evidence_keeper.commands.base import CliError
-from evidence_keeper.commands.common import add_config
+from evidence_keeper.commands.common import add_agents, add_config, agent_docs, kube_api
 from evidence_keeper.settings import CONFIG_ENV, ENV_PREFIX, Settings, load_settings
 
-DEFAULT_AGENT_NAMESPACE: Final = "evidence-keeper"
-DEFAULT_SELECTOR: Final = "app.kubernetes.io/name=evidence-keeper"
 DEFAULT_CONTAINER_ANNOTATION: Final = "kubectl.kubernetes.io/default-container"
 FANOUT: Final = 8  # agents asked at once through the API server
 # Agent settings that matter to a reader of the store or a caller of the agents' API.
@@ -42,38 +37,15 @@ SHARED_KEYS: Final = ("cluster", "store_url", "s3_endpoint_url", "object_lock_da
 def add_kube(p: argparse.ArgumentParser) -> None:
     """How to reach the agents (every plugin command has these)."""
     add_config(p)
-    p.add_argument("--kubeconfig", metavar="PATH", help="default: $KUBECONFIG, ~/.kube/config")
+    add_agents(p, kubeconfig_help="default: $KUBECONFIG, ~/.kube/config",
+               port_help="the agents' API port (default: from their listen setting)")
     p.add_argument("--context", help="kubeconfig context (default: the current one)")
-    p.add_argument("--agent-namespace", default=DEFAULT_AGENT_NAMESPACE,
-                   help=f"namespace of the agents' DaemonSet (default {DEFAULT_AGENT_NAMESPACE})")
-    p.add_argument("--agent-selector", default=DEFAULT_SELECTOR,
-                   help="label selector of the agent pods")
-    p.add_argument("--agent-port", type=int,
-                   help="the agents' API port (default: from their listen setting)")
 
 
 def connect(args: argparse.Namespace) -> Any:
-    """An API client from the kubeconfig (``--kubeconfig``/``$KUBECONFIG``, ``--context``)."""
-    cfg = client.Configuration()
-    loader: Any = kube_config
-    try:
-        loader.load_kube_config(config_file=args.kubeconfig, context=args.context,
-                                client_configuration=cfg)
-    except Exception as exc:
-        raise CliError(f"cannot load Kubernetes credentials: {exc}") from None
-    return client.ApiClient(cfg)
-
-
-def agents(api: Any, args: argparse.Namespace) -> list[AgentPod]:
-    try:
-        pods = list_agent_pods(api, namespace=args.agent_namespace,
-                               selector=args.agent_selector)
-    except Exception as exc:
-        raise CliError(str(exc)) from None
-    if not pods:
-        raise CliError(f"no agent pods {args.agent_selector!r} in namespace"
-                       f" {args.agent_namespace} (see --agent-namespace, --agent-selector)")
-    return pods
+    """An API client from the kubeconfig (``--kubeconfig``/``$KUBECONFIG``, ``--context``),
+    as kubectl's: never the pod's service account."""
+    return kube_api(args.kubeconfig, context=args.context, in_cluster=False)
 
 
 def on_node(pods: Sequence[AgentPod], node: str | None) -> list[AgentPod]:
@@ -91,21 +63,7 @@ def agent_env(api: Any, args: argparse.Namespace) -> dict[str, str]:
 
 def agent_pod_doc(api: Any, args: argparse.Namespace) -> dict[str, Any]:
     """The first agent pod, as the API server's JSON."""
-    core: Any = client.CoreV1Api(api)
-    try:
-        resp = core.list_namespaced_pod(args.agent_namespace, label_selector=args.agent_selector,
-                                        _preload_content=False, _request_timeout=30)
-        items = json.loads(resp.read()).get("items") or []
-    except ApiException as exc:
-        raise CliError(f"cannot read the agent pods in {args.agent_namespace}: HTTP"
-                       f" {exc.status} {exc.reason}") from None
-    except Exception as exc:
-        raise CliError(f"cannot read the agent pods in {args.agent_namespace}: {exc}") from None
-    if not items:
-        raise CliError(f"no agent pods {args.agent_selector!r} in namespace"
-                       f" {args.agent_namespace} (see --agent-namespace, --agent-selector)")
-    doc: dict[str, Any] = items[0]
-    return doc
+    return agent_docs(api, args)[0]
 
 
 def agent_container(pod: Mapping[str, Any]) -> dict[str, Any]:
@@ -216,17 +174,14 @@ def ask_all(api: Any, args: argparse.Namespace, pods: Sequence[AgentPod], path: 
             accept: tuple[int, ...] = ()) -> list[Answer]:
     """``GET path`` on every agent through the API server's pod proxy, a few at a time."""
     proxy = PodProxy(api, namespace=args.agent_namespace, port=port)
-    full = path + ("?" + urlencode(params) if params else "")
 
     def one(pod: AgentPod) -> Answer:
-        status, doc = proxy.request(pod, "GET", full)
+        status, doc = proxy.request(pod, "GET", path, params=params)
         if status in accept:
             status = 200
         return Answer(pod, status, doc)
 
-    with ThreadPoolExecutor(max_workers=min(FANOUT, len(pods)),
-                            thread_name_prefix="ek-kubectl") as pool:
-        return list(pool.map(one, pods))
+    return fan_out(one, pods, workers=FANOUT, name="ek-kubectl")
 
 
 def agent_port(args: argparse.Namespace, api: Any) -> int:

@@ -7,10 +7,11 @@ from typing import Any, Final
 
 from evidence_keeper.commands import gaps as local
 from evidence_keeper.commands.base import EXIT_ERROR, EXIT_OK, subcommand
+from evidence_keeper.commands.cluster import gaps_params
+from evidence_keeper.commands.common import find_agents
 from evidence_keeper.commands.kubectl.cluster import (
     add_kube,
     agent_port,
-    agents,
     ask_all,
     connect,
     on_node,
@@ -38,8 +39,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     api = connect(args)
-    pods = on_node(agents(api, args), args.node)
-    answers = ask_all(api, args, pods, "/gaps", params=local.params(args),
+    pods = on_node(find_agents(api, args), args.node)
+    answers = ask_all(api, args, pods, "/gaps", params=gaps_params(args),
                       port=agent_port(args, api))
     rows: list[dict[str, Any]] = []
     for a in answers:

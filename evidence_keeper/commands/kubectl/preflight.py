@@ -8,10 +8,10 @@ from typing import Any, Final
 
 from evidence_keeper.commands import preflight as local
 from evidence_keeper.commands.base import subcommand
+from evidence_keeper.commands.common import find_agents
 from evidence_keeper.commands.kubectl.cluster import (
     add_kube,
     agent_port,
-    agents,
     ask_all,
     cluster_settings,
     connect,
@@ -34,7 +34,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     api = connect(args)
-    pods = on_node(agents(api, args), args.node)
+    pods = on_node(find_agents(api, args), args.node)
     max_backlog = args.max_backlog_s
     if max_backlog is None:
         max_backlog = cluster_settings(api, args).backlog_threshold_s
