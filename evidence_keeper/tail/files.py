@@ -45,6 +45,7 @@ class TailFile:
     ino: int = 0
     pos: int = 0  # bytes of this file (uncompressed) already in the stream
     size: int = -1  # last observed size of a plain file, -1 unknown
+    mtime_ns: int = -1  # its modification time at that observation, -1 unknown
     size_final: int = -1  # size observed after the file became final, -1 unknown
     final: bool = False
     fp_len: int = 0
@@ -67,7 +68,7 @@ class TailFile:
         return {
             "name": self.name, "ts": self.ts, "gz": self.gz, "dev": self.dev, "ino": self.ino,
             "pos": self.pos, "size": self.size, "final": self.final, "fp_len": self.fp_len,
-            "fp": self.fp, "size_final": self.size_final,
+            "fp": self.fp, "size_final": self.size_final, "mtime_ns": self.mtime_ns,
         }
 
     @classmethod
@@ -75,7 +76,7 @@ class TailFile:
         return cls(
             name=d["name"], ts=d["ts"], gz=d["gz"], dev=d["dev"], ino=d["ino"], pos=d["pos"],
             size=d["size"], final=d["final"], fp_len=d["fp_len"], fp=d["fp"],
-            size_final=d.get("size_final", -1),
+            size_final=d.get("size_final", -1), mtime_ns=d.get("mtime_ns", -1),
         )
 
     @property
@@ -128,6 +129,7 @@ class FileReader:
             return fd
         fst = self.fs.fstat(fd)
         f.fd, f.dev, f.ino, f.size = fd, fst.st_dev, fst.st_ino, fst.st_size
+        f.mtime_ns = fst.st_mtime_ns
         f.deferred = f.parked = False
         if not f.fp_len:
             self.update_fp(f)
@@ -237,7 +239,7 @@ class FileReader:
         if st.st_size != f.size:
             truncated = st.st_size < f.pos or (
                 f.fp_len > 0 and self.head_fp(f, f.fp_len) != f.fp)
-            f.size = st.st_size
+            f.size, f.mtime_ns = st.st_size, st.st_mtime_ns
             f.idle_since = 0.0
             if truncated:
                 f.pos, f.fp_len, f.fp = 0, 0, ""

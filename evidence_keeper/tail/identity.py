@@ -87,12 +87,14 @@ def stamp_sorts_after(ts: str | None, known: str) -> bool:
 
 def plain_candidate(*, file_id: FileId, ts: str | None, fp_len: int, cand_id: FileId,
                     cand_ts: str | None, newer_exists: bool,
-                    short_candidate: str | None) -> bool:
+                    short_candidate: str | None, unchanged: bool = False) -> bool:
     """May a listed plain file be a checkpointed one (before its head is compared)?
 
     Same inode first. An unread file (no head) keeps only its rotation name. A live file with
-    a head shorter than FP_MIN (timestamps only) is accepted only as the live file when nothing
-    newer was rotated, or as the one rotation that must have renamed it (``short_candidate``).
+    a head shorter than FP_MIN (timestamps only) is accepted as the live file when nothing
+    newer was rotated, as the one rotation that must have renamed it (``short_candidate``),
+    or wherever it is if it is ``unchanged``: the size and modification time the checkpoint
+    recorded (a rename keeps both). A reused inode number is a new file, written later.
     """
     if cand_id != file_id or (fp_len == 0 and cand_ts != ts):
         return False
@@ -100,7 +102,7 @@ def plain_candidate(*, file_id: FileId, ts: str | None, fp_len: int, cand_id: Fi
         # ``short_candidate`` None means no rotation can be proven to be it: the live file
         # is then accepted only when nothing newer exists (a reused inode number with the
         # same timestamp prefix is otherwise indistinguishable).
-        return (cand_ts is None and not newer_exists) or (
+        return unchanged or (cand_ts is None and not newer_exists) or (
             cand_ts is not None and cand_ts == short_candidate)
     return True
 

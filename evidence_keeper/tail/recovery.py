@@ -147,9 +147,12 @@ class Recovery:
                 st = self.fs.stat(path)
             except OSError:
                 continue
+            unchanged = (f.mtime_ns >= 0 and st.st_size == f.size
+                         and st.st_mtime_ns == f.mtime_ns)
             if not plain_candidate(file_id=(f.dev, f.ino), ts=f.ts, fp_len=f.fp_len,
                                    cand_id=(st.st_dev, st.st_ino), cand_ts=r.ts,
-                                   newer_exists=newer, short_candidate=short_candidate):
+                                   newer_exists=newer, short_candidate=short_candidate,
+                                   unchanged=unchanged):
                 continue
             probe = TailFile(name=r.name, ts=r.ts, gz=False)
             opened = self.files.open_plain(t.id, probe, path, force=True)

@@ -470,6 +470,7 @@ class Tailer:
                         deferred: bool = False) -> None:
         if st is not None:
             f.dev, f.ino, f.size = st.st_dev, st.st_ino, st.st_size
+            f.mtime_ns = st.st_mtime_ns
         f.deferred = deferred
         f.retry_at = 0.0 if deferred else time.monotonic() + self.retry_s
         t.queue.append(f)

@@ -85,6 +85,12 @@ def test_a_short_live_head_is_not_taken_from_a_reused_inode_when_files_were_rota
                                short_candidate="20251110-122701", **common)
     assert not plain_candidate(cand_ts=None, newer_exists=False, short_candidate=None,
                                **{**common, "cand_id": (1, 11)})
+    # Unchanged since the checkpoint (same size and modification time): the same file,
+    # whichever rotation renamed it; a changed one still needs the proof above.
+    assert plain_candidate(cand_ts="20251110-122702", newer_exists=True, short_candidate=None,
+                           unchanged=True, **common)
+    assert not plain_candidate(cand_ts="20251110-122702", newer_exists=True,
+                               short_candidate=None, unchanged=False, **common)
 
 
 def test_gz_candidates() -> None:

@@ -54,3 +54,25 @@ def test_a_reused_inode_with_another_head_is_not_the_checkpointed_file(tmp_path:
         assert q.spooled(sid) == sim.record(sid)[:first] + new
     finally:
         q.close()
+
+
+def test_a_short_file_renamed_while_down_is_continued_not_read_twice(tmp_path: Path) -> None:
+    """A live file shorter than a fingerprint (a partial write) was rotated while the agent
+    was down, and nothing tells the rotations apart. Its size and modification time are the
+    checkpoint's (a rename keeps both): it is the same file, continued, with no loss record
+    and its bytes not read a second time (hypothesis found both)."""
+    sim = KubeletSim(tmp_path / "pods", max_files=3)
+    sim.add_pod("ns", "p")
+    sid = sim.stream_of("ns", "p", "app")
+    sim.write_raw("ns", "p", "app", b"\x00")
+    p = Pipeline(tmp_path)
+    p.step()
+    p.close()
+    sim.rotate("ns", "p", "app")
+    q = Pipeline(tmp_path)
+    try:
+        q.step(2)
+        assert q.losses == []
+        assert q.spooled(sid) == sim.record(sid) == b"\x00"
+    finally:
+        q.close()
