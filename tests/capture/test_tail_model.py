@@ -12,10 +12,14 @@ operation that can delete (as a running agent does, since it polls far faster th
 rotates); crashes may still come between any two rules. At the end every stream's spool
 segments, in order, must equal its record: nothing lost, nothing duplicated.
 
-One loss record is legitimate: a crash after kubelet deleted a stream's files but before the
-agent committed that it had read them to the end. On restart the agent cannot know whether
-bytes were written after its last observation, so it must say so (``bytes`` null). Only that
-kind of record, and only for such streams, is accepted.
+Two loss records are legitimate, both ``bytes`` null, only for such streams:
+
+* a crash after kubelet deleted a stream's files but before the agent committed that it had
+  read them to the end: on restart the agent cannot know whether bytes were written after its
+  last observation, so it must say so;
+* a crash after a rotation of a live file whose head was shorter than a fingerprint
+  (``FP_MIN``) and which grew meanwhile: a reused inode number could start with the same
+  bytes, so the agent continues the file but says that files between may be unknown.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss
 from evidence_keeper.sim import KubeletSim
 from evidence_keeper.spool.spool import Spool
+from evidence_keeper.tail.identity import FP_MIN
 from evidence_keeper.tail.tailer import Tailer
 
 PODS = ("api-0", "api-1", "db-0")
@@ -54,6 +59,7 @@ class TailMachine(RuleBasedStateMachine):
         self.losses: list[Loss] = []
         self.crashes = 0
         self.deleted_uncommitted: set[str] = set()  # pods deleted since the last commit
+        self.short_rotated: set[str] = set()  # short live files rotated since the last commit
         self.may_be_unknown: set[str] = set()  # pods whose deletion a crash cut short
         self._boot()
 
@@ -73,6 +79,7 @@ class TailMachine(RuleBasedStateMachine):
         if commit:
             self.spool.commit()
             self.deleted_uncommitted.clear()
+            self.short_rotated.clear()
 
     def _catch_up(self) -> None:
         # Two passes: the first may only learn that a file became final.
@@ -105,6 +112,8 @@ class TailMachine(RuleBasedStateMachine):
         """``look``: the agent reads the tree between the rename and the runtime's reopen."""
         pod = data.draw(st.sampled_from(self.live))
         self._catch_up()
+        if self.sim.path_of("shop", pod, "app").stat().st_size < FP_MIN:
+            self.short_rotated.add(pod)
         peek = self._pass if look else None
         if split:
             rec = self.sim.render("shop", pod, "app", b"split across the rotation")
@@ -140,7 +149,7 @@ class TailMachine(RuleBasedStateMachine):
     def crash(self, commit_first: bool) -> None:
         """kill -9 in the middle of a pass: read state not committed is simply gone."""
         self._pass(commit=commit_first)
-        self.may_be_unknown |= self.deleted_uncommitted
+        self.may_be_unknown |= self.deleted_uncommitted | self.short_rotated
         self.tailer.close()
         self.spool.close()
         self.ledger.close()

@@ -76,3 +76,27 @@ def test_a_short_file_renamed_while_down_is_continued_not_read_twice(tmp_path: P
         assert q.spooled(sid) == sim.record(sid) == b"\x00"
     finally:
         q.close()
+
+
+def test_a_short_file_grown_and_renamed_while_down_is_continued_after_an_unknown_loss(
+        tmp_path: Path) -> None:
+    """The same, but it grew before the rotation: nothing proves it is the same file (a
+    reused inode number may start with the same byte). It is continued after a loss of
+    unknown length, never read again from its start."""
+    sim = KubeletSim(tmp_path / "pods", max_files=3)
+    sim.add_pod("ns", "p")
+    sid = sim.stream_of("ns", "p", "app")
+    sim.write_raw("ns", "p", "app", b"\x00")
+    p = Pipeline(tmp_path)
+    p.step()
+    p.close()
+    sim.write("ns", "p", "app", "written while the agent was down")
+    sim.rotate("ns", "p", "app")
+    sim.write("ns", "p", "app", "after the rotation")
+    q = Pipeline(tmp_path)
+    try:
+        q.step(2)
+        assert [(x.offset, x.bytes, x.reason) for x in q.losses] == [(1, None, "rotated_away")]
+        assert q.spooled(sid) == sim.record(sid)
+    finally:
+        q.close()
