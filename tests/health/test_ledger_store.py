@@ -300,14 +300,20 @@ def test_verify_names_a_missing_object_and_a_broken_link(tmp_path: Path) -> None
 async def test_the_store_down_counts_unshipped_records(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.sqlite")
     store = FaultyStore(FileStore(tmp_path / "store"))
-    ship = shipper(ledger, store, backoff_initial_s=0.01)
+    now = [0.0]  # the shipper's clock: its back-off passes when the test says so
+    ship = LedgerShipper(ledger, store, LedgerShipConfig(node="node-1", cluster="default",
+                                                         backoff_initial_s=5.0),
+                         metrics=Metrics(), clock=lambda: now[0])
     outage(ledger)
     loss(ledger, 0)
     store.refuse = 1
     assert await ship.tick() is False
     assert ship.last_error and "refused" in ship.last_error
     assert ship.metrics.ledger_unshipped_records._value.get() == 2
-    await asyncio.sleep(0.02)
+    now[0] = 4.9
+    assert await ship.tick() is False  # still backing off: no new attempt
+    assert ship.unshipped() == 2
+    now[0] = 5.0
     assert await ship.tick() is True
     assert ship.unshipped() == 0 and ship.last_error is None
     assert ship.metrics.ledger_unshipped_records._value.get() == 0
