@@ -479,13 +479,13 @@ class HangingLedger(FaultyStore):
 async def test_a_hanging_store_does_not_hold_the_shutdown_past_its_deadline(
         make_settings: Callable[..., Settings], tmp_path: Path) -> None:
     store = HangingLedger(FileStore(tmp_path / "store"))
-    settings = make_settings(shutdown_timeout_s=2)
+    settings = make_settings(shutdown_timeout_s=1)
     try:
         async with running_agent(settings, store=store) as agent:
             await asyncio.to_thread(loss, agent.ledger, 0)
             await wait_until(store.hung.is_set, within=10, what="a ledger put hanging")
             stopping = time.monotonic()
-        # The deadline is 2 s; a put that never answers must not stretch it to the store's
+        # The deadline is 1 s; a put that never answers must not stretch it to the store's
         # timeouts (the bound here is generous for a loaded machine, not a benchmark).
         assert time.monotonic() - stopping < 15
     finally:
