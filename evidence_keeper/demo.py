@@ -96,7 +96,7 @@ def demo_settings(work: Path, **overrides: Any) -> Settings:
         "tail_interval_s": 0.1,
         "log_level": "warning",
         "listen": "127.0.0.1:0",
-        "probe_interval_s": 1,
+        "probe_interval_s": 0.5,
     }
     base.update(overrides)
     return load_settings(None, environ={}, overrides=base)
@@ -221,8 +221,9 @@ async def _run_agent_during(agent: Agent, sim: KubeletSim, steps: list[ScenarioS
                   flush=True)
 
         await asyncio.to_thread(play, sim, steps, speed=speed, on_step=on_step)
-        # Let the DNS recovery be probed; the archive seals and ships what is still open.
-        await asyncio.sleep(2 * agent.settings.probe_interval_s + 0.5)
+        # The DNS recovery is probed (the outage closes) before the gaps are shown again; the
+        # archive below seals and ships what is still open itself.
+        await _sink_up(agent, task, "datadog", within=10 * agent.settings.probe_interval_s)
         await asyncio.to_thread(_show_gaps, url, "After the DNS fix")
         await _show_backfill(agent, datadog)
         assert agent.settings.archive_token_file is not None
@@ -239,6 +240,16 @@ async def _run_agent_during(agent: Agent, sim: KubeletSim, steps: list[ScenarioS
     finally:
         stop.set()
         await task
+
+
+async def _sink_up(agent: Agent, task: asyncio.Task[None], sink: str, *, within: float) -> None:
+    """Until the agent's probes see ``sink`` up (at most ``within`` seconds: the story then
+    goes on and its report says what did not happen)."""
+    deadline = time.monotonic() + within
+    while agent.sinks.states[sink].up is not True and time.monotonic() < deadline:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.1)
 
 
 UNCOVERED_NODE = "ip-10-0-1-57.ec2.internal"

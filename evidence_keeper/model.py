@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from typing import Final
 
 SEGMENT_EXTENSIONS: Final = {"zstd": "zst", "gzip": "gz"}
+# The contract's capture bound: a byte is captured within one second of being written. A job
+# that must see everything written up to an instant (an archive's request, a backfill's window
+# end) seals the spool only once this much time has passed since that instant.
+CAPTURE_BOUND_S: Final = 1.0
 _KEY_RE: Final = re.compile(
     r"^(?:(?P<prefix>.+)/)?(?P<cluster>[^/]+)/(?P<namespace>[^/]+)/(?P<pod>[^/]+)_(?P<uid>[^/_]+)"
     r"/(?P<container>[^/]+)/(?P<restart>\d+)/(?P<offset>\d{20})-(?P<end>\d{20})\.log\.(?P<ext>zst|gz)$"

@@ -75,7 +75,7 @@ from evidence_keeper.archive.manifest import (
 from evidence_keeper.discover.lifecycle import LifecycleLedger
 from evidence_keeper.fsio import FileSystem
 from evidence_keeper.logs import get_logger
-from evidence_keeper.model import StreamId
+from evidence_keeper.model import CAPTURE_BOUND_S, StreamId
 from evidence_keeper.settings import Settings
 from evidence_keeper.store import Store, StoreError
 from evidence_keeper.timefmt import parse_rfc3339
@@ -90,7 +90,6 @@ _CREDENTIAL_PARAMS: Final = re.compile(r"token|auth|bearer|secret|passw|key|cred
 _CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Free text never becomes a path, but nothing in a request may even look like one.
 _PATHLIKE: Final = re.compile(r"(^|[/\\])\.\.([/\\]|$)|%2e|%2f|%5c|^[/\\]", re.I)
-CAPTURE_BOUND_S: Final = 1.0  # contract: captured within one second of being written
 SHIP_TIMEOUT_S: Final = 300.0
 STATUSES: Final = ("pending", "running", "complete", "failed")
 JOBS_KEEP_DAYS: Final = 30  # finished jobs' state files older than this are pruned

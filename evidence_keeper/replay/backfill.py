@@ -6,8 +6,11 @@ gap of such a sink closes; the backfill then
 
 1. records ``backfill: {status: pending, ...}`` on the gap (the ledger row's ``extra``, so it
    shows in ``/gaps`` and survives a restart: pending or running backfills resume at start-up);
-2. seals every open spool segment and waits until the store holds everything captured up to
-   then (the outage window's lines are in the store, not only in the spool);
+2. waits until the contract's capture bound (one second) has passed since the gap's end, so
+   every line written inside the window is captured (a line written just before the close may
+   still be unread when the probe sees the sink again), then seals every open spool segment
+   and waits until the store holds everything captured up to then (the outage window's lines
+   are in the store, not only in the spool);
 3. replays this node's streams (``ek-node``; narrowed to the streams and namespaces the
    outage's coverage saw traffic in, and those the spool holds at the close) for the window
    ``[gap.start, gap.end]`` to the target, with the same checkpoints as ``evidence-keeper
@@ -39,7 +42,7 @@ from typing import Any, Final, Protocol
 from evidence_keeper.health.ledger import GapRow, Ledger
 from evidence_keeper.logs import get_logger
 from evidence_keeper.metrics import Metrics
-from evidence_keeper.model import StreamId
+from evidence_keeper.model import CAPTURE_BOUND_S, StreamId
 from evidence_keeper.replay.checkpoint import Checkpoints
 from evidence_keeper.replay.runner import Replayer, ReplayRequest
 from evidence_keeper.settings import ReplayTarget, Settings
@@ -86,7 +89,7 @@ class Backfill:
     def __init__(self, *, settings: Settings, store: Store, ledger: Ledger, spool: Spool,
                  metrics: Metrics, wake_shipper: Callable[[], None],
                  timeline: Timeline | None = None, ship_timeout_s: float = SHIP_TIMEOUT_S,
-                 poll_s: float = 0.2) -> None:
+                 poll_s: float = 0.2, capture_bound_s: float = CAPTURE_BOUND_S) -> None:
         self.settings = settings
         self.store = store
         self.ledger = ledger
@@ -96,6 +99,7 @@ class Backfill:
         self.timeline: Timeline = timeline or NodeClock()
         self.ship_timeout_s = ship_timeout_s
         self.poll_s = poll_s
+        self.capture_bound_s = capture_bound_s
         self.targets: dict[str, ReplayTarget] = {
             t.name: t for t in settings.replay_targets if t.name in settings.replay_on_recovery}
         self.checkpoints = Checkpoints(Path(settings.spool_dir))
@@ -160,6 +164,7 @@ class Backfill:
                 raise BackfillError(f"gap {gap_id} is not a closed outage of {name}")
             await asyncio.to_thread(self._record, gap_id, state)
             req = self._request(row)
+            await self._wait_captured(row.end)
             live = await self._wait_shipped()
             if req.streams is not None:
                 # Traffic of the last instant before the close may not be in the coverage yet:
@@ -200,6 +205,15 @@ class Backfill:
                              streams=set(keys) if isinstance(keys, list) else None,
                              namespaces=tuple(namespaces) if namespaces else None,
                              gap_id=row.id)
+
+    async def _wait_captured(self, end: str) -> None:
+        """Wait until what was written up to the window's ``end`` is captured (the contract's
+        capture bound): sealing at once would leave the window's last lines out of the store
+        the replay reads, and the backfill would call itself complete without them."""
+        closed = datetime.fromisoformat(end.replace("Z", "+00:00"))
+        wait = self.capture_bound_s - (datetime.now(UTC) - closed).total_seconds()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _wait_shipped(self) -> dict[StreamId, int]:
         """Seal what is open and wait until the store holds everything captured so far."""

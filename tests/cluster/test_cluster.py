@@ -31,7 +31,7 @@ from evidence_keeper.cli import main as cli_main
 from evidence_keeper.sim import KubeletSim
 from tests.fakekube import FakeKube
 from tests.netproxy import Proxy
-from tests.support.node import node_settings, terminate
+from tests.support.node import node_settings
 
 NS = "sock-shop"
 AGENT_NS = "evidence-keeper"
@@ -82,11 +82,19 @@ class AgentProcess:
         self.sim = KubeletSim(self.log_root)
 
     def start(self) -> AgentProcess:
+        return self.spawn().wait_ready()
+
+    def spawn(self) -> AgentProcess:
+        """Start the process without waiting (agents start side by side: see start_all)."""
         self.stderr = self.root / f"agent-{time.monotonic_ns()}.log"
         with self.stderr.open("wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "evidence_keeper.cli", "run", "--config",
                  str(self.config)], stdout=subprocess.DEVNULL, stderr=err)
+        return self
+
+    def wait_ready(self) -> AgentProcess:
+        assert self.proc is not None
         deadline = time.monotonic() + 60
         while not self.url:
             assert self.proc.poll() is None, self.stderr.read_text()[-2000:]
@@ -116,15 +124,33 @@ class AgentProcess:
         return bool(self.ready().get("ledger", {}).get("unshipped_records") == 0)
 
     def stop(self) -> None:
-        if self.proc is not None:
-            terminate(self.proc)
+        self.terminate()
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
         self.url = ""
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting (``stop`` waits: agents stop side by side)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
         self.url = ""
+
+
+def start_all(agents: list[AgentProcess]) -> None:
+    """Start the agents side by side (each takes a second or two to import and recover)."""
+    for a in agents:
+        a.spawn()
+    for a in agents:
+        a.wait_ready()
 
 
 def wait_for(cond: Callable[[], bool], *, within: float, what: str) -> None:
@@ -146,6 +172,8 @@ def sink() -> Iterator[SinkServer]:
 def agents() -> Iterator[list[AgentProcess]]:
     started: list[AgentProcess] = []
     yield started
+    for a in started:
+        a.terminate()
     for a in started:
         a.stop()
 
@@ -173,8 +201,7 @@ def test_preflight_all_nodes_names_a_node_without_agent_and_a_sink_outage_on_its
     try:
         for node, port in (("node-1", sink.port), ("node-2", link.port), ("node-3", sink.port)):
             agents.append(AgentProcess(tmp_path, node, store_url=store_url, sink_port=port))
-        for a in agents:
-            a.start()
+        start_all(agents)
         with FakeKube() as kube:
             for n in ("node-1", "node-2", "node-3", "node-4"):
                 kube.add_node(n, labels={"pool": "chaos"} if n != "node-4" else {})
@@ -321,7 +348,8 @@ def test_gaps_from_store_survive_sigkill_and_a_lost_spool(
     try:
         doomed = AgentProcess(tmp_path, "node-a", store_url=store_url, sink_port=link.port)
         other = AgentProcess(tmp_path, "node-b", store_url=store_url, sink_port=sink.port)
-        agents.extend([doomed.start(), other.start()])
+        agents.extend([doomed, other])
+        start_all(agents)
         # node-a: a closed outage with coverage, a truncation (loss), an outage still open.
         sim = doomed.sim
         sim.add_pod(NS, "orders-1", containers=("orders",))

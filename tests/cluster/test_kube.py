@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -42,6 +43,7 @@ from tests.conftest import (
     loss_gaps,
     running_agent,
     stored_segments,
+    wait_read,
     wait_until,
 )
 from tests.fakekube import FakeKube, render_kubelet_log
@@ -139,6 +141,14 @@ async def wait_all_stored(store: FileStore, expected: dict[StreamId, bytes], *,
         check_segments(stored_segments(store, sid))
 
 
+def following(agent: Agent, sim: KubeletSim, sid: StreamId) -> bool:
+    """The API fallback has brought every line of ``sid`` written so far (as kubelet renders
+    them with timestamps) into the spool."""
+    s = agent.spool.streams.get(sid)
+    want = len(render_kubelet_log(sim.record(sid), timestamps=True))
+    return s is not None and s.next_offset >= want
+
+
 def lifecycle_of(store: FileStore, uid: str, pod: str) -> list[dict[str, Any]]:
     return parse_lines(store.get(lifecycle_key("default", NS, pod, uid)))
 
@@ -157,24 +167,26 @@ async def test_restart_storm_every_previous_instance_complete(
     for pod in pods:
         node.add_pod(pod, containers)
     started = time.monotonic()
+    store = FileStore(tmp_path / "store")
     async with kube_agent(settings) as agent:
         for rnd in range(3):
             for pod in pods:
                 for c in containers:
                     for i in range(15):
                         node.sim.write(NS, pod, c, f"{pod}/{c} instance {rnd} line {i}")
-            await asyncio.sleep(0.6)
+            # Kubelet deletes instance N-1 at restart N+1: as on a node (where CrashLoopBackOff
+            # leaves seconds between restarts), the agent has read every instance by then.
+            await wait_read(agent, store, {sid: node.sim.record(sid)
+                                           for sid in node.sim.streams()}, within=30)
             for pod in pods:
                 for c in containers:
                     node.restart(pod, c, exit_code=rnd + 1)
-            await asyncio.sleep(1.2)
         for pod in pods:
             for c in containers:
                 node.sim.write(NS, pod, c, f"{pod}/{c} final instance")
         assert time.monotonic() - started < 60, "the storm must fit in a minute"
         await wait_until(lambda: outcomes(agent, "complete") >= 60, within=20,
                          what="60 complete previous logs")
-        store = FileStore(tmp_path / "store")
         await wait_all_stored(store, {sid: node.sim.record(sid) for sid in node.sim.streams()},
                               within=15)
         await wait_until(lambda: not agent.kube or not agent.kube.lifecycle.dirty()[1],
@@ -209,9 +221,10 @@ async def test_deleted_pod_drains_before_its_directory_vanishes(
             node.sim.write(NS, "cart-1", "app", f"order {i} PAYMENT_FAILED")
             node.sim.write(NS, "cart-1", "envoy", f"upstream {i} 503")
             if i % 50 == 0:
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # a live pod writes over time, read in several rounds
         node.sim.write(NS, "cart-2", "app", "unrelated pod: waits for its flush interval")
-        await asyncio.sleep(1.0)  # last write, then the deletion
+        # The timeline is the point (issue 5): deleted 1 s after its last write.
+        await asyncio.sleep(1.0)
         fake.mark_deleting(NS, "cart-1", grace_s=30)
         fake.terminate_container(NS, "cart-1", "app", reason="Completed", exit_code=0)
         fake.terminate_container(NS, "cart-1", "envoy", reason="Error", exit_code=137)
@@ -223,6 +236,7 @@ async def test_deleted_pod_drains_before_its_directory_vanishes(
         assert time.monotonic() - deleted_at < 2.0
         cart2 = node.sim.stream_of(NS, "cart-2", "app")
         assert export_bytes(store, cart2)[0] == b"", "only the deleted pod was drained early"
+        # ... and its directory removed 2 s after the deletion (the timeline again).
         await asyncio.sleep(max(0.0, deleted_at + 2.0 - time.monotonic()))
         node.sim.delete_pod(NS, "cart-1")  # kubelet removes the directory
         await wait_until(lambda: all(sid not in agent.spool.streams for sid in sids), within=5,
@@ -238,30 +252,46 @@ async def test_deleted_pod_drains_before_its_directory_vanishes(
         assert want in events, (want, events)
 
 
+# "API server down for 30 s" (issue 5) is 30 s of a node's watcher, whose reconnect back-off
+# starts at 0.5 s and doubles to 30 s: the outage outlasts the whole climb of the back-off to its
+# cap. The test keeps that proportion on a shorter clock: the watcher's back-off and the outage
+# are both scaled by API_DOWN_SCALE, so the watcher fails through the same part of its back-off
+# curve as on a node (and the outage still outlasts FAST's list and request timeouts).
+API_DOWN_SCALE = 0.1
+API_DOWN_S = 30 * API_DOWN_SCALE
+API_DOWN_TUNING = dataclasses.replace(
+    FAST, backoff_initial_s=KubeTuning().backoff_initial_s * API_DOWN_SCALE,
+    backoff_max_s=KubeTuning().backoff_max_s * API_DOWN_SCALE)
+
+
 async def test_api_down_30s_then_410_relists_without_missing_a_restart(
     tmp_path: Path, make_settings: Callable[..., Settings], fake: FakeKube
 ) -> None:
-    """The API server is unreachable for 30 s while the container restarts twice; on its return
-    the old resourceVersion is expired (410), the agent lists again and sees both restarts.
-    Capture from the files never pauses."""
+    """The API server is unreachable for 30 s (scaled, see API_DOWN_SCALE) while the container
+    restarts twice; on its return the old resourceVersion is expired (410), the agent lists
+    again and sees both restarts. Capture from the files never pauses."""
     settings = make_settings(kubernetes="on")
     node = Node(KubeletSim(tmp_path / "pods"), fake)
     node.add_pod("api-1")
     store = FileStore(tmp_path / "store")
-    async with kube_agent(settings) as agent:
+    async with kube_agent(settings, tuning=API_DOWN_TUNING) as agent:
         kube = agent.kube
         assert kube is not None
         node.sim.write(NS, "api-1", "app", "before the outage")
-        await asyncio.sleep(0.3)
+        # The outage cuts a live watch (resumed later from its resourceVersion: 410).
+        await wait_until(lambda: fake.stats.watches >= 1 and kube.connected, within=10,
+                         what="the watch established")
         relists_before = kube.relists
         fake.down()
-        down_at = time.monotonic()
+        down_at, down_wall = time.monotonic(), time.time()
         for i in range(50):
             node.sim.write(NS, "api-1", "app", f"instance 0 during the outage {i}")
         node.restart("api-1", "app", reason="OOMKilled", exit_code=137)
         for i in range(50):
             node.sim.write(NS, "api-1", "app", f"instance 1 during the outage {i}")
-        await asyncio.sleep(0.5)
+        # The next restart deletes instance 0's file: the agent has read all of it by then.
+        await wait_read(agent, store, {sid: node.sim.record(sid) for sid in node.sim.streams()},
+                        within=10)
         node.restart("api-1", "app")  # kubelet deletes instance 0's file now
         for i in range(50):
             node.sim.write(NS, "api-1", "app", f"instance 2 during the outage {i}")
@@ -273,7 +303,11 @@ async def test_api_down_30s_then_410_relists_without_missing_a_restart(
         assert agent.status.kube_detail is not None
         assert "unreachable" in agent.status.kube_detail
         assert sample(agent, "evidence_keeper_container_restarts_total") == 0
-        await asyncio.sleep(max(0.0, down_at + 30 - time.monotonic()))
+        # The length of the outage is the point here: time passes (scaled, see above).
+        await asyncio.sleep(max(0.0, down_at + API_DOWN_S - time.monotonic()))
+        # One outage, noticed at its start and never interrupted by a reconnection.
+        assert not kube.connected and kube.down_since is not None
+        assert kube.down_since < down_wall + 2.0
         fake.up()
         await wait_until(lambda: outcomes(agent, "complete") >= 2, within=15,
                          what="both restarts seen after the relist")
@@ -300,7 +334,10 @@ async def test_watch_faults_503_hang_drop_and_http_410(
     settings = make_settings(kubernetes="on")
     node = Node(KubeletSim(tmp_path / "pods"), fake)
     node.add_pod("w-1")
-    async with kube_agent(settings) as agent:
+    # A hung watch is given up after request_timeout_s, and five faults in a row back off:
+    # both shorter here, the faults and their order are the point.
+    tuning = dataclasses.replace(FAST, request_timeout_s=0.75, backoff_max_s=0.4)
+    async with kube_agent(settings, tuning=tuning) as agent:
         kube = agent.kube
         assert kube is not None
         await wait_until(lambda: fake.stats.watches >= 1, within=5, what="watch established")
@@ -367,11 +404,13 @@ async def test_missing_and_partial_previous_logs_open_loss_gaps(
         kube = agent.kube
         assert kube is not None
         before = {uid: len(kube.lifecycle.records(uid)) for uid in kube.lifecycle.pods}
-        relists = kube.relists
+        relists, watches = kube.relists, fake.stats.watches
         fake.compact()
         fake.cut("watch")
-        await wait_until(lambda: kube.relists > relists, within=10, what="relist")
-        await asyncio.sleep(0.3)
+        # The resumed watch is told 410, the agent lists again and watches from the new list:
+        # by then every record the relist could add is in the ledger.
+        await wait_until(lambda: kube.relists > relists and fake.stats.watches >= watches + 2,
+                         within=10, what="the relist and the watch after it")
         after = {uid: len(kube.lifecycle.records(uid)) for uid in kube.lifecycle.pods}
         assert after == before
     store = FileStore(tmp_path / "store")
@@ -425,7 +464,11 @@ async def test_api_fallback_streams_complete_when_files_are_unreadable(
                 sim.write(NS, "pay-1", "app", f"pay-1 app {i}")
                 sim.write(NS, "pay-1", "sidecar", f"pay-1 sidecar {i}")
                 sim.write(NS, "pay-2", "app", f"pay-2 app {i}")
-            await asyncio.sleep(1.0)
+            # The follows are open and have brought every line so far: pay-1's restart ends
+            # its follow (no previous=true needed for it).
+            await wait_until(lambda: all(following(agent, sim, sid) for sid in sim.streams()
+                                         if sid.pod != "job-1"),
+                             within=10, what="the follows of pay-1 and pay-2 caught up")
             node.restart("pay-1", "app")  # the follow ends at the exit: instance 0 complete
             sim.write(NS, "pay-1", "app", "pay-1 app instance 1")
             await wait_until(lambda: outcomes(agent, "complete") >= 1, within=10,
@@ -438,7 +481,13 @@ async def test_api_fallback_streams_complete_when_files_are_unreadable(
                 sim.write(NS, "pay-2", "app", f"pay-2 app late {i}")
             node.restart("pay-2", "app", reason="OOMKilled", exit_code=137)
             sim.write(NS, "pay-2", "app", "pay-2 app instance 1")
-            await asyncio.sleep(1.5)
+            # The endpoint stays down until the agent has seen the restart and has asked it
+            # (and been refused) since.
+            await wait_until(lambda: sample(agent, "evidence_keeper_container_restarts_total")
+                             >= 2, within=10, what="pay-2's restart seen")
+            refused = fake.stats.requests.get("log", 0)
+            await wait_until(lambda: fake.stats.requests.get("log", 0) > refused, within=10,
+                             what="a log request refused after the restart")
             fake.clear_faults()
             await wait_until(lambda: outcomes(agent, "complete") >= 2, within=15,
                              what="both previous logs complete")
@@ -474,7 +523,10 @@ async def test_agent_restart_keeps_lifecycle_and_sees_restarts_it_missed(
     gone_uid = node.add_pod("db-2")
     async with kube_agent(settings) as agent:
         node.sim.write(NS, "db-1", "app", "instance 0")
-        await asyncio.sleep(0.5)
+        sid0 = node.sim.stream_of(NS, "db-1", "app")
+        await wait_until(lambda: sid0 in agent.spool.streams
+                         and agent.spool.streams[sid0].next_offset == len(node.sim.record(sid0)),
+                         within=10, what="instance 0 read")
         node.restart("db-1", "app")
         await wait_until(lambda: outcomes(agent, "complete") >= 1, within=10, what="restart 1")
     # Agent down: another restart, and db-2 is deleted for good.

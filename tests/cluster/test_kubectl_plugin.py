@@ -16,12 +16,15 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
+from evidence_keeper.cli import main as cli_main
 from evidence_keeper.commands.kubectl.cluster import container_env, token_secret
 from evidence_keeper.settings import Settings
 from evidence_keeper.sim import KubeletSim
@@ -39,6 +42,9 @@ TOKEN = "ek-plugin-token-0123456789abcdef"
 KUBE_TOKEN = "kube-admin-token"
 LABELS = {"app.kubernetes.io/name": "evidence-keeper"}
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 pytestmark = pytest.mark.skipif(not Path(KUBECTL).exists(),
                                 reason="kubectl is not installed (make kubectl)")
 
@@ -51,11 +57,19 @@ class Cluster:
     store: FileStore
     sims: dict[str, KubeletSim]
     token_file: Path
+    agents: tuple[AgentThread, ...]
 
     def kubectl(self, *args: str, env: dict[str, str] | None = None,
                 ) -> subprocess.CompletedProcess[str]:
         return subprocess.run([KUBECTL, *args], env=env or self.env, capture_output=True,
                               text=True, timeout=120, check=False)
+
+
+def side_by_side(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``fn`` over independent kubectl invocations at once, results in order: each spends
+    most of its second starting the plugin's interpreter."""
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        return list(pool.map(fn, items))
 
 
 @pytest.fixture
@@ -130,7 +144,11 @@ def cluster(tmp_path: Path, plugin_bin: Path,
                     while export_bytes(store, sid)[0] != sim.record(sid):
                         assert time.monotonic() < deadline, f"{sid} not shipped"
                         time.sleep(0.1)
-            yield Cluster(tmp_path, env, front, store, sims, token_file)
+            # Each agent's first store probe has answered: its preflight has a verdict.
+            while not (a.agent.sinks.all_up() and b.agent.sinks.all_up()):
+                assert time.monotonic() < deadline, "the agents' store probes never passed"
+                time.sleep(0.05)
+            yield Cluster(tmp_path, env, front, store, sims, token_file, (a, b))
 
 
 def test_kubectl_discovers_the_plugin(plugin_bin: Path, tmp_path: Path) -> None:
@@ -159,49 +177,47 @@ def test_kubectl_completes_the_plugin(plugin_bin: Path, tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         return done.stdout.splitlines()
 
-    first = complete("se")
+    first, commands, output, kind, path = side_by_side(lambda words: complete(*words), [
+        ("se",), ("",), ("gaps", "-o", ""), ("gaps", "--ki"), ("search", "--kubeconfig", "")])
     assert first[0].startswith("search\t") and first[-1] == ":4"
-    assert [ln.split("\t")[0] for ln in complete("")[:-1]] == [
+    assert [ln.split("\t")[0] for ln in commands[:-1]] == [
         "gaps", "preflight", "archive", "search", "export", "completion"]
-    assert complete("gaps", "-o", "") == ["text", "json", ":4"]
-    assert complete("gaps", "--ki") == ["--kind", ":4"]
-    assert complete("search", "--kubeconfig", "") == [":0"]  # a path: the shell's files
+    assert output == ["text", "json", ":4"]
+    assert kind == ["--kind", ":4"]
+    assert path == [":0"]  # a path: the shell's files
 
 
 def test_gaps_and_preflight_of_every_agent_through_the_pod_proxy(cluster: Cluster) -> None:
-    done = cluster.kubectl("evidence", "gaps", "-o", "json")
+    done, text, gate = side_by_side(lambda args: cluster.kubectl(*args), [
+        ("evidence", "gaps", "-o", "json"), ("evidence", "gaps", "-n", NS),
+        ("evidence", "preflight", "-o", "json")])
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert doc["nodes"] == 2 and doc["errors"] == []
-    text = cluster.kubectl("evidence", "gaps", "-n", NS)
     assert text.returncode == 0 and text.stdout.splitlines()[0].startswith("NODE")
     assert "gaps on 2 nodes" in text.stdout
     # Every request went through the proxy to an agent pod, as the API server forwards it.
     paths = {(name, path.split("?")[0]) for _m, name, path, _h in cluster.front.proxied}
-    assert paths == {("evidence-keeper-aaaaa", "/gaps"), ("evidence-keeper-bbbbb", "/gaps")}
+    assert paths == {("evidence-keeper-aaaaa", "/gaps"), ("evidence-keeper-bbbbb", "/gaps"),
+                     ("evidence-keeper-aaaaa", "/readyz"), ("evidence-keeper-bbbbb", "/readyz")}
     assert any("namespace=sock-shop" in p for _m, _n, p, _h in cluster.front.proxied)
 
-    deadline = time.monotonic() + 30  # each agent's store probe needs its first round
-    while True:
-        gate = cluster.kubectl("evidence", "preflight", "-o", "json")
-        if gate.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
     assert gate.returncode == 0, gate.stdout + gate.stderr
     report = json.loads(gate.stdout)
     assert report["ok"] is True
     assert {c["node"] for c in report["checks"]} == {"node-a", "node-b"}
     # An agent that does not answer fails the gate (exit 1), named in its check.
     del cluster.front.targets[("evidence-keeper", "evidence-keeper-bbbbb")]
-    gate = cluster.kubectl("evidence", "preflight")
+    gate, partial = side_by_side(lambda args: cluster.kubectl(*args), [
+        ("evidence", "preflight"), ("evidence", "gaps")])
     assert gate.returncode == 1
     assert "FAIL  node-b: agent evidence-keeper-bbbbb answers: HTTP 503" in gate.stdout
     assert "preflight failed" in gate.stderr
-    partial = cluster.kubectl("evidence", "gaps")
     assert partial.returncode == 2 and "node-b (evidence-keeper-bbbbb): HTTP 503" in partial.stderr
 
 
-def test_archive_search_and_export(cluster: Cluster) -> None:
+def test_archive_search_and_export(cluster: Cluster,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
     done = cluster.kubectl("evidence", "archive", "-n", NS, "--reason", "INC-7",
                            "--label", "inc-7", "--token-file", str(cluster.token_file),
                            "-o", "json")
@@ -224,25 +240,26 @@ def test_archive_search_and_export(cluster: Cluster) -> None:
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "cannot read the archive token from secret evidence-keeper-archive-token" in (
         missing.stderr) and "HTTP 404" in missing.stderr
-    verified = subprocess.run(
-        [sys.executable, "-m", "evidence_keeper.cli", "verify", doc["id"], "-o", "json"],
-        env={**cluster.env, "EK_STORE_URL": f"file://{cluster.store.root}"},
-        capture_output=True, text=True, timeout=120, check=False)
-    assert verified.returncode == 0 and json.loads(verified.stdout)["ok"], verified.stderr
+    # The archive the plugin made verifies (in this process: the CLI's own tests run it).
+    config = cluster.tmp / "verify.yaml"
+    config.write_text(f"store_url: file://{cluster.store.root}\nspool_dir: {cluster.tmp / 'cli'}\n")
+    capsys.readouterr()
+    assert cli_main(["verify", doc["id"], "--config", str(config), "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
 
     # search and export read the store the agents' pod spec names (no --config).
-    found = cluster.kubectl("evidence", "search", "-F", "PAYMENT_FAILED", "-n", NS,
-                            "--timestamps")
+    out = cluster.tmp / "payment.log"
+    found, every, empty, exported = side_by_side(lambda args: cluster.kubectl(*args), [
+        ("evidence", "search", "-F", "PAYMENT_FAILED", "-n", NS, "--timestamps"),
+        ("evidence", "search", "connection refused", "-A"),
+        ("evidence", "search", "x", "-n", "payments"),
+        ("evidence", "export", "-n", NS, "--pod", "payment-1", "--container", "payment",
+         "-o", str(out))])
     assert found.returncode == 0, found.stderr
     assert len(found.stdout.splitlines()) == 30
     assert all(" orders-1 orders │ Order " in ln for ln in found.stdout.splitlines())
-    every = cluster.kubectl("evidence", "search", "connection refused", "-A")
     assert every.returncode == 0 and every.stdout.startswith(f"{NS} payment-1 payment │")
-    empty = cluster.kubectl("evidence", "search", "x", "-n", "payments")
     assert empty.returncode == 1 and "no evidence for namespace payments" in empty.stderr
-    out = cluster.tmp / "payment.log"
-    exported = cluster.kubectl("evidence", "export", "-n", NS, "--pod", "payment-1",
-                               "--container", "payment", "-o", str(out))
     assert exported.returncode == 0, exported.stderr
     sim = cluster.sims["node-b"]
     assert out.read_bytes() == sim.record(sim.stream_of(NS, "payment-1", "payment"))
@@ -250,16 +267,19 @@ def test_archive_search_and_export(cluster: Cluster) -> None:
 
 def test_plugin_errors_are_one_line(cluster: Cluster) -> None:
     bad = cluster.front.write_kubeconfig(cluster.tmp / "bad-kubeconfig", token="wrong")
-    done = cluster.kubectl("evidence", "gaps", env={**cluster.env, "KUBECONFIG": str(bad)})
+    calls: list[tuple[tuple[str, ...], dict[str, str] | None]] = [
+        (("evidence", "gaps"), {**cluster.env, "KUBECONFIG": str(bad)}),
+        (("evidence", "preflight", "--agent-namespace", "elsewhere"), None),
+        (("evidence", "gaps", "--node", "node-z"), None),
+        (("evidence", "gaps", "--node", "node-a", "-o", "json"), None),
+        (("evidence", "search", "x"), None)]
+    done, none, nowhere, one, usage = side_by_side(
+        lambda call: cluster.kubectl(*call[0], env=call[1]), calls)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "HTTP 401" in done.stderr, done.stderr
-    none = cluster.kubectl("evidence", "preflight", "--agent-namespace", "elsewhere")
     assert none.returncode == 2 and "no agent pods" in none.stderr
-    nowhere = cluster.kubectl("evidence", "gaps", "--node", "node-z")
     assert nowhere.returncode == 2 and "no agent on node node-z" in nowhere.stderr
-    one = cluster.kubectl("evidence", "gaps", "--node", "node-a", "-o", "json")
     assert one.returncode == 0 and json.loads(one.stdout)["nodes"] == 1
-    usage = cluster.kubectl("evidence", "search", "x")
     assert usage.returncode == 2 and "exactly one of -n NAMESPACE and -A" in usage.stderr
 
 

@@ -300,14 +300,20 @@ def test_verify_names_a_missing_object_and_a_broken_link(tmp_path: Path) -> None
 async def test_the_store_down_counts_unshipped_records(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.sqlite")
     store = FaultyStore(FileStore(tmp_path / "store"))
-    ship = shipper(ledger, store, backoff_initial_s=0.01)
+    now = [0.0]  # the shipper's clock: its back-off passes when the test says so
+    ship = LedgerShipper(ledger, store, LedgerShipConfig(node="node-1", cluster="default",
+                                                         backoff_initial_s=5.0),
+                         metrics=Metrics(), clock=lambda: now[0])
     outage(ledger)
     loss(ledger, 0)
     store.refuse = 1
     assert await ship.tick() is False
     assert ship.last_error and "refused" in ship.last_error
     assert ship.metrics.ledger_unshipped_records._value.get() == 2
-    await asyncio.sleep(0.02)
+    now[0] = 4.9
+    assert await ship.tick() is False  # still backing off: no new attempt
+    assert ship.unshipped() == 2
+    now[0] = 5.0
     assert await ship.tick() is True
     assert ship.unshipped() == 0 and ship.last_error is None
     assert ship.metrics.ledger_unshipped_records._value.get() == 0
@@ -473,13 +479,13 @@ class HangingLedger(FaultyStore):
 async def test_a_hanging_store_does_not_hold_the_shutdown_past_its_deadline(
         make_settings: Callable[..., Settings], tmp_path: Path) -> None:
     store = HangingLedger(FileStore(tmp_path / "store"))
-    settings = make_settings(shutdown_timeout_s=2)
+    settings = make_settings(shutdown_timeout_s=1)
     try:
         async with running_agent(settings, store=store) as agent:
             await asyncio.to_thread(loss, agent.ledger, 0)
             await wait_until(store.hung.is_set, within=10, what="a ledger put hanging")
             stopping = time.monotonic()
-        # The deadline is 2 s; a put that never answers must not stretch it to the store's
+        # The deadline is 1 s; a put that never answers must not stretch it to the store's
         # timeouts (the bound here is generous for a loaded machine, not a benchmark).
         assert time.monotonic() - stopping < 15
     finally:

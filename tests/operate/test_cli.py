@@ -158,15 +158,14 @@ def test_gaps_preflight_and_archive_speak_json(tmp_path: Path,
         assert cli_main(["gaps", "--url", url]) == 0
         assert "gaps on node node-1" in capsys.readouterr().out
 
-        # preflight -o json: the verdict and each check; the store probe needs a round.
+        # preflight -o json: the verdict and each check, once the store probe has answered.
         deadline = time.monotonic() + 30
-        while True:
-            rc = cli_main(["preflight", "--url", url, "-o", "json"])
-            captured = capsys.readouterr()
-            doc = json.loads(captured.out)
-            if rc == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        while not agent.agent.sinks.all_up():
+            assert time.monotonic() < deadline, "the agent's store probe never passed"
+            time.sleep(0.05)
+        rc = cli_main(["preflight", "--url", url, "-o", "json"])
+        captured = capsys.readouterr()
+        doc = json.loads(captured.out)
         assert rc == 0 and doc["ok"] is True and doc["url"] == url, captured
         assert all(c["ok"] for c in doc["checks"]) and len(doc["checks"]) >= 3
         assert any(c["check"].startswith("sink store") for c in doc["checks"])

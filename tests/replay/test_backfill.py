@@ -27,6 +27,7 @@ from evidence_keeper.sim.intakes import DatadogIntake
 from evidence_keeper.sim.kubelet import KubeletSim
 from tests.conftest import running_agent, wait_until
 from tests.support.replay import as_json_text, expected_lines
+from tests.support.waits import probe_round_after
 
 SINK_HOST = "http-intake.logs.example.test"
 API_KEY = "backfill-key-0123456789"
@@ -77,7 +78,11 @@ async def test_backfill_after_a_dns_outage_closes(
             await wait_until(lambda: agent.sinks.states["datadog"].up is True, within=10,
                              what="the sink probed up")
             sim.write("sock-shop", "orders-1", "orders", "before the outage: already in Datadog")
-            await asyncio.sleep(0.3)
+            # The gap starts at the first failing probe round, dated from the round's start: a
+            # round begun before this line was written, but resolving after the break, would
+            # put the line inside the window. A round begun after it must pass first.
+            await probe_round_after(agent.sinks, what="the line before the outage")
+            assert agent.sinks.states["datadog"].up is True
             dns.broken = True
             await wait_until(lambda: bool(agent.ledger.gaps(kind="sink_outage", open_=True)),
                              within=10, what="the outage opened")
@@ -89,7 +94,11 @@ async def test_backfill_after_a_dns_outage_closes(
                               stream="stderr")
                 if i % 100 == 0:
                     sim.write("sock-shop", "orders-1", "orders", b"bad \xff byte")
-            await asyncio.sleep(0.3)
+            # Likewise the end: the round that sees the sink again must have begun after the
+            # last line, or the window would end before it. (Whether the agent has read the
+            # lines yet is not the test's business: the backfill waits for their capture.)
+            await probe_round_after(agent.sinks, what="the last line of the outage")
+            assert agent.ledger.gaps(kind="sink_outage", open_=True)
             dns.broken = False
 
             def backfilled() -> bool:
@@ -161,7 +170,7 @@ async def test_backfill_interrupted_by_a_restart_resumes_once(
                              within=10, what="the outage opened")
             for i in range(2500):
                 sim.write("sock-shop", "orders-1", "orders", f"Order {i} PAYMENT_FAILED")
-            await asyncio.sleep(0.3)
+            await probe_round_after(agent.sinks, what="the last line of the outage")
             dns.broken = False
             await wait_until(lambda: intake.requests >= 3, within=60,
                              what="the backfill delivered one batch, then met a faltering sink")
@@ -184,3 +193,49 @@ async def test_backfill_interrupted_by_a_restart_resumes_once(
     assert got == want  # every line once: the first run's batch was not sent again
     assert doc["lines"] == 2500 - 1000  # the resumed run sent what the first had not
     assert doc["already_replayed"] == 1000
+
+
+async def test_lines_still_unread_when_the_outage_closes_are_backfilled(
+        tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    """The window's last lines may be on the node but not yet captured when the probe sees the
+    sink again (here a polling tailer, 0.9 s between reads): the backfill waits for the
+    capture bound before it seals, instead of calling itself complete without them."""
+    intake = DatadogIntake(api_key=API_KEY)
+    url = await intake.start()
+    key = tmp_path / "dd-api-key"
+    key.write_text(API_KEY)
+    settings = make_settings(
+        sink_probes=f"datadog=dns:{SINK_HOST}", probe_interval_s=0.2, probe_timeout_s=1.0,
+        probe_failures_before_down=2, probe_successes_before_up=1,
+        watch_mode="poll", tail_interval_s=0.9,
+        replay_targets={"datadog": {"kind": "datadog", "url": url,
+                                    "credentials_file": str(key)}},
+        replay_on_recovery=["datadog"])
+    sim = KubeletSim(tmp_path / "pods", clock=lambda: datetime.now(UTC))
+    sim.add_pod("sock-shop", "orders-1", containers=("orders",))
+    dns = BrokenDNS()
+    dns.broken = True
+
+    def state(agent: Any) -> dict[str, Any]:
+        rows = agent.ledger.gaps(kind="sink_outage")
+        return dict(rows[-1].to_json().get("backfill", {})) if rows else {}
+
+    try:
+        async with running_agent(settings, resolver=dns) as agent:
+            await wait_until(lambda: bool(agent.ledger.gaps(kind="sink_outage", open_=True)),
+                             within=10, what="the outage opened")
+            for i in range(100):
+                sim.write("sock-shop", "orders-1", "orders", f"Order {i} PAYMENT_FAILED")
+            await probe_round_after(agent.sinks, what="the last line of the outage")
+            dns.broken = False
+            await wait_until(lambda: state(agent).get("status") == "complete", within=60,
+                             what="the backfill completed")
+            gap = agent.ledger.gaps(kind="sink_outage")[-1].to_json()
+    finally:
+        await intake.stop()
+    start, end = _ns(gap["start"]), _ns(gap["end"])
+    want = Counter(msg.decode() for sid in sim.streams()
+                   for _s, ts, msg in expected_lines(sim.record(sid)) if start <= ts <= end)
+    assert sum(want.values()) == 100
+    assert Counter(e["message"] for e in intake.entries) == want
+    assert gap["backfill"]["lines"] == 100
