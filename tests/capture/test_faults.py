@@ -366,7 +366,9 @@ async def test_disk_full_under_the_spool_loses_nothing(
 async def test_spool_segment_creation_denied_is_retried(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
-    settings = make_settings(segment_max_bytes="32KiB")
+    # A rescan far away: the retry after the spool's back-off (1 s) must come by itself, as
+    # no change event announces the bytes the denied append left in the file.
+    settings = make_settings(segment_max_bytes="32KiB", rescan_interval_s=60)
     store = FileStore(tmp_path / "store")
     sim = KubeletSim(tmp_path / "pods")
     sim.add_pod(NS, POD)
@@ -375,7 +377,7 @@ async def test_spool_segment_creation_denied_is_retried(
     fs.deny_segment_opens = 2
     async with running_agent(settings, fs=fs) as agent:
         write_lines(sim, 100, "first")
-        await wait_until(lambda: fs.deny_segment_opens == 0, within=30, what="denied opens")
+        await wait_until(lambda: fs.deny_segment_opens == 0, within=10, what="denied opens")
         await stream_writes(sim, 1.0, "more")
         fs.deny_segment_opens = 1  # also when a full segment is sealed and the next opened
         await stream_writes(sim, 1.0, "again")
@@ -390,7 +392,8 @@ async def test_spool_segment_creation_denied_is_retried(
 async def test_fsync_failing_once_in_commit_is_retried(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
-    settings = make_settings()
+    # A rescan far away: the rewound bytes must be re-read at once, not by the safety net.
+    settings = make_settings(rescan_interval_s=60)
     store = FileStore(tmp_path / "store")
     sim = KubeletSim(tmp_path / "pods")
     sim.add_pod(NS, POD)
