@@ -240,7 +240,9 @@ def test_paused_agent_records_the_rotations_it_could_not_see(
             sim.rotate("shop", "orders-1", "app")
             for i in range(40):
                 sim.write("shop", "orders-1", "app", f"rotation {r} line {i} " + "z" * 80)
-            time.sleep(0.7)  # the pause is long enough to be seen as one
+            # Deliberate: 6 x 0.7 s of pause, longer than the tailer's STALL_S (3 s), so the
+            # agent can tell on SIGCONT that it did not run.
+            time.sleep(0.7)
         on_disk = sim.disk_bytes(sid)
         resumed_at = sim.record_len(sid)
     finally:
@@ -419,7 +421,7 @@ def test_rotation_every_100ms_for_15s_has_no_gap(
                 sim.write("busy", "api-0", "app", f"request {n} " + "q" * 60)
             sim.rotate("busy", "api-0", "app")
             rotations += 1
-            time.sleep(0.1)
+            time.sleep(0.1)  # the pace is the point: a rotation every 0.1 s (issue 10)
 
     thread = threading.Thread(target=writer, name="kubelet")
     thread.start()
