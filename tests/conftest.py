@@ -170,6 +170,17 @@ async def wait_until(cond: Callable[[], bool], *, within: float, what: str,
         await asyncio.sleep(interval)
 
 
+def poll_until(cond: Callable[[], bool], *, within: float, what: str,
+               interval: float = 0.05) -> None:
+    """:func:`wait_until` for tests whose own thread blocks (an agent in a thread or a child
+    process does the work meanwhile)."""
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        time.sleep(interval)
+
+
 def read_offset(agent: Agent, store: Store, sid: StreamId) -> int:
     """How far the agent has read ``sid``: its spool offset, or once the spool forgot the
     finished stream, what the store holds of it."""
