@@ -303,7 +303,7 @@ async def test_cri_dockerd_symlinks_and_docker_rotation(
                     sim.restart("dock", pod, container)
                 else:
                     sim.rotate("dock", pod, container)  # Docker's .1, .2 (max-file 3)
-                await asyncio.sleep(0.02)  # rotated files are ordered by mtime
+                await asyncio.sleep(0.02)  # Docker's rotated files are ordered by mtime
         assert len(list(docker.glob("*/*-json.log.2"))) >= 2  # Docker really rotated
         for sid in sim.streams():
             await wait_exported(agent.store, sid, sim.record(sid), within=30)
