@@ -34,6 +34,7 @@ from tests.conftest import (
     export_bytes,
     loss_gaps,
     running_agent,
+    settle,
     stored_segments,
     wait_exported,
     wait_until,
@@ -354,9 +355,7 @@ async def test_log_root_emptied_and_restored_while_running(
     async with running_agent(make_settings(rescan_interval_s=0.5)) as agent:
         await _all_exported(agent.store, sim)
         _move_all(tmp_path / "pods", tmp_path / "away")
-        syncs = agent.tailer.syncs
-        await wait_until(lambda: agent.tailer.syncs >= syncs + 5, within=30,
-                         what="scans of the empty root")
+        await settle(agent, passes=5)  # five full scans of the empty root
         assert loss_gaps(agent.ledger) == []
         assert set(agent.tailer.tails) == set(sim.streams())  # nothing ended or forgotten
         assert not any(t.gone for t in agent.tailer.tails.values())
@@ -383,9 +382,7 @@ async def test_log_root_empty_at_restart_then_restored(
         await _all_exported(agent.store, sim)
     _move_all(tmp_path / "pods", tmp_path / "away")
     async with running_agent(settings) as agent:
-        syncs = agent.tailer.syncs
-        await wait_until(lambda: agent.tailer.syncs >= syncs + 5, within=30,
-                         what="scans of the empty root")
+        await settle(agent, passes=5)  # five full scans of the empty root
         assert loss_gaps(agent.ledger) == []
         assert agent.readiness()["tail"]["log_root_state"] == "empty"
         _move_all(tmp_path / "away", tmp_path / "pods")
