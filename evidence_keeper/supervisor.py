@@ -426,6 +426,10 @@ class Agent:
         committed = await asyncio.to_thread(self._seal_and_commit)
         if committed:
             self.shipper.wakeup.set()
+        elif self.spool.commit_failing_since is not None:
+            # A failed data fsync rewound streams to their checkpoint (Spool._rewind): a full
+            # read pass re-reads them now; no change event will announce those bytes again.
+            self.watcher.wake_full()
 
     async def _commit_loop(self) -> None:
         while not self.intake_closed.is_set():

@@ -157,6 +157,17 @@ async def wait_until(cond: Callable[[], bool], *, within: float, what: str,
         await asyncio.sleep(interval)
 
 
+def poll_until(cond: Callable[[], bool], *, within: float, what: str,
+               interval: float = 0.05) -> None:
+    """:func:`wait_until` for tests whose own thread blocks (an agent in a thread or a child
+    process does the work meanwhile)."""
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        time.sleep(interval)
+
+
 def read_offset(agent: Agent, store: Store, sid: StreamId) -> int:
     """How far the agent has read ``sid``: its spool offset, or once the spool forgot the
     finished stream, what the store holds of it."""
@@ -188,6 +199,27 @@ async def wait_exported(store: Store, sid: StreamId, expected: bytes, *,
     data, holes = export_bytes(store, sid)
     assert holes == [], f"{sid.key}: holes {holes}"
     assert_bytes_equal(data, expected, sid.key)
+
+
+async def settle(agent: Agent, *, passes: int = 2, within: float = 30.0) -> None:
+    """Wait until the agent has looked at the tree as it is now: ``passes`` full scans begun
+    after this call (the last of them still running), each followed by a full read pass.
+
+    For negative checks ("no gap appears", "nothing more is read"): with inotify and no
+    change a fixed sleep may contain no pass at all (the safety-net rescan comes every
+    ``rescan_interval_s``), so the passes are asked for with ``ChangeWatcher.wake_full``,
+    as that rescan would ask for them, only sooner.
+    """
+    # The scan under way may have listed the tree before this call: it does not count.
+    target = agent.tailer.syncs + 1 + passes
+
+    def done() -> bool:
+        if agent.tailer.syncs >= target:
+            return True
+        agent.watcher.wake_full()
+        return False
+
+    await wait_until(done, within=within, what=f"{passes} full scans of the log tree")
 
 
 def loss_gaps(ledger: Ledger, sid: StreamId | None = None) -> list[GapRow]:

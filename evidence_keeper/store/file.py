@@ -77,8 +77,11 @@ class FileStore:
         if not start.is_dir():
             return iter(())
         keys = []
-        for dirpath, _dirs, files in os.walk(start):
+        for dirpath, dirs, files in os.walk(start):
             rel = os.path.relpath(dirpath, self.root)
+            # Only directories that can hold such keys: a pod's prefix in a namespace of
+            # thousands of pods walks one pod, not the namespace.
+            dirs[:] = [d for d in dirs if _may_hold(d if rel == "." else f"{rel}/{d}", prefix)]
             for f in files:
                 if f.endswith(META_SUFFIX) or f.endswith(".tmp"):
                     continue
@@ -101,3 +104,9 @@ class FileStore:
     def check_object_lock(self) -> None:
         raise CannotLock(f"object_lock_days > 0 needs an S3 bucket with Object Lock enabled;"
                          f" {self.describe()} cannot lock objects")
+
+
+def _may_hold(rel_dir: str, prefix: str) -> bool:
+    """Can a key below the directory ``rel_dir`` start with ``prefix``?"""
+    below = f"{rel_dir}/"
+    return below.startswith(prefix) or prefix.startswith(below)

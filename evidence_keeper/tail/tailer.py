@@ -529,6 +529,8 @@ class Tailer:
                     continue
                 if self._pump_stream(t, s, now):
                     more = True
+        # Work this pass left behind (a spool error held a stream back) needs no event either.
+        self.pending = self.pending or any(_has_work(t) for t in tails)
         if now - self._gauges_at >= 1.0:
             self._gauges_at = now
             with self.spool.lock:

@@ -26,6 +26,7 @@ from tests.conftest import (
     export_bytes,
     loss_gaps,
     running_agent,
+    settle,
     stored_segments,
     wait_exported,
     wait_until,
@@ -115,11 +116,28 @@ def write_lines(sim: KubeletSim, n: int, tag: str, *, pod: str = POD) -> None:
 
 
 async def stream_writes(sim: KubeletSim, seconds: float, tag: str) -> None:
-    """Keep writing for ``seconds`` (the agent reads concurrently)."""
+    """Keep writing for ``seconds`` (the agent reads concurrently): a fault has to meet
+    writes in flight, so time passing while writing is the point."""
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
     k = 0
     while loop.time() < end:
+        write_lines(sim, 20, f"{tag}-{k}")
+        k += 1
+        await asyncio.sleep(0.02)
+
+
+async def write_until(sim: KubeletSim, cond: Callable[[], bool], tag: str, *, what: str,
+                      within: float = 20.0) -> None:
+    """Keep writing (the agent reads concurrently) until ``cond`` holds: a spool fault only
+    shows on a write, so the writes go on until the agent has met the fault as often as the
+    test needs."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    k = 0
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError(f"timed out after {within}s of writes waiting for {what}")
         write_lines(sim, 20, f"{tag}-{k}")
         k += 1
         await asyncio.sleep(0.02)
@@ -184,11 +202,12 @@ async def test_log_unreadable_until_its_pod_is_deleted_is_an_unreadable_loss(
         write_lines(sim, 30, "kept", pod="healthy-1")
         await wait_exported(store, ok, sim.record(ok))
         await wait_until(lambda: fs.denied_reads >= 1, within=10, what="an open attempt")
-        await asyncio.sleep(1.5)  # retries, if any, see the final size
+        denied = fs.denied_reads  # a retry after this one sees the final size
+        await wait_until(lambda: fs.denied_reads > denied, within=10, what="a retried open")
         sim.delete_pod(NS, POD)
         await wait_until(lambda: bool(loss_gaps(agent.ledger, sid)), within=10,
                          what="the loss to be recorded")
-        await asyncio.sleep(0.5)
+        await settle(agent)  # a second gap the agent would record, it has recorded
         gaps = loss_gaps(agent.ledger, sid)
         assert metric(agent, "evidence_keeper_read_errors_total", errno="EACCES") >= 1
     assert len(gaps) == 1
@@ -251,7 +270,7 @@ async def test_rotated_file_unreadable_until_kubelet_removes_it_is_an_exact_loss
             for r in range(2):  # the first compresses the unreadable file, the second removes it
                 write_lines(sim, 20, f"rotation-{r}")
                 sim.rotate(NS, POD, APP)
-                await asyncio.sleep(0.5)
+                await settle(agent, passes=1)  # each rotation seen on its own
             write_lines(sim, 20, "last")
             record = sim.record(sid)
             await wait_until(lambda: len(export_bytes(store, sid)[0]) >= len(record) - hole,
@@ -279,7 +298,7 @@ async def test_unreadable_file_compressed_into_a_readable_gz_is_read_from_the_gz
             write_lines(sim, 20, "last")
             await wait_until(lambda: len(export_bytes(store, sid)[0]) >= sim.record_len(sid)
                              or bool(loss_gaps(agent.ledger)), within=15, what="the stream")
-            await asyncio.sleep(0.5)
+            await settle(agent)  # a gap the agent would still record, it has recorded
             gaps = loss_gaps(agent.ledger)
     assert gaps == []
     assert_stored(store, sid, sim.record(sid))
@@ -300,10 +319,10 @@ async def test_unreadable_file_whose_inode_number_is_reused_by_the_next_log_file
             sim.rotate(NS, POD, APP)  # compresses and deletes the unreadable file
             now = sim.path_of(NS, POD, APP).stat()  # the new 0.log: same inode number
             fs.alias[(now.st_dev, now.st_ino)] = was.st_ino
-            await asyncio.sleep(0.5)
+            await settle(agent, passes=1)  # the new 0.log seen under the reused number
             write_lines(sim, 20, "rotation-1")
             sim.rotate(NS, POD, APP)  # removes its .gz
-            await asyncio.sleep(0.5)
+            await settle(agent, passes=1)
             write_lines(sim, 20, "last")
             record = sim.record(sid)
             await wait_until(lambda: export_bytes(store, sid)[0].endswith(record[-200:]),
@@ -326,16 +345,19 @@ async def test_disk_full_under_the_spool_loses_nothing(
     store, sim, sid = one_stream(tmp_path, NS, POD)
     fs = FaultyFS()
     async with running_agent(settings, fs=fs) as agent:
-        await stream_writes(sim, 0.5, "before")
+        await write_until(sim, lambda: agent.spool.total_bytes() > 0, "before",
+                          what="captured writes before the disk fills")
         fs.disk_full = True
-        await stream_writes(sim, 1.5, "full")
+        # A write, and its retry after the spool's back-off, both fail.
+        await write_until(sim, lambda: fs.failed_writes >= 2, "full", what="two failed writes")
         fs.disk_full = False
         fs.partial_writes = 3
-        await stream_writes(sim, 3.0, "filling")
-        await wait_until(lambda: fs.partial_writes == 0, within=10, what="the partial writes")
-        await stream_writes(sim, 0.5, "after")
+        failed = fs.failed_writes
+        await write_until(sim, lambda: fs.partial_writes == 0 and fs.failed_writes >= failed + 3,
+                          "filling", what="three half writes, each followed by a failure")
+        write_lines(sim, 50, "after")
         await wait_exported(store, sid, sim.record(sid), within=20)
-        assert fs.failed_writes >= 4
+        assert fs.failed_writes >= 5
         assert metric(agent, "evidence_keeper_spool_errors_total", op="write") >= 4
         assert metric(agent, "evidence_keeper_lost_bytes_total", reason="spool_corrupt") == 0
         assert loss_gaps(agent.ledger) == []
@@ -345,16 +367,20 @@ async def test_disk_full_under_the_spool_loses_nothing(
 async def test_spool_segment_creation_denied_is_retried(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
-    settings = make_settings(segment_max_bytes="32KiB")
+    # A rescan far away: the retry after the spool's back-off (1 s) must come by itself, as
+    # no change event announces the bytes the denied append left in the file.
+    settings = make_settings(segment_max_bytes="32KiB", rescan_interval_s=60)
     store, sim, sid = one_stream(tmp_path, NS, POD)
     fs = FaultyFS()
     fs.deny_segment_opens = 2
     async with running_agent(settings, fs=fs) as agent:
         write_lines(sim, 100, "first")
-        await wait_until(lambda: fs.deny_segment_opens == 0, within=30, what="denied opens")
+        await wait_until(lambda: fs.deny_segment_opens == 0, within=10, what="denied opens")
         await stream_writes(sim, 1.0, "more")
         fs.deny_segment_opens = 1  # also when a full segment is sealed and the next opened
-        await stream_writes(sim, 1.0, "again")
+        await write_until(sim, lambda: fs.deny_segment_opens == 0, "again",
+                          what="a denied open after a size seal")
+        write_lines(sim, 50, "after")
         await wait_exported(store, sid, sim.record(sid), within=15)
         assert metric(agent, "evidence_keeper_spool_errors_total", op="open") == 3
         assert loss_gaps(agent.ledger) == []
@@ -366,7 +392,8 @@ async def test_spool_segment_creation_denied_is_retried(
 async def test_fsync_failing_once_in_commit_is_retried(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
-    settings = make_settings()
+    # A rescan far away: the rewound bytes must be re-read at once, not by the safety net.
+    settings = make_settings(rescan_interval_s=60)
     store, sim, sid = one_stream(tmp_path, NS, POD)
     fs = FaultyFS()
     async with running_agent(settings, fs=fs) as agent:

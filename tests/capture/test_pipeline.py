@@ -64,7 +64,8 @@ async def test_churn_byte_exact(tmp_path: Path, make_settings: Callable[..., Set
     async with running_agent(settings) as agent:
         for _ in range(30):
             churn(sim, rng, pods=12, steps=40, rotate_p=0.08, restart_p=0.02)
-            await asyncio.sleep(0.15)  # pacing: the agent reads while kubelet rotates
+            await asyncio.sleep(0.15)  # pacing: the agent reads while kubelet rotates (and
+            # deletes the oldest of max_files): a node writes over time, not all at once
         churn(sim, rng, pods=12, steps=3, big_line_every=1)
         await wait_read(agent, store, {sid: sim.record(sid) for sid in sim.streams()},
                         within=60)

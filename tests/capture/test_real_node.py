@@ -33,6 +33,7 @@ from tests.conftest import (
     export_bytes,
     loss_gaps,
     running_agent,
+    settle,
     stored_segments,
     wait_exported,
     wait_until,
@@ -227,7 +228,9 @@ def test_paused_agent_records_the_rotations_it_could_not_see(
             sim.rotate("shop", "orders-1", "app")
             for i in range(40):
                 sim.write("shop", "orders-1", "app", f"rotation {r} line {i} " + "z" * 80)
-            time.sleep(0.7)  # the pause is long enough to be seen as one
+            # Deliberate: 6 x 0.7 s of pause, longer than the tailer's STALL_S (3 s), so the
+            # agent can tell on SIGCONT that it did not run.
+            time.sleep(0.7)
         on_disk = sim.disk_bytes(sid)
         resumed_at = sim.record_len(sid)
     finally:
@@ -286,7 +289,7 @@ async def test_cri_dockerd_symlinks_and_docker_rotation(
                     sim.restart("dock", pod, container)
                 else:
                     sim.rotate("dock", pod, container)  # Docker's .1, .2 (max-file 3)
-                await asyncio.sleep(0.02)  # rotated files are ordered by mtime
+                await asyncio.sleep(0.02)  # Docker's rotated files are ordered by mtime
         assert len(list(docker.glob("*/*-json.log.2"))) >= 2  # Docker really rotated
         for sid in sim.streams():
             await wait_exported(agent.store, sid, sim.record(sid), within=30)
@@ -337,9 +340,7 @@ async def test_log_root_emptied_and_restored_while_running(
     async with running_agent(make_settings(rescan_interval_s=0.5)) as agent:
         await _all_exported(agent.store, sim)
         _move_all(tmp_path / "pods", tmp_path / "away")
-        syncs = agent.tailer.syncs
-        await wait_until(lambda: agent.tailer.syncs >= syncs + 5, within=30,
-                         what="scans of the empty root")
+        await settle(agent, passes=5)  # five full scans of the empty root
         assert loss_gaps(agent.ledger) == []
         assert set(agent.tailer.tails) == set(sim.streams())  # nothing ended or forgotten
         assert not any(t.gone for t in agent.tailer.tails.values())
@@ -366,9 +367,7 @@ async def test_log_root_empty_at_restart_then_restored(
         await _all_exported(agent.store, sim)
     _move_all(tmp_path / "pods", tmp_path / "away")
     async with running_agent(settings) as agent:
-        syncs = agent.tailer.syncs
-        await wait_until(lambda: agent.tailer.syncs >= syncs + 5, within=30,
-                         what="scans of the empty root")
+        await settle(agent, passes=5)  # five full scans of the empty root
         assert loss_gaps(agent.ledger) == []
         assert agent.readiness()["tail"]["log_root_state"] == "empty"
         _move_all(tmp_path / "away", tmp_path / "pods")
@@ -404,7 +403,7 @@ def test_rotation_every_100ms_for_15s_has_no_gap(
                 sim.write("busy", "api-0", "app", f"request {n} " + "q" * 60)
             sim.rotate("busy", "api-0", "app")
             rotations += 1
-            time.sleep(0.1)
+            time.sleep(0.1)  # the pace is the point: a rotation every 0.1 s (issue 10)
 
     thread = threading.Thread(target=writer, name="kubelet")
     thread.start()

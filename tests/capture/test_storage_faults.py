@@ -36,6 +36,7 @@ from tests.conftest import (
     export_bytes,
     loss_gaps,
     running_agent,
+    settle,
     stored_segments,
     wait_exported,
     wait_until,
@@ -215,8 +216,9 @@ async def test_lost_put_reply_then_compression_change_stores_no_range_twice(
     sim = KubeletSim(tmp_path / "pods")
     sim.add_pod(NS, "payment-1")
     sid = sim.stream_of(NS, "payment-1", "app")
-    async with running_agent(s3_settings(make_settings, proxy, bucket,
-                                         compression="zstd")) as agent:
+    # Replies stay lost through its drain: a short drain deadline says the same as a long one.
+    async with running_agent(s3_settings(make_settings, proxy, bucket, compression="zstd",
+                                         shutdown_timeout_s=1)) as agent:
         proxy.drop_replies()
         write_lines(sim, "payment-1", 50, "first")
         stored = await _lose_one_reply(agent, proxy, client, bucket)
@@ -327,10 +329,12 @@ async def test_budget_back_pressure_keeps_bytes_in_their_source(
         await asyncio.to_thread(_noisy, sim, "noisy-1", 60_000_000)
         write_lines(sim, "quiet-1", 5, "quiet later")
 
-        await wait_until(lambda: agent.spool.total_bytes() >= budget - (1 << 20), within=60,
-                         what="the spool to fill to its budget")
-        await asyncio.sleep(1.0)  # a few more tailer passes: nothing more may come in
+        await wait_until(lambda: agent.spool.total_bytes() >= budget - (1 << 20)
+                         and agent.tailer.tails[noisy].held, within=60,
+                         what="the spool to fill to its budget and the noisy pod held back")
         held = agent.spool.streams[noisy].next_offset
+        await settle(agent)  # more passes: nothing more may come in
+        assert agent.spool.streams[noisy].next_offset == held
         assert agent.spool.total_bytes() <= budget
         assert held < sim.record_len(noisy)  # the rest waits in the source file
         assert loss_gaps(agent.ledger) == []

@@ -33,6 +33,7 @@ from tests.conftest import (
     export_bytes,
     loss_gaps,
     running_agent,
+    settle,
     stored_segments,
     wait_exported,
     wait_until,
@@ -61,6 +62,7 @@ class HeldBackReads(FileSystem):
         self._held_inodes: set[tuple[int, int]] = set()
         self._held_fds: set[int] = set()
         self._lock = threading.Lock()
+        self.refused = 0  # reads past the limit that failed
 
     def disarm(self) -> None:
         """Files opened from now on are not held (those held already stay held)."""
@@ -86,6 +88,8 @@ class HeldBackReads(FileSystem):
             held = fd in self._held_fds
         if held:
             if pos >= self.limit:
+                with self._lock:
+                    self.refused += 1
                 raise OSError(errno.EIO, "held back by the test")
             n = min(n, self.limit - pos)
         return super().pread(fd, n, pos)
@@ -263,8 +267,9 @@ async def test_rotation_overrun_after_reads_fell_behind_gives_a_hole_of_known_le
     async with running_agent(settings, fs=slow) as agent:
         await wait_until(lambda: spool_offset(agent, sid) == read_limit, within=10,
                          what="the first bytes to be captured")
-        await asyncio.sleep(0.3)
-        assert spool_offset(agent, sid) == read_limit
+        await wait_until(lambda: slow.refused >= 1, within=10,
+                         what="a read past the limit tried (and refused)")
+        assert spool_offset(agent, sid) == read_limit  # the reader stays behind
     for r in range(5):
         lines(sim, 15, f"down-{r}")
         sim.rotate(NS, POD, APP)
@@ -317,7 +322,7 @@ async def test_held_back_rotated_file_and_empty_live_file_both_gzipped_while_sto
     async with running_agent(settings) as agent:
         await wait_until(lambda: len(export_bytes(store, sid)[0]) >= sim.record_len(sid),
                          within=15, what="the whole stream to be stored")
-        await asyncio.sleep(0.5)
+        await settle(agent)  # a gap the agent would still record, it has recorded
         gaps = gap_tuples(agent, sid)
     # Nothing was deleted. The agent cannot tell that the empty live file it had queued was
     # compressed rather than deleted, so a hole of unknown length (no offsets) is tolerated.
@@ -344,7 +349,7 @@ async def test_rotation_between_the_recovery_listing_and_the_reopen(
         lines(sim, 5, "last")
         await wait_until(lambda: len(export_bytes(store, sid)[0]) >= sim.record_len(sid),
                          within=10, what="the whole stream to be stored")
-        await asyncio.sleep(0.5)
+        await settle(agent)  # a gap the agent would still record, it has recorded
         gaps = gap_tuples(agent, sid)
     assert gaps == []
     assert_stored(store, sid, sim.record(sid))
@@ -468,7 +473,9 @@ async def test_copytruncate_records_a_truncated_gap_and_keeps_the_new_bytes(
 async def test_copytruncate_followed_by_a_burst_larger_than_one_read(
     tmp_path: Path, make_settings: Callable[..., Settings]
 ) -> None:
-    settings = make_settings()
+    # The parked look is the tailer's next look at the idle file: with inotify and no event,
+    # the safety-net rescan's read pass (default every 10 s).
+    settings = make_settings(rescan_interval_s=0.5)
     store, sim, sid = one_stream(tmp_path, NS, POD)
     gated = GatedReads(tmp_path / "pods")
     async with running_agent(settings, fs=gated) as agent:
@@ -508,8 +515,9 @@ async def test_line_split_across_rotation_stays_intact(
             sim.rotate(NS, POD, APP, late_write=rec[:cut], then_write=rec[cut:])
             split_records.append(rec)
             lines(sim, 10, f"after-{k}")
-            if k == 0:
-                await asyncio.sleep(0.5)  # the others rotate before the agent looks again
+            if k == 0:  # the agent follows this rotation; the others come before it looks again
+                await wait_until(lambda: spool_offset(agent, sid) == sim.record_len(sid),
+                                 within=10, what="the first split rotation followed")
         await wait_exported(store, sid, sim.record(sid))
         gaps = gap_tuples(agent, sid)
     assert gaps == []
@@ -639,7 +647,7 @@ async def test_spool_budget_evicts_endangered_bytes_as_exact_loss(
     async with running_agent(settings, store=store) as agent:
         for k in range(10):
             lines(sim, 1000, f"burst-{k}")  # about 80 KiB each
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # pacing: bursts over time, the agent reading between
         # Over the budget a live file waits (back-pressure); a deleted pod's bytes exist only
         # behind our descriptor, so they are read and the spool evicts (contract v2, §3).
         sim.delete_pod(NS, POD)

@@ -28,7 +28,7 @@ from evidence_keeper.sim import KubeletSim, churn
 from evidence_keeper.store import StoreError
 from evidence_keeper.store.codec import decompress
 from evidence_keeper.store.s3 import S3Store
-from tests.conftest import running_agent, wait_read, wait_until
+from tests.conftest import export_bytes, running_agent, wait_exported, wait_read, wait_until
 from tests.netproxy import Proxy
 from tests.support.s3 import REGION, s3
 
@@ -64,10 +64,9 @@ def check_store(client: Any, bucket: str, sim: KubeletSim, store: S3Store) -> in
         keys = [k for k, _ in found[0].keys]
         assert keys == sorted(keys)
         for key, sk in found[0].keys:
-            head = client.head_object(Bucket=bucket, Key=f"evidence/{key}")
-            meta = head["Metadata"]
-            body = decompress(client.get_object(Bucket=bucket, Key=f"evidence/{key}")[
-                "Body"].read(), sk.ext)
+            obj = client.get_object(Bucket=bucket, Key=f"evidence/{key}")  # body and metadata
+            meta = obj["Metadata"]
+            body = decompress(obj["Body"].read(), sk.ext)
             assert sk.offset == end
             assert meta["ek-sha256"] == hashlib.sha256(body).hexdigest()
             assert meta["ek-prev-sha256"] == prev
@@ -87,7 +86,8 @@ async def test_byte_exact_to_s3(tmp_path: Path, make_settings: Callable[..., Set
     async with running_agent(settings) as agent:
         for _ in range(15):
             churn(sim, rng, pods=10, steps=40, rotate_p=0.08, restart_p=0.02)
-            await asyncio.sleep(0.15)  # pacing: the agent reads while kubelet rotates
+            await asyncio.sleep(0.15)  # pacing: the agent reads while kubelet rotates (and
+            # deletes the oldest of max_files): a node writes over time, not all at once
         churn(sim, rng, pods=10, steps=2, big_line_every=1)
         await wait_read(agent, store, {sid: sim.record(sid) for sid in sim.streams()},
                         within=60)
@@ -120,13 +120,16 @@ async def test_outage_nothing_lost_backlog_recorded(
                                segment_max_bytes="32KiB", probe_interval_s=1)
         sim = KubeletSim(tmp_path / "pods")
         sim.add_pod("shop", "orders-1", containers=("app",))
+        sid = sim.stream_of("shop", "orders-1", "app")
+        store = S3Store(bucket, "evidence", endpoint_url=moto_url)
         async with running_agent(settings) as agent:
             for i in range(10):
                 sim.write("shop", "orders-1", "app", f"before outage {i}")
-            await asyncio.sleep(2)
+            await wait_exported(store, sid, sim.record(sid), within=30)
             proxy.down()
             outage_start = time.monotonic()
             i = 0
+            # The outage itself is the point: S3 unreachable for 20 s during writes (issue 3).
             while time.monotonic() - outage_start < 20:
                 sim.write("shop", "orders-1", "app", f"during outage {i} PAYMENT_FAILED")
                 i += 1
@@ -157,7 +160,6 @@ async def test_outage_nothing_lost_backlog_recorded(
             outages = agent.ledger.gaps(kind="sink_outage")
             assert [(g.fields["sink"], g.fields["check"], g.open) for g in outages] == [
                 ("store", "s3", False)]
-        store = S3Store(bucket, "evidence", endpoint_url=moto_url)
         check_store(s3(moto_url), bucket, sim, store)
     finally:
         proxy.close()
@@ -185,13 +187,23 @@ def test_crash_between_put_and_ack_same_keys_same_bytes(
     sim.add_pod("shop", "payment-1", containers=("app",))
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": REGION}
+    store = S3Store(bucket, "evidence", endpoint_url=moto_url)
+    sid = sim.stream_of("shop", "payment-1", "app")
+
+    def wait_stored(what: str) -> None:
+        deadline = time.monotonic() + 30
+        while len(export_bytes(store, sid)[0]) < sim.record_len(sid):
+            assert proc.poll() is None, f"the agent exited with {proc.returncode}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.1)
+
     try:
         for round_ in range(3):
             proc = subprocess.Popen(_agent_cmd(cfg), env=env, stderr=subprocess.DEVNULL)
             try:
                 for i in range(200):
                     sim.write("shop", "payment-1", "app", f"round {round_} line {i} " + "x" * 80)
-                time.sleep(2.5)
+                wait_stored(f"round {round_}'s first lines stored")
                 proxy.hold()  # PUTs reach S3, their answers do not reach the agent
                 for i in range(200):
                     sim.write("shop", "payment-1", "app", f"round {round_} held {i} " + "y" * 80)
@@ -205,18 +217,17 @@ def test_crash_between_put_and_ack_same_keys_same_bytes(
                     if now - before:
                         break
                 assert now - before, "no PUT reached the store while answers were held"
-                time.sleep(0.3)
+                time.sleep(0.3)  # deliberate: other uploads in flight may land unanswered too
             finally:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 proxy.release()
         proc = subprocess.Popen(_agent_cmd(cfg), env=env, stderr=subprocess.DEVNULL)
-        time.sleep(4)
+        wait_stored("the last run to ship everything")  # it runs (and handles SIGTERM) by then
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
         proxy.close()
-    store = S3Store(bucket, "evidence", endpoint_url=moto_url)
     versions = client.list_object_versions(Bucket=bucket).get("Versions", [])
     bodies: dict[str, set[str]] = {}
     for v in versions:
@@ -228,7 +239,7 @@ def test_crash_between_put_and_ack_same_keys_same_bytes(
 async def test_trickle_each_line_within_flush_interval(
     tmp_path: Path, make_settings: Callable[..., Settings], moto_url: str, bucket: str
 ) -> None:
-    flush = 5.0
+    flush = 2.0  # shorter than the default 5 s: the same bound, less waiting for the last line
     settings = s3_settings(make_settings, moto_url, bucket, flush_interval_s=flush,
                            discover_interval_s=0.5, tail_interval_s=0.2, commit_interval_s=0.25)
     sim = KubeletSim(tmp_path / "pods")
@@ -260,7 +271,9 @@ async def test_trickle_each_line_within_flush_interval(
             written[tag] = time.monotonic()
             n += 1
             await asyncio.to_thread(poll)
+            # The pace is the point: one line every 200 ms for 20 s (issue 3).
             await asyncio.sleep(max(0.0, start + n * 0.2 - time.monotonic()))
+        # Lines still missing at the deadline count as infinitely late below.
         while len(arrived) < len(written) and time.monotonic() - start < 40:
             await asyncio.to_thread(poll)
             await asyncio.sleep(0.2)

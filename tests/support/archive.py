@@ -64,11 +64,15 @@ def post_archive(url: str, body: dict[str, Any], token: str = TOKEN) -> dict[str
 
 
 def wait_archive(url: str, archive_id: str, *, within: float = 30.0) -> dict[str, Any]:
+    """The archive job once it is ``complete`` or ``failed``; raises on timeout."""
     deadline = time.monotonic() + within
     while True:
         _, doc = call(url, f"/archives/{archive_id}", token=TOKEN)
-        if doc["status"] in ("complete", "failed") or time.monotonic() > deadline:
+        if doc["status"] in ("complete", "failed"):
             return dict(doc)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for archive {archive_id}"
+                                 f" to finish; last: {doc}")
         time.sleep(0.1)
 
 

@@ -16,12 +16,22 @@ def spool_segment_files(spool_dir: Path) -> list[Path]:
 
 
 def wait_all_stored(store: FileStore, sim: KubeletSim, timeout: float) -> bool:
+    """Wait until the store holds as many bytes of every stream as the simulator wrote.
+
+    Raises ``AssertionError`` naming the streams still short on timeout; returns True (so
+    ``assert wait_all_stored(...)`` reads naturally), never False.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(len(export_bytes(store, sid)[0]) >= sim.record_len(sid) for sid in sim.streams()):
+    while True:
+        short = {sid.key: (stored, sim.record_len(sid)) for sid in sim.streams()
+                 if (stored := len(export_bytes(store, sid)[0])) < sim.record_len(sid)}
+        if not short:
             return True
+        if time.monotonic() > deadline:
+            detail = ", ".join(f"{k} {got}/{want} bytes" for k, (got, want) in short.items())
+            raise AssertionError(f"timed out after {timeout}s waiting for every stream to be"
+                                 f" stored; {len(short)} short: {detail}")
         time.sleep(0.25)
-    return False
 
 
 def assert_streams_exact(store: FileStore, sim: KubeletSim, spool_dir: Path) -> None:

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import errno
+import fcntl
+import termios
 from pathlib import Path
 
 from evidence_keeper.discover.changes import IN_Q_OVERFLOW, ChangeWatcher
 
 
 async def _events(w: ChangeWatcher, within: float = 5.0) -> None:
+    """Until the kernel's events so far are taken in: reported (a wake-up), and nothing left
+    unread in the inotify queue (the reader runs on this loop)."""
     await asyncio.wait_for(w.tail_wake.wait(), timeout=within)
+    await _drained(w, within)
+
+
+async def _drained(w: ChangeWatcher, within: float = 5.0) -> None:
+    """Until the watcher's reader has read every event queued so far (FIONREAD is 0)."""
+    assert w._ino is not None
+    fd = w._ino.fileno()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        await asyncio.sleep(0)  # the reader runs when the loop polls
+        queued = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, queued)
+        if queued[0] == 0:
+            return
+        assert loop.time() < deadline, f"{queued[0]} bytes of events left unread"
+        await asyncio.sleep(0.005)
 
 
 async def test_changes_are_reported_per_directory(tmp_path: Path) -> None:
@@ -27,7 +49,6 @@ async def test_changes_are_reported_per_directory(tmp_path: Path) -> None:
         w.take_tail()
         (a / "0.log").write_bytes(b"x")
         await _events(w)
-        await asyncio.sleep(0.05)
         assert w.take_tail() == {str(a)}
         assert w.take_scan() == {str(a)}
         with (a / "0.log").open("ab") as f:
@@ -39,7 +60,6 @@ async def test_changes_are_reported_per_directory(tmp_path: Path) -> None:
         (a / "1.log").write_bytes(b"y")
         (b / "1.log").write_bytes(b"y")
         await _events(w)
-        await asyncio.sleep(0.05)
         assert w.take_tail() == {str(b)}
     finally:
         w.close()
@@ -92,12 +112,11 @@ async def test_write_counts_survive_the_directory_for_one_round(tmp_path: Path) 
         w.take_tail()
         (a / "0.log").write_bytes(b"x")
         await _events(w)
-        await asyncio.sleep(0.05)
         first = w.write_seq(str(a))
         assert first > 0
         (a / "0.log").unlink()
         a.rmdir()
-        await asyncio.sleep(0.1)
+        await _drained(w)  # the directory's last events (its watch is gone) taken in
         w.watch(set())  # the scan no longer lists it
         assert w.write_seq(str(a)) == first  # the sync after that scan can still ask
         w.watch(set())

@@ -29,7 +29,7 @@ def test_symlinks_are_followed_only_into_the_roots(tmp_path: Path) -> None:
     sim.add_pod("ns", "web", fmt="docker")
     sid = sim.stream_of("ns", "web", "app")
     sim.write("ns", "web", "app", "one")
-    time.sleep(0.01)
+    time.sleep(0.01)  # Docker's rotated files are ordered by mtime: distinct ones
     sim.rotate("ns", "web", "app")
     sim.write("ns", "web", "app", "two")
     time.sleep(0.01)
