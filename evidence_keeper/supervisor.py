@@ -172,6 +172,7 @@ class Agent:
                                  spool=self.spool, metrics=self.metrics,
                                  wake_shipper=self.shipper.wakeup.set)
         self.sinks.on_outage_closed.append(self.backfill.outage_closed)
+        self.sinks.on_outage_closed.append(self.shipper.outage_closed)  # drain at once
         self.api_extensions: list[Callable[[web.Application], None]] = [self.archive.add_routes]
         self.api_address: tuple[str, int] | None = None
         self._backlog_gap: int | None = None

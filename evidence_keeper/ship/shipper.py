@@ -125,6 +125,7 @@ class Shipper:
         self.store_up: bool | None = None
         self.last_error: str | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by run (for thread hooks)
         # Uploads get threads of their own: a slow store must never make the commit loop
         # (the within-one-second fsync) queue behind it in the default executor.
         self._pool = ThreadPoolExecutor(max_workers=config.concurrency,
@@ -132,6 +133,21 @@ class Shipper:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def outage_closed(self, sink: str, gap_id: int) -> None:
+        """Sink-monitor hook (called from a worker thread): the store probe sees the store
+        again, so one upload is tried now instead of at the end of a back-off that may be
+        ``backoff_max_s`` long; the backlog then drains within a probe interval. The failure
+        count stays: a store that answers probes but refuses uploads keeps backing off."""
+        loop = self._loop
+        if sink == "store" and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.retry_now)
+
+    def retry_now(self) -> None:
+        """Half-open at once (in the loop): the next launch tries one upload."""
+        if self.breaker.failures:
+            self.breaker.open_until = 0.0
+            self.wakeup.set()
 
     def prepare(self, s: SpoolStream, seg: SealedSegment) -> PreparedSegment:
         """Read, hash and compress one sealed segment (blocking: runs in a thread)."""
@@ -238,6 +254,7 @@ class Shipper:
 
     async def run(self, *, stop: asyncio.Event | None = None) -> None:
         """Ship forever (cancel to stop); with ``stop``, return once it is set and idle."""
+        self._loop = asyncio.get_running_loop()
         try:
             while True:
                 self.launch()

@@ -8,6 +8,7 @@ tries); a success closes it. The back-off doubles from ``backoff_initial_s`` up 
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from evidence_keeper.metrics import Metrics
 from evidence_keeper.model import Loss, StreamId
 from evidence_keeper.ship.shipper import Breaker, ShipConfig, Shipper
 from evidence_keeper.store import StoreError
+from tests.conftest import wait_until
 from tests.support.clock import FakeClock
 from tests.support.shipping import ScriptedStore, add_segment, make_spool, settle
 
@@ -178,3 +180,41 @@ async def test_a_store_down_all_night_keeps_its_backoff(rig: Rig, clock: FakeClo
     assert rig.shipper.last_error == "connect timeout"
     clock.advance(29.9)
     assert await rig.attempt() == 0
+
+
+async def test_the_store_seen_back_ends_the_backoff_at_once(rig: Rig, clock: FakeClock) -> None:
+    """The store probe closes the store's outage: one upload is tried now, not at the end of
+    a 30 s back-off, and the whole queue follows once it succeeds. A store that answers the
+    probe but still refuses uploads keeps its failure count and backs off further."""
+    rig.store.down = StoreError("connect timeout")
+    rig.shipper.breaker.failures = 20
+    assert await rig.attempt() == 1
+    assert rig.shipper.breaker.open_until == clock() + 30.0
+    rig.shipper.retry_now()
+    assert rig.shipper.wakeup.is_set()
+    assert await rig.attempt() == 1  # half-open now: one request
+    assert rig.shipper.breaker.failures == 22  # still refused: the back-off goes on
+    rig.store.down = None
+    rig.shipper.retry_now()
+    assert await rig.attempt() == 1
+    assert rig.shipper.breaker.failures == 0 and rig.shipper.store_up is True
+    assert await rig.attempt() == 2
+
+
+async def test_only_the_store_outage_wakes_the_shipper_from_the_monitor_thread(
+        rig: Rig, clock: FakeClock) -> None:
+    rig.store.down = StoreError("connect timeout")
+    await rig.attempt()
+    run = asyncio.create_task(rig.shipper.run(), name="ship")
+    try:
+        await asyncio.sleep(0)  # run() takes the loop
+        await asyncio.to_thread(rig.shipper.outage_closed, "datadog", 1)
+        await asyncio.sleep(0)
+        assert rig.shipper.breaker.open_until > clock()  # another sink: nothing changes
+        await asyncio.to_thread(rig.shipper.outage_closed, "store", 2)
+        await wait_until(lambda: rig.shipper.breaker.open_until == 0.0 or
+                         len(rig.store.ops("put")) > 3, within=5,
+                         what="the store outage's close to reach the shipper")
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
