@@ -48,6 +48,7 @@ from evidence_keeper.replay.runner import Replayer, ReplayRequest
 from evidence_keeper.settings import ReplayTarget, Settings
 from evidence_keeper.spool.spool import Spool
 from evidence_keeper.store import Store
+from evidence_keeper.timefmt import parse_rfc3339
 
 log = get_logger("evidence_keeper.replay")
 SHIP_TIMEOUT_S: Final = 300.0
@@ -210,7 +211,9 @@ class Backfill:
         """Wait until what was written up to the window's ``end`` is captured (the contract's
         capture bound): sealing at once would leave the window's last lines out of the store
         the replay reads, and the backfill would call itself complete without them."""
-        closed = datetime.fromisoformat(end.replace("Z", "+00:00"))
+        closed = parse_rfc3339(end)
+        if closed is None:
+            return  # an open gap has no end: nothing to wait for
         wait = self.capture_bound_s - (datetime.now(UTC) - closed).total_seconds()
         if wait > 0:
             await asyncio.sleep(wait)

@@ -27,6 +27,7 @@ from evidence_keeper.cli import main as cli_main
 from evidence_keeper.health.probes import Prober, ResolverPool
 from evidence_keeper.settings import Settings
 from evidence_keeper.sim import KubeletSim
+from evidence_keeper.timefmt import parse_rfc3339
 from tests.conftest import AgentThread, running_agent, wait_until
 from tests.support.clock import FakeClock
 from tests.support.dns import SINK_HOST, FlakyDNS
@@ -160,7 +161,9 @@ def _wait(cond: Callable[[], bool], *, within: float, what: str) -> None:
 
 
 def _when(stamp: str) -> datetime:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    ts = parse_rfc3339(stamp)
+    assert ts is not None, stamp
+    return ts
 
 
 async def test_dns_outage_opens_and_closes_gap_with_coverage(
