@@ -427,9 +427,12 @@ class Agent:
         committed = await asyncio.to_thread(self._seal_and_commit)
         if committed:
             self.shipper.wakeup.set()
-        elif self.spool.commit_failing_since is not None:
+        elif self.spool.rewound:
             # A failed data fsync rewound streams to their checkpoint (Spool._rewind): a full
             # read pass re-reads them now; no change event will announce those bytes again.
+            # Only then: a checkpoint that cannot be written (ENOSPC) rewinds nothing, and a
+            # full pass every commit would starve a node of thousands of files.
+            self.spool.rewound = False
             self.watcher.wake_full()
 
     async def _commit_loop(self) -> None:

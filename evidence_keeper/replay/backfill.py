@@ -31,6 +31,7 @@ says what "now" is for Datadog's 18 h rule.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -142,7 +143,8 @@ class Backfill:
         self._record(gap_id, BackfillState("pending", sink))
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._start, gap_id, sink)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown)
+                loop.call_soon_threadsafe(self._start, gap_id, sink)
 
     def _start(self, gap_id: int, target: str) -> None:
         running = self.tasks.get(gap_id)
@@ -214,7 +216,9 @@ class Backfill:
         closed = parse_rfc3339(end)
         if closed is None:
             return  # an open gap has no end: nothing to wait for
-        wait = self.capture_bound_s - (datetime.now(UTC) - closed).total_seconds()
+        # At most the bound itself: a wall clock stepped back must not stretch the wait.
+        wait = min(self.capture_bound_s,
+                   self.capture_bound_s - (datetime.now(UTC) - closed).total_seconds())
         if wait > 0:
             await asyncio.sleep(wait)
 

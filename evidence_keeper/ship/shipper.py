@@ -30,6 +30,7 @@ per back-off period, not a retry storm. Errors are logged on state changes, not 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import time
@@ -141,7 +142,8 @@ class Shipper:
         count stays: a store that answers probes but refuses uploads keeps backing off."""
         loop = self._loop
         if sink == "store" and loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.retry_now)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown)
+                loop.call_soon_threadsafe(self.retry_now)
 
     def retry_now(self) -> None:
         """Half-open at once (in the loop): the next launch tries one upload."""

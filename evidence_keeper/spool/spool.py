@@ -204,6 +204,7 @@ class Spool:
         self.traffic: dict[StreamId, list[int]] = {}
         self.commits = 0
         self.commit_failing_since: float | None = None  # monotonic: first failure in a row
+        self.rewound = False  # a failed fsync rewound streams since the caller last looked
         self.last_commit_mono: float | None = None
         self.dirty = False  # state changed since the last checkpoint (cursor, offsets, seals)
         # Bytes held (open + unshipped sealed): exact after every change that frees bytes,
@@ -650,6 +651,7 @@ class Spool:
             self._reopen_checkpointed(s, op)
         self._recount()
         self.dirty = True
+        self.rewound = True
 
     def _reopen_checkpointed(self, s: SpoolStream, op: dict[str, Any]) -> None:
         path = self._seg_path(s, op["start"])
@@ -835,8 +837,8 @@ class Spool:
         If that stream's bytes are not captured yet (sealed in this very commit, or still in
         its open segment, which seals within ``flush_interval_s``), nothing is evicted before
         a later commit captures them: taking a smaller stream's captured segment instead would
-        make a quiet pod pay for a noisy pod's burst. Only a stream whose captured segments
-        are all pinned (in flight, or uncertain until the store is asked) passes its turn.
+        make a quiet pod pay for a noisy pod's burst. Only a stream whose bytes are all
+        captured and pinned (in flight, or uncertain until the store is asked) passes its turn.
         """
         for s in sorted(self.streams.values(), key=SpoolStream.pending_bytes, reverse=True):
             seg = next((g for g in s.sealed if g.committed and not g.shipped

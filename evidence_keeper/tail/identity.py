@@ -21,6 +21,7 @@ head hashes, lengths, rotation names), so each rule is unit-tested without a sin
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from typing import Final
 
@@ -31,9 +32,21 @@ FP_MIN: Final = 48
 
 FileId = tuple[int, int]  # (st_dev, st_ino)
 
+# One whole CRI record: RFC3339Nano time with a fraction, the stream, the tag.
+_CRI_RECORD: Final = re.compile(
+    rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{1,9}(?:Z|[+-]\d\d:\d\d) (?:stdout|stderr) [PF] ")
+
 
 def fingerprint(head: bytes) -> str:
     return hashlib.sha256(head).hexdigest()
+
+
+def head_is_whole_record(head: bytes) -> bool:
+    """Does a head shorter than FP_MIN still name its file? It does when it is whole CRI
+    records up to a newline: the first one's instant (to the nanosecond) and message start no
+    other file of the stream, which only ever writes later instants. A fragment (a partial
+    write, raw bytes) proves nothing, and a Docker JSON record is longer than FP_MIN anyway."""
+    return head.endswith(b"\n") and _CRI_RECORD.match(head) is not None
 
 
 def head_identifies(head: bytes, *, fp_len: int, fp: str, size: int) -> bool:

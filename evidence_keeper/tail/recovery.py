@@ -21,7 +21,12 @@ from evidence_keeper.discover.logtree import Listed, StreamListing
 from evidence_keeper.fsio import FileSystem
 from evidence_keeper.spool.spool import Spool, SpoolStream
 from evidence_keeper.tail.files import FileReader, Opened, TailFile
-from evidence_keeper.tail.identity import FP_MIN, gz_candidate, plain_candidate
+from evidence_keeper.tail.identity import (
+    FP_MIN,
+    gz_candidate,
+    head_is_whole_record,
+    plain_candidate,
+)
 from evidence_keeper.tail.stream import StreamTail
 
 
@@ -64,7 +69,7 @@ class Recovery:
                     break
                 fresh = again
                 found = self.reopen(t, f, fresh, after, nothing_deleted)
-            if not found and not self.short and self._reopen_unproven(t, s, f, fresh):
+            if not found and not self.short and self._reopen_unproven(t, s, f, fresh, after):
                 found = True
             if found:
                 t.queue.append(f)
@@ -84,22 +89,26 @@ class Recovery:
             self._settle_unknown(t, s, f, fresh)
 
     def _reopen_unproven(self, t: StreamTail, s: SpoolStream, f: TailFile,
-                         fresh: StreamListing) -> bool:
-        """A live file with a short head, grown and rotated while the agent was down: some
-        file with its inode number starts with its head, but nothing proves it is the same
-        file (a reused inode number may start with the same bytes). It is continued from its
-        position, after an unknown-length loss: if it is another file, the bytes it skips
-        equal the head already captured, and what was rotated away between is the hole.
-        Read from its start instead, the same file would put its head in the stream twice."""
+                         fresh: StreamListing, after: str) -> bool:
+        """A live file with a short head, rotated while the agent was down: nothing on disk
+        from before the checkpoint proves that no file was deleted since. The first rotation
+        after everything the checkpoint knew still renamed it, so the file there with its
+        inode number (or, compressed, its head) is continued from its position. If its head
+        is one whole CRI record (a nanosecond timestamp and its message) that names it; a
+        fragment does not, and an unknown-length loss says that files between may be gone
+        (if it is another file, the bytes it skips equal the head already captured). Read
+        from its start instead, the same file would put its head in the stream twice."""
         if f.gz or f.ts is not None or not 0 < f.fp_len < FP_MIN:
             return False
-        if not self._reopen_plain(t, f, fresh, True, None, unproven=True):
+        if not self.reopen(t, f, fresh, after, nothing_deleted=True):
             return False
-        self.spool.record_loss(
-            s, None, "rotated_away",
-            f"{f.name} was rotated while the agent was not running and its {f.fp_len}-byte"
-            " head cannot prove which file it became; continued in the file with its inode"
-            " number and head; files rotated and removed meanwhile, if any, are unknown")
+        head = b"" if f.fd is None else self.fs.pread(f.fd, f.fp_len, 0)  # a .gz: unproven
+        if not head_is_whole_record(head):
+            self.spool.record_loss(
+                s, None, "rotated_away",
+                f"{f.name} was rotated while the agent was not running and its {f.fp_len}-byte"
+                " head cannot prove which file it became; continued in the first rotation"
+                " after it; files rotated and removed meanwhile, if any, are unknown")
         return True
 
     def _settle_unknown(self, t: StreamTail, s: SpoolStream, f: TailFile,
@@ -159,8 +168,7 @@ class Recovery:
         return self._reopen_gz(t, f, listing, short_candidate)
 
     def _reopen_plain(self, t: StreamTail, f: TailFile, listing: StreamListing,
-                      newer: bool, short_candidate: str | None, *,
-                      unproven: bool = False) -> bool:
+                      newer: bool, short_candidate: str | None) -> bool:
         plain = [(listing.path(r), r) for r in listing.rotated if not r.gz]
         if listing.live:
             plain.append((listing.live_path, Listed(f"{t.id.restart}.log", None, False)))
@@ -169,8 +177,8 @@ class Recovery:
                 st = self.fs.stat(path)
             except OSError:
                 continue
-            unchanged = unproven or (f.mtime_ns >= 0 and st.st_size == f.size
-                                     and st.st_mtime_ns == f.mtime_ns)
+            unchanged = (f.mtime_ns >= 0 and st.st_size == f.size
+                         and st.st_mtime_ns == f.mtime_ns)
             if not plain_candidate(file_id=(f.dev, f.ino), ts=f.ts, fp_len=f.fp_len,
                                    cand_id=(st.st_dev, st.st_ino), cand_ts=r.ts,
                                    newer_exists=newer, short_candidate=short_candidate,
@@ -185,7 +193,7 @@ class Recovery:
                              or self.files.head_fp(probe, f.fp_len) != f.fp):
                 self.files.close(probe)
                 continue  # the inode number was reused by another file
-            f.fd, f.size = probe.fd, probe.size
+            f.fd, f.size, f.mtime_ns = probe.fd, probe.size, probe.mtime_ns
             if r.ts is not None:
                 f.ts, f.name = r.ts, r.name
             return True

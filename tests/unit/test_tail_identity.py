@@ -10,6 +10,7 @@ from evidence_keeper.tail.identity import (
     fingerprint,
     gz_candidate,
     head_identifies,
+    head_is_whole_record,
     is_final,
     lost_sight,
     plain_candidate,
@@ -106,3 +107,12 @@ def test_gz_candidates() -> None:
     assert gz_candidate(ts=None, fp_len=10, cand_ts="b", consumed_ts="", short_candidate="b")
     assert not gz_candidate(ts=None, fp_len=10, cand_ts="c", consumed_ts="",
                             short_candidate="b")
+
+
+def test_a_short_head_names_its_file_only_as_whole_cri_records() -> None:
+    assert head_is_whole_record(b"2025-11-10T12:27:00.123456789Z stdout F ok\n")
+    assert head_is_whole_record(b"2025-11-10T12:27:00.5+01:00 stderr P x\n")
+    assert not head_is_whole_record(b"2025-11-10T12:27:00Z stdout F ok\n")  # a second only
+    assert not head_is_whole_record(b"2025-11-10T12:27:00.123456789Z stdout F o")  # cut
+    assert not head_is_whole_record(b"\x00")
+    assert not head_is_whole_record(b'{"log":"ok\\n","stream":"stdout"}\n')
