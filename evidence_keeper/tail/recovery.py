@@ -92,23 +92,29 @@ class Recovery:
                          fresh: StreamListing, after: str) -> bool:
         """A live file with a short head, rotated while the agent was down: nothing on disk
         from before the checkpoint proves that no file was deleted since. The first rotation
-        after everything the checkpoint knew still renamed it, so the file there with its
-        inode number (or, compressed, its head) is continued from its position. If its head
-        is one whole CRI record (a nanosecond timestamp and its message) that names it; a
-        fragment does not, and an unknown-length loss says that files between may be gone
-        (if it is another file, the bytes it skips equal the head already captured). Read
-        from its start instead, the same file would put its head in the stream twice."""
+        after everything the checkpoint knew renamed it, so if that file is still plain and
+        carries its inode number and head, it is continued from its position. If the head is
+        whole CRI records (a timestamp with a fraction) that names it; a fragment does not,
+        and an unknown-length loss says that files between may be gone (another file would
+        skip only bytes equal to the head already captured). Read from its start instead,
+        the same file would put its head in the stream twice.
+
+        A compressed file has no inode number left to compare: by a fragment of a head alone
+        it is not taken (a later file of the stream may start with the same bytes), so it is
+        read from its start after the loss, as any file that cannot be recognised."""
         if f.gz or f.ts is not None or not 0 < f.fp_len < FP_MIN:
             return False
-        if not self.reopen(t, f, fresh, after, nothing_deleted=True):
+        newer = sorted(r.ts for r in fresh.rotated if r.ts and r.ts > after)
+        if not newer or not self._reopen_plain(t, f, fresh, True, newer[0]):
             return False
-        head = b"" if f.fd is None else self.fs.pread(f.fd, f.fp_len, 0)  # a .gz: unproven
-        if not head_is_whole_record(head):
+        assert f.fd is not None
+        if not head_is_whole_record(self.fs.pread(f.fd, f.fp_len, 0)):
             self.spool.record_loss(
                 s, None, "rotated_away",
                 f"{f.name} was rotated while the agent was not running and its {f.fp_len}-byte"
                 " head cannot prove which file it became; continued in the first rotation"
-                " after it; files rotated and removed meanwhile, if any, are unknown")
+                " after it, which has its inode number; files rotated and removed meanwhile,"
+                " if any, are unknown")
         return True
 
     def _settle_unknown(self, t: StreamTail, s: SpoolStream, f: TailFile,

@@ -128,30 +128,3 @@ def test_a_short_whole_record_grown_and_renamed_while_down_names_its_file(
         assert q.spooled(sid) == sim.record(sid)
     finally:
         q.close()
-
-
-def test_a_short_file_compressed_while_down_is_continued_not_read_twice(
-        tmp_path: Path) -> None:
-    """Two rotations while the agent was down: the short file exists only as a .gz. It is
-    continued in the first rotation after it (an unknown loss, its head being a fragment),
-    never queued again as a new file read from its first byte."""
-    sim = KubeletSim(tmp_path / "pods", max_files=4)
-    sim.add_pod("ns", "p")
-    sid = sim.stream_of("ns", "p", "app")
-    sim.write_raw("ns", "p", "app", b"\x00")
-    p = Pipeline(tmp_path)
-    p.step()
-    p.close()
-    sim.write("ns", "p", "app", "grown while down")
-    sim.rotate("ns", "p", "app")
-    sim.write("ns", "p", "app", "the second file")
-    sim.rotate("ns", "p", "app")  # kubelet compresses the first rotated file
-    sim.write("ns", "p", "app", "the live file")
-    assert any(f.name.endswith(".gz") for f in sim.files_of(sid))
-    q = Pipeline(tmp_path)
-    try:
-        q.step(3)
-        assert [(x.offset, x.bytes) for x in q.losses] == [(1, None)]
-        assert q.spooled(sid) == sim.record(sid)
-    finally:
-        q.close()
