@@ -63,6 +63,12 @@ def _backfill_settings(make_settings: Callable[..., Settings], tmp_path: Path, u
         replay_on_recovery=on_recovery)
 
 
+def backfill_state(agent: Any) -> dict[str, Any]:
+    """The ``backfill`` of the newest sink outage, as ``/gaps`` shows it ({} before one)."""
+    rows = agent.ledger.gaps(kind="sink_outage")
+    return dict(rows[-1].to_json().get("backfill", {})) if rows else {}
+
+
 async def test_backfill_after_a_dns_outage_closes(
         tmp_path: Path, make_settings: Callable[..., Settings],
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -160,10 +166,6 @@ async def test_backfill_interrupted_by_a_restart_resumes_once(
     dns.broken = True
     intake.drop_request = lambda n: n >= 2  # the sink falters again after one batch
 
-    def state(agent: Any) -> dict[str, Any]:
-        rows = agent.ledger.gaps(kind="sink_outage")
-        return dict(rows[-1].to_json().get("backfill", {})) if rows else {}
-
     try:
         async with running_agent(settings, resolver=dns) as agent:
             await wait_until(lambda: bool(agent.ledger.gaps(kind="sink_outage", open_=True)),
@@ -174,13 +176,13 @@ async def test_backfill_interrupted_by_a_restart_resumes_once(
             dns.broken = False
             await wait_until(lambda: intake.requests >= 3, within=60,
                              what="the backfill delivered one batch, then met a faltering sink")
-            assert state(agent)["status"] == "running"
+            assert backfill_state(agent)["status"] == "running"
         # Stopped mid-backfill: the ledger says so; the next start resumes it.
         intake.drop_request = lambda n: False
         async with running_agent(settings, resolver=dns) as agent:
-            await wait_until(lambda: state(agent).get("status") == "complete", within=60,
+            await wait_until(lambda: backfill_state(agent).get("status") == "complete", within=60,
                              what="the resumed backfill completed")
-            doc = state(agent)
+            doc = backfill_state(agent)
             gap = agent.ledger.gaps(kind="sink_outage")[-1].to_json()
     finally:
         await intake.stop()
@@ -216,10 +218,6 @@ async def test_lines_still_unread_when_the_outage_closes_are_backfilled(
     dns = BrokenDNS()
     dns.broken = True
 
-    def state(agent: Any) -> dict[str, Any]:
-        rows = agent.ledger.gaps(kind="sink_outage")
-        return dict(rows[-1].to_json().get("backfill", {})) if rows else {}
-
     try:
         async with running_agent(settings, resolver=dns) as agent:
             await wait_until(lambda: bool(agent.ledger.gaps(kind="sink_outage", open_=True)),
@@ -228,7 +226,7 @@ async def test_lines_still_unread_when_the_outage_closes_are_backfilled(
                 sim.write("sock-shop", "orders-1", "orders", f"Order {i} PAYMENT_FAILED")
             await probe_round_after(agent.sinks, what="the last line of the outage")
             dns.broken = False
-            await wait_until(lambda: state(agent).get("status") == "complete", within=60,
+            await wait_until(lambda: backfill_state(agent).get("status") == "complete", within=60,
                              what="the backfill completed")
             gap = agent.ledger.gaps(kind="sink_outage")[-1].to_json()
     finally:
